@@ -1,0 +1,282 @@
+"""grain pipelines over the records: training frames, evaluation frames, and clips of frames.
+
+Every pipeline is a `grain.MapDataset` of record indices batched to the per-process batch, so
+shuffling, per-process sharding and resuming are index arithmetic, independent of the number of
+worker processes that decode and augment (`Loader.num_workers`). Each returns a `Stream`: an
+iterator whose checkpoint state is the number of the next batch. Close streams (`close()`) when
+done, or the workers and their shared memory outlive them.
+
+Batches are dicts of numpy arrays: `image` uint8 (B, S, S, 3) (clips: (B, T, S, S, 3)), labels and
+masks of every task, `index` (the record index within the split, -1 for padding) and, for eval
+and clip batches, `mask` (False on padding). Map an `index` back to (video, frame) with
+`records.read_frame_index`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import grain
+import numpy as np
+from absl import flags
+
+from abaw_jax.data import augment, records
+from abaw_jax.data.affwild2 import AU_NAMES, DataError
+
+LABEL_KEYS = ("va", "expr", "au", "va_mask", "expr_mask", "au_mask")
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """Which part of the data this process reads: (jax.process_index(), jax.process_count())."""
+
+    index: int = 0
+    count: int = 1
+
+    def __post_init__(self):
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"shard index {self.index} not in [0, {self.count})")
+
+
+@dataclasses.dataclass(frozen=True)
+class Loader:
+    """How batches are produced: worker processes, reader threads and buffers."""
+
+    num_workers: int = 0  # 0: decode in the calling process
+    read_threads: int = 4  # per process; decoding releases the GIL
+    worker_buffer: int = 2  # batches each worker keeps ready
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | None) -> Loader:
+        return cls(**dict(cfg or {}))
+
+
+def _pad_example(size: int) -> dict:
+    return {"image": np.zeros((size, size, 3), np.uint8), "va": np.zeros(2, np.float32),
+            "expr": np.int32(0), "au": np.zeros(len(AU_NAMES), np.int32),
+            "va_mask": np.False_, "expr_mask": np.False_, "au_mask": np.False_,
+            "index": np.int32(-1)}
+
+
+def _example(source: records.RecordSource, index: int, size: int,
+             cfg: augment.AugmentConfig | None, rng: np.random.Generator | None) -> dict:
+    """Record -> decoded (and, for training, augmented) example."""
+    if index < 0:
+        return _pad_example(size)
+    ex = source[int(index)]
+    name = f"{source.split} record {index} ({ex['video']}/{int(ex['frame']):05d}.jpg)"
+    image = augment.decode(ex["image"], name)
+    image = augment.augment(image, cfg, rng) if cfg else augment.resize(image, size)
+    return {"image": image, **{k: ex[k] for k in LABEL_KEYS}, "index": np.int32(index)}
+
+
+class Stream:
+    """An iterator of batches whose checkpoint state is the number of the next batch.
+
+    The batches are elements of a `grain.MapDataset`, so resuming is `dataset[k:]`: exact for any
+    number of worker processes, with nothing of the workers in the state. Implements what
+    `grain.checkpoint.CheckpointSave` / `CheckpointRestore` need (`get_state` / `set_state` as
+    bytes, `start_prefetch`). `describe` goes into the state and must match on restore.
+    """
+
+    def __init__(self, batches: grain.MapDataset, loader: Loader, describe: dict):
+        self._batches, self._loader, self._describe = batches, loader, describe
+        self._next = 0
+        self._it = None
+
+    def __iter__(self) -> Stream:
+        return self
+
+    def __len__(self) -> int:
+        """Batches left (huge for the endless training streams)."""
+        return len(self._batches) - self._next
+
+    def __next__(self) -> dict:
+        self.start_prefetch()
+        batch = next(self._it)
+        self._next += 1
+        return batch
+
+    def start_prefetch(self) -> None:
+        if self._it is None:
+            buffer = max(self._loader.read_threads, self._loader.worker_buffer)
+            it = self._batches[self._next:].to_iter_dataset(grain.ReadOptions(
+                num_threads=self._loader.read_threads, prefetch_buffer_size=buffer))
+            if self._loader.num_workers > 0:
+                # grain's workers read absl flags; outside `app.run` (notebooks, tests) nothing
+                # parsed them, so take the defaults rather than fail.
+                if not flags.FLAGS.is_parsed():
+                    flags.FLAGS.mark_as_parsed()
+                it = it.mp_prefetch(grain.MultiprocessingOptions(
+                    num_workers=self._loader.num_workers,
+                    per_worker_buffer_size=self._loader.worker_buffer))
+            self._it = iter(it)
+
+    def get_state(self) -> bytes:
+        return json.dumps({"next_batch": self._next, **self._describe}).encode()
+
+    def set_state(self, state: bytes) -> None:
+        state = json.loads(state)
+        saved = {k: v for k, v in state.items() if k != "next_batch"}
+        if saved != self._describe:
+            diff = {k: (saved.get(k), v) for k, v in self._describe.items() if saved.get(k) != v}
+            raise DataError(f"the checkpointed data stream differs from this one (saved, now): "
+                            f"{diff}")
+        self.close()
+        self._next = int(state["next_batch"])
+
+    def close(self) -> None:
+        """Stops the worker processes and frees their shared memory."""
+        if self._it is not None:
+            self._it.close()
+            self._it = None
+
+
+def _finish(ds: grain.MapDataset, batch_size: int, loader: Loader, **describe) -> Stream:
+    # Batching the MapDataset makes a batch the unit of work: workers take whole batches round
+    # robin, so the stream is the same for any worker count.
+    ds = ds.batch(batch_size, drop_remainder=True)
+    return Stream(ds, loader, {"batch_size": batch_size, **describe})
+
+
+def _shuffled_shard(n: int, seed: int, shard: Shard) -> grain.MapDataset:
+    """Indices 0..n-1, globally reshuffled every epoch, this process's stride of them, forever.
+
+    The epoch is cut to a multiple of the process count so every process sees the same number
+    of elements per epoch (at most count - 1 elements of an epoch are skipped).
+    """
+    if n < shard.count:
+        raise DataError(f"{n} elements cannot be shared by {shard.count} processes")
+    ds = grain.MapDataset.range(n).shuffle(seed=seed)
+    ds = ds[: n - n % shard.count][shard.index :: shard.count]
+    return ds.repeat()
+
+
+def train_dataset(data_dir: str | os.PathLike, split: str, *, batch_size: int, seed: int,
+                  augment_cfg: augment.AugmentConfig, shard: Shard = Shard(),
+                  loader: Loader = Loader()) -> Stream:
+    """Endless augmented frames: shuffled per epoch from `seed`, this process's share only.
+
+    The state keeps the seed, batch size, record count and shard, and refuses to resume a
+    different stream; the augmentation and worker count may change between runs.
+    """
+    source = records.RecordSource(data_dir, split)
+    ds = _shuffled_shard(len(source), seed, shard)
+    ds = ds.random_map(functools.partial(_train_frame, source, augment_cfg), seed=seed + 1)
+    return _finish(ds, batch_size, loader, split=split, seed=seed, records=len(source),
+                   shard=[shard.index, shard.count])
+
+
+def _train_frame(source, cfg, index, rng):
+    return _example(source, index, cfg.size, cfg, rng)
+
+
+def eval_steps(n: int, batch_size: int, shard_count: int) -> int:
+    """Batches each process runs so that n elements are covered once by all processes."""
+    return max(1, math.ceil(math.ceil(n / shard_count) / batch_size))
+
+
+def _host_indices(n: int, batch_size: int, shard: Shard) -> np.ndarray:
+    """This process's contiguous block of 0..n-1, padded with -1 to the common batch count."""
+    per_host = math.ceil(n / shard.count)
+    start, stop = min(n, shard.index * per_host), min(n, (shard.index + 1) * per_host)
+    out = np.full(eval_steps(n, batch_size, shard.count) * batch_size, -1, np.int64)
+    out[: stop - start] = np.arange(start, stop)
+    return out
+
+
+def eval_dataset(data_dir: str | os.PathLike, split: str, *, batch_size: int, size: int,
+                 shard: Shard = Shard(), loader: Loader = Loader()) -> Stream:
+    """Every record exactly once over all processes, in order, padded (mask False) so that
+    every process runs `eval_steps` batches."""
+    source = records.RecordSource(data_dir, split)
+    ds = grain.MapDataset.source(_host_indices(len(source), batch_size, shard))
+    ds = ds.map(functools.partial(_eval_frame, source, size))
+    return _finish(ds, batch_size, loader)
+
+
+def _eval_frame(source, size, index):
+    return {**_example(source, index, size, None, None), "mask": np.bool_(index >= 0)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Clips: T consecutive frame numbers of one video
+
+
+def clip_index(video: np.ndarray, frame: np.ndarray, length: int, stride: int,
+               videos: list[str] | None = None) -> np.ndarray:
+    """(num_clips, length) record indices (-1 where that frame has no record).
+
+    Windows start every `stride` frames of each video and never cross a video; a last window
+    ending at the video's last frame is added so that every record is in at least one clip.
+    """
+    if length < 1 or stride < 1:
+        raise ValueError(f"clip length {length} and stride {stride} must be positive")
+    clips = []
+    order = np.lexsort((frame, video))
+    bounds = np.flatnonzero(np.diff(video[order])) + 1
+    for rows in np.split(order, bounds):
+        if not len(rows):
+            continue
+        first, last = int(frame[rows[0]]), int(frame[rows[-1]])
+        if last - first + 1 < length:
+            name = videos[int(video[rows[0]])] if videos else f"#{int(video[rows[0]])}"
+            raise DataError(f"video {name!r} spans {last - first + 1} frames, shorter than the "
+                            f"clip length {length}")
+        lookup = np.full(last - first + 1, -1, np.int64)
+        lookup[frame[rows] - first] = rows
+        starts = list(range(0, last - first + 2 - length, stride))
+        if starts[-1] + length - 1 != last - first:
+            starts.append(last - first + 1 - length)
+        clips += [lookup[s : s + length] for s in starts]
+    return np.stack(clips) if clips else np.zeros((0, length), np.int64)
+
+
+def _clips(data_dir, split: str, length: int, stride: int) -> tuple[records.RecordSource,
+                                                                     np.ndarray]:
+    source = records.RecordSource(data_dir, split)
+    videos, video, frame = records.read_frame_index(data_dir, split)
+    return source, clip_index(video, frame, length, stride, videos)
+
+
+def _clip(source, clips, size, cfg, clip, rng=None):
+    """One clip: the same augmentation for every frame (one seed), missing frames padded."""
+    seed = None if rng is None else rng.integers(2**63)
+    frames = [_example(source, int(i), size, cfg, None if seed is None
+                       else np.random.default_rng(seed)) for i in clips[clip]]
+    return {k: np.stack([f[k] for f in frames]) for k in frames[0]} | {"mask": np.bool_(True)}
+
+
+def clip_train_dataset(data_dir: str | os.PathLike, split: str, *, length: int, stride: int,
+                       batch_size: int, seed: int, augment_cfg: augment.AugmentConfig,
+                       shard: Shard = Shard(), loader: Loader = Loader()) -> Stream:
+    """Endless shuffled clips of `length` consecutive frames for temporal models."""
+    source, clips = _clips(data_dir, split, length, stride)
+    ds = _shuffled_shard(len(clips), seed, shard)
+    ds = ds.random_map(functools.partial(_clip, source, clips, augment_cfg.size, augment_cfg),
+                       seed=seed + 1)
+    return _finish(ds, batch_size, loader, split=split, seed=seed, clips=len(clips),
+                   length=length, stride=stride, shard=[shard.index, shard.count])
+
+
+def clip_eval_dataset(data_dir: str | os.PathLike, split: str, *, length: int, stride: int,
+                      batch_size: int, size: int, shard: Shard = Shard(),
+                      loader: Loader = Loader()) -> Stream:
+    """Every clip once over all processes, in order, padded like `eval_dataset`."""
+    source, clips = _clips(data_dir, split, length, stride)
+    ds = grain.MapDataset.source(_host_indices(len(clips), batch_size, shard))
+    ds = ds.map(functools.partial(_eval_clip, source, clips, size, length))
+    return _finish(ds, batch_size, loader)
+
+
+def _eval_clip(source, clips, size, length, c):
+    if c < 0:
+        pad = _pad_example(size)
+        return {k: np.stack([v] * length) for k, v in pad.items()} | {"mask": np.False_}
+    return _clip(source, clips, size, None, int(c))

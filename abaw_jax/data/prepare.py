@@ -1,0 +1,186 @@
+r"""Curates Aff-Wild2 and writes sharded records, their TFDS metadata, offset indices and stats.
+
+  python -m abaw_jax.data.prepare --root=/data/affwild2 --out=/data/records --task=va
+
+writes `<out>/<task>/`: `affwild2-<split>.<format>-NNNNN-of-MMMMM` shards (+ `.idx` offset indices for
+TFRecord), `frames-<split>.npz` ((video, frame) per record), TFDS `dataset_info.json` /
+`features.json`, and `stats.json`. The train split is shuffled with `--seed` before sharding; the
+other splits keep (video, frame) order. The output depends only on the inputs, the seed and
+`--num_shards`, never on `--workers`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import multiprocessing
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from absl import app, flags, logging
+
+from abaw_jax.data import affwild2, records
+
+EXAMPLES_PER_SHARD = 10_000
+_MAX_LISTED = 50  # corrupt files named in stats.json; the count covers all of them
+
+
+@dataclasses.dataclass(frozen=True)
+class _ShardJob:
+    path: str
+    fmt: str
+    positions: np.ndarray  # indices into the curated table, in record order
+    table: affwild2.FrameTable
+
+
+def _is_jpeg(data: bytes) -> bool:
+    # A cheap integrity check (start and end markers): truncated downloads fail it; a full decode
+    # of every frame would double the cost of writing.
+    return data[:2] == b"\xff\xd8" and data.rstrip(b"\0")[-2:] == b"\xff\xd9"
+
+
+def _write_job(job: _ShardJob) -> tuple[str, np.ndarray, list[tuple[int, str]]]:
+    """Worker: writes one shard; returns (path, kept positions, [(position, why)] skipped)."""
+    kept, skipped = [], []
+
+    def examples():
+        for pos in job.positions:
+            path = job.table.image_path(int(pos))
+            try:
+                data = Path(path).read_bytes()
+            except OSError as e:
+                skipped.append((int(pos), f"{path}: unreadable ({e.strerror})"))
+                continue
+            if not _is_jpeg(data):
+                skipped.append((int(pos), f"{path}: not a complete JPEG"))
+                continue
+            kept.append(int(pos))
+            yield records.serialize(job.table, int(pos), data)
+
+    records.write_shard(job.path, examples(), job.fmt)
+    return job.path, np.asarray(kept, np.int64), skipped
+
+
+def _subtable(table: affwild2.FrameTable, positions: np.ndarray) -> affwild2.FrameTable:
+    """The rows a worker needs, so each job pickles only its share of the table."""
+    cols = {f.name: getattr(table, f.name)[positions] for f in dataclasses.fields(table)
+            if isinstance(getattr(table, f.name), np.ndarray)}
+    return dataclasses.replace(table, **cols)
+
+
+def write_split(table: affwild2.FrameTable, out: Path, split: str, fmt: str, num_shards: int,
+                seed: int, pool=None, progress: bool = True) -> tuple[list[int], int, list]:
+    """Writes one split's shards (in `pool`'s processes if given); returns (shard lengths, bytes,
+    skipped frames)."""
+    from tqdm import tqdm
+
+    n = len(table)
+    order = np.random.default_rng(seed).permutation(n) if split == "train" else np.arange(n)
+    num_shards = num_shards or max(1, math.ceil(n / EXAMPLES_PER_SHARD))
+    chunks = np.array_split(order, num_shards)
+    jobs = [_ShardJob(str(out / records.shard_name(split, fmt, i, num_shards)), fmt,
+                      np.arange(len(c)), _subtable(table, c)) for i, c in enumerate(chunks)]
+    results: dict[str, tuple[np.ndarray, list]] = {}
+    bar = tqdm(total=n, desc=f"{split} records", unit="frame", disable=not progress)
+    for path, kept, skipped in (pool.imap_unordered(_write_job, jobs) if pool
+                                else map(_write_job, jobs)):
+        results[path] = (kept, skipped)
+        bar.update(len(kept) + len(skipped))
+    bar.close()
+    lengths, kept_rows, skipped_all = [], [], []
+    for job, chunk in zip(jobs, chunks, strict=True):
+        kept, skipped = results[job.path]
+        lengths.append(len(kept))
+        kept_rows.append(chunk[kept])
+        skipped_all += [(int(chunk[p]), why) for p, why in skipped]
+    records.write_frame_index(out, split, table, np.concatenate(kept_rows))
+    size = sum(Path(j.path).stat().st_size for j in jobs)
+    return lengths, size, skipped_all
+
+
+def prepare(layout: affwild2.Layout, task: str, out: str | os.PathLike,
+            splits: Sequence[str] = affwild2.SPLITS, fmt: str = "tfrecord", num_shards: int = 0,
+            seed: int = 0, workers: int | None = None, strict: bool = False,
+            progress: bool = True) -> dict:
+    """Curates and writes the records of one task; returns {split: stats} (also in stats.json)."""
+    if fmt not in records.FORMATS:
+        raise affwild2.DataError(f"unknown --format {fmt!r}; expected one of {records.FORMATS}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    workers = workers or os.cpu_count() or 1
+    index = affwild2.ImageIndex(layout.image_roots)
+    stats, lengths, sizes = {}, {}, {}
+    # One pool for all splits: each writer process pays TensorFlow's import once. fork: the
+    # workers inherit this process's modules; TensorFlow itself is imported only inside them.
+    pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
+    try:
+        for split in splits:
+            t0 = time.perf_counter()
+            table, st = affwild2.curate(layout, task, split, strict=strict, index=index)
+            t1 = time.perf_counter()
+            lengths[split], sizes[split], skipped = write_split(
+                table, out, split, fmt, num_shards, seed, pool, progress)
+            _count_skipped(st, skipped)
+            affwild2.check_accounting(st)
+            st["seconds"] = {"curate": round(t1 - t0, 2),
+                             "write": round(time.perf_counter() - t1, 2)}
+            st["records"] = sum(lengths[split])
+            stats[split] = st
+    finally:
+        if pool:
+            pool.close()
+            pool.join()
+    records.write_metadata(out, lengths, sizes, fmt, description=(
+        f"Aff-Wild2 {task} frames curated by abaw_jax (strict={strict}, seed={seed})."))
+    summary = {"task": task, "strict": strict, "seed": seed, "format": fmt,
+               "annotations": str(layout.annotations),
+               "image_roots": [str(r) for r in layout.image_roots], "splits": stats}
+    (out / "stats.json").write_text(json.dumps(summary, indent=1))
+    return stats
+
+
+def _count_skipped(stats: dict, skipped: list[tuple[int, str]]) -> None:
+    """Frames whose JPEG turned out unreadable move from curated to a named drop reason."""
+    stats["dropped"]["corrupt_image"] = len(skipped)
+    stats["curated"] -= len(skipped)
+    if skipped:
+        stats["corrupt_images"] = [why for _, why in sorted(skipped)[:_MAX_LISTED]]
+        for _, why in skipped[:5]:
+            logging.warning("skipped %s", why)
+
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("root", None, "Aff-Wild2 folder (annotations + cropped_aligned*).")
+flags.DEFINE_string("out", None, "Output folder; records go to <out>/<task>/.")
+flags.DEFINE_enum("task", "va", affwild2.ALL_TASKS, "Which annotations to curate.")
+flags.DEFINE_list("splits", list(affwild2.SPLITS), "Splits to write (train, validation, test).")
+flags.DEFINE_enum("format", "tfrecord", records.FORMATS, "Record file format.")
+flags.DEFINE_integer("num_shards", 0, f"Shards per split (0: one per {EXAMPLES_PER_SHARD}).")
+flags.DEFINE_integer("seed", 0, "Seed of the train split's record order.")
+flags.DEFINE_integer("workers", 0, "Writer processes (0: all cores).")
+flags.DEFINE_bool("strict", False, "mtl: drop a frame when any task is invalid (7th ABAW).")
+flags.DEFINE_string("annotations", None, "Annotation folder, if not found under --root.")
+flags.DEFINE_list("image_roots", None, "Image roots, if not the cropped_aligned* under --root.")
+
+
+def main(argv: Sequence[str]) -> None:
+    del argv
+    if not FLAGS.root or not FLAGS.out:
+        raise app.UsageError("--root and --out are required")
+    try:
+        layout = affwild2.Layout.discover(FLAGS.root, FLAGS.annotations, FLAGS.image_roots)
+        out = Path(FLAGS.out) / FLAGS.task
+        stats = prepare(layout, FLAGS.task, out, FLAGS.splits, FLAGS.format, FLAGS.num_shards,
+                        FLAGS.seed, FLAGS.workers or None, FLAGS.strict)
+    except affwild2.DataError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(affwild2.format_stats({FLAGS.task: stats}))
+    print(f"records and stats.json in {out}")
+
+
+if __name__ == "__main__":
+    app.run(main)

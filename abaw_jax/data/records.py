@@ -1,0 +1,257 @@
+"""Curated frames as sharded records: the example schema, shard writers and a random-access source.
+
+One record = one `tf.train.Example` (the TFDS serialisation of `features()`): the JPEG bytes exactly as
+stored on disk, the video name, the 1-based frame number, the labels of every task and a validity mask
+per task. A records folder is a TFDS dataset (`tfds.builder_from_directory(folder)` reads it) plus, for
+TFRecord shards, one offset index per shard (`<shard>.idx`: little-endian int64 offsets of every
+record and of the end of file) that gives grain random access. ArrayRecord shards need no index.
+
+TensorFlow is imported only by the TFRecord writer; readers use TFDS's numpy parser.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from abaw_jax.data.affwild2 import AU_NAMES, DataError, FrameTable
+
+DATASET_NAME = "affwild2"
+FORMATS = ("tfrecord", "array_record")
+_TFRECORD_OVERHEAD = 16  # uint64 length + uint32 crc(length) + data + uint32 crc(data)
+
+
+@functools.cache
+def features():
+    """The TFDS feature spec of one record (built lazily: importing TFDS takes half a second)."""
+    import tensorflow_datasets as tfds
+
+    return tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+        "video": tfds.features.Text(),
+        "frame": np.int32,
+        "va": tfds.features.Tensor(shape=(2,), dtype=np.float32),
+        "expr": np.int32,
+        "au": tfds.features.Tensor(shape=(len(AU_NAMES),), dtype=np.int32),
+        "va_mask": np.bool_,
+        "expr_mask": np.bool_,
+        "au_mask": np.bool_,
+    })
+
+
+@functools.cache
+def _parser():
+    from tensorflow_datasets.core import example_parser
+
+    return example_parser.ExampleParserNp(features().get_serialized_info())
+
+
+def serialize(table: FrameTable, i: int, jpeg: bytes) -> bytes:
+    """The serialised record of frame i of a curated table."""
+    return features().serialize_example({
+        "image": jpeg,
+        "video": table.videos[table.video[i]],
+        "frame": table.frame[i],
+        "va": table.va[i],
+        "expr": table.expr[i],
+        "au": table.au[i],
+        "va_mask": table.va_mask[i],
+        "expr_mask": table.expr_mask[i],
+        "au_mask": table.au_mask[i],
+    })
+
+
+def parse(record: bytes) -> dict:
+    """A serialised record -> dict of numpy values; `image` stays JPEG bytes, `video` a str."""
+    ex = _parser().parse_example(record)
+    return {
+        "image": ex["image"],
+        "video": ex["video"].decode(),
+        "frame": np.int32(ex["frame"]),
+        "va": ex["va"],
+        "expr": np.int32(ex["expr"]),
+        "au": ex["au"],
+        "va_mask": np.bool_(ex["va_mask"]),
+        "expr_mask": np.bool_(ex["expr_mask"]),
+        "au_mask": np.bool_(ex["au_mask"]),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+
+
+def shard_name(split: str, fmt: str, shard: int, num_shards: int) -> str:
+    """TFDS's default file name, so that `tfds.builder_from_directory` finds the shards."""
+    return f"{DATASET_NAME}-{split}.{fmt}-{shard:05d}-of-{num_shards:05d}"
+
+
+def write_shard(path: str | os.PathLike, records: Iterator[bytes], fmt: str) -> np.ndarray:
+    """Writes one shard; returns the record sizes. TFRecord shards also get their `.idx`."""
+    path = Path(path)
+    sizes = []
+    if fmt == "tfrecord":
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's start-up chatter, per worker
+        import tensorflow as tf  # only the writer needs TF: it owns the CRC32C framing
+
+        with tf.io.TFRecordWriter(str(path)) as writer:
+            for record in records:
+                writer.write(record)
+                sizes.append(len(record))
+        offsets = np.concatenate([[0], np.cumsum(np.add(sizes, _TFRECORD_OVERHEAD))])
+        offsets.astype("<i8").tofile(f"{path}.idx")
+        if offsets[-1] != path.stat().st_size:
+            raise AssertionError(f"{path}: index ends at {offsets[-1]}, file has "
+                                 f"{path.stat().st_size} bytes")
+    elif fmt == "array_record":
+        from array_record.python import array_record_module
+
+        writer = array_record_module.ArrayRecordWriter(str(path), "group_size:1")
+        for record in records:
+            writer.write(record)
+            sizes.append(len(record))
+        writer.close()
+    else:
+        raise ValueError(f"unknown record format {fmt!r}; expected one of {FORMATS}")
+    return np.asarray(sizes, np.int64)
+
+
+def write_metadata(out: Path, split_lengths: dict[str, list[int]], split_bytes: dict[str, int],
+                   fmt: str, description: str) -> None:
+    """TFDS metadata (dataset_info.json, features.json) for the shards already in `out`."""
+    import tensorflow_datasets as tfds
+
+    template = tfds.core.ShardedFileTemplate(
+        data_dir=out, dataset_name=DATASET_NAME, filetype_suffix=fmt,
+        template="{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}")
+    splits = [tfds.core.SplitInfo(name=s, shard_lengths=lengths, num_bytes=split_bytes[s],
+                                  filename_template=template)
+              for s, lengths in split_lengths.items()]
+    tfds.folder_dataset.write_metadata(data_dir=out, features=features(), split_infos=splits,
+                                       filename_template=template, check_data=False,
+                                       description=description)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_info(data_dir: str | os.PathLike) -> dict:
+    """The record format and, per split, its shard paths and lengths (from dataset_info.json)."""
+    data_dir = Path(data_dir)
+    info_path = data_dir / "dataset_info.json"
+    if not info_path.is_file():
+        raise DataError(f"{data_dir}: not a records folder (no dataset_info.json); write one with "
+                        "`python -m abaw_jax.data.prepare`")
+    info = json.loads(info_path.read_text())
+    fmt = "array_record" if "array" in info.get("fileFormat", "tfrecord").lower() else "tfrecord"
+    splits = {}
+    for split in info.get("splits", []):
+        lengths = [int(n) for n in split.get("shardLengths", [])]
+        paths = [data_dir / shard_name(split["name"], fmt, i, len(lengths))
+                 for i in range(len(lengths))]
+        splits[split["name"]] = {"paths": paths, "lengths": lengths}
+    return {"format": fmt, "splits": splits}
+
+
+class RecordSource:
+    """Random access to the records of one split: `len`, and `source[i]` -> parsed example.
+
+    Picklable (file handles open lazily in each process), so grain can hand it to its workers.
+    """
+
+    def __init__(self, data_dir: str | os.PathLike, split: str):
+        info = read_info(data_dir)
+        if split not in info["splits"]:
+            raise DataError(f"{data_dir}: no split {split!r}; it has {sorted(info['splits'])}")
+        self.data_dir, self.split, self.format = Path(data_dir), split, info["format"]
+        self.paths: list[Path] = info["splits"][split]["paths"]
+        lengths = info["splits"][split]["lengths"]
+        self._starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        self._offsets = [self._load_index(p, n) for p, n in zip(self.paths, lengths, strict=True)]
+        self._files: dict[int, object] = {}
+
+    def _load_index(self, path: Path, n: int) -> np.ndarray | None:
+        if not path.is_file():
+            raise DataError(f"{path}: shard listed in dataset_info.json is missing")
+        if self.format != "tfrecord":
+            return None
+        idx = Path(f"{path}.idx")
+        if not idx.is_file():
+            raise DataError(f"{idx}: offset index missing; rewrite the records with prepare")
+        offsets = np.fromfile(idx, "<i8")
+        if len(offsets) != n + 1 or offsets[-1] != path.stat().st_size:
+            raise DataError(f"{idx}: index of {len(offsets) - 1} records does not match the shard "
+                            f"({n} records, {path.stat().st_size} bytes)")
+        return offsets
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_files": {}}
+
+    def read(self, index: int) -> bytes:
+        """The serialised record at a global index."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"record {index} out of range for {len(self)} records")
+        shard = int(np.searchsorted(self._starts, index, side="right")) - 1
+        local = index - int(self._starts[shard])
+        if self.format == "array_record":
+            return self._file(shard).read([local])[0]
+        start, end = self._offsets[shard][local], self._offsets[shard][local + 1]
+        data = os.pread(self._file(shard), int(end - start), int(start))
+        return data[12:-4]
+
+    def _file(self, shard: int):
+        if shard not in self._files:
+            path = str(self.paths[shard])
+            if self.format == "array_record":
+                from array_record.python import array_record_module
+
+                self._files[shard] = array_record_module.ArrayRecordReader(
+                    path, "readahead_buffer_size:0")
+            else:
+                self._files[shard] = os.open(path, os.O_RDONLY)
+        return self._files[shard]
+
+    def __getitem__(self, index: int) -> dict:
+        return parse(self.read(index))
+
+    def __repr__(self) -> str:
+        return f"RecordSource({str(self.data_dir)!r}, {self.split!r}, {len(self)} records)"
+
+    def close(self) -> None:
+        for f in self._files.values():
+            if isinstance(f, int):
+                os.close(f)
+            else:
+                f.close()
+        self._files = {}
+
+
+
+def frames_path(data_dir: str | os.PathLike, split: str) -> Path:
+    return Path(data_dir) / f"frames-{split}.npz"
+
+
+def write_frame_index(data_dir: Path, split: str, table: FrameTable, order: np.ndarray) -> None:
+    """(video, frame) of every record in record order, so clips and per-video outputs need no
+    pass over the images."""
+    np.savez(frames_path(data_dir, split), videos=np.asarray(table.videos, dtype=str),
+             video=table.video[order], frame=table.frame[order])
+
+
+def read_frame_index(data_dir: str | os.PathLike, split: str) -> tuple[list[str], np.ndarray,
+                                                                        np.ndarray]:
+    """Video names, and per record its video index and frame number."""
+    path = frames_path(data_dir, split)
+    if not path.is_file():
+        raise DataError(f"{path}: frame index missing; rewrite the records with prepare")
+    with np.load(path) as z:
+        return z["videos"].tolist(), z["video"], z["frame"]

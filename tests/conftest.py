@@ -1,0 +1,35 @@
+"""Shared fixtures: a tiny synthetic Aff-Wild2 and its records, built once per test session."""
+
+import os
+
+# Before jax is imported anywhere: 8 fake CPU devices for sharding tests, and a persistent
+# compilation cache so repeated test runs skip most XLA compiles.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(os.path.dirname(__file__), "..", ".cache", "jax"))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # noqa: E402
+
+from abaw_jax.data import affwild2, prepare, synthetic  # noqa: E402
+
+TINY = synthetic.SyntheticSpec(num_videos=8, frames_per_video=60, seed=3, audio=False,
+                               pair_fraction=0.3, second_root_fraction=0.3)
+
+
+@pytest.fixture(scope="session")
+def tiny_tree(tmp_path_factory):
+    """(root, manifest) of a tiny synthetic Aff-Wild2 with every kind of planted dirt."""
+    root = tmp_path_factory.mktemp("affwild2")
+    manifest = synthetic.generate(root, TINY)
+    return root, manifest
+
+
+@pytest.fixture(scope="session")
+def tiny_records(tiny_tree, tmp_path_factory):
+    """Records folder of the tiny tree's VA task: 3 train shards, 2 validation shards."""
+    root, _ = tiny_tree
+    out = tmp_path_factory.mktemp("records") / "va"
+    layout = affwild2.Layout.discover(root)
+    prepare.prepare(layout, "va", out, num_shards=3, workers=1, progress=False)
+    return out

@@ -1,0 +1,148 @@
+"""grain pipelines: per-process shards, complete eval, clips, exact resume, decode errors."""
+
+import numpy as np
+import pytest
+
+from abaw_jax.data import augment, pipeline, records
+from abaw_jax.data.affwild2 import DataError
+
+AUG = augment.AugmentConfig(size=32)
+
+
+def _take(stream, n):
+    try:
+        return [{k: np.array(v) for k, v in next(stream).items()} for _ in range(n)]
+    finally:
+        stream.close()
+
+
+def test_process_shards_are_disjoint_and_cover_an_epoch(tiny_records):
+    n = len(records.RecordSource(tiny_records, "train"))
+    count, batch = 3, 4
+    per_epoch = (n - n % count) // count
+    seen = []
+    for p in range(count):
+        ds = pipeline.train_dataset(tiny_records, "train", batch_size=batch, seed=7,
+                                    augment_cfg=AUG, shard=pipeline.Shard(p, count))
+        idx = np.concatenate([b["index"] for b in _take(ds, per_epoch // batch + 2)])
+        first_epoch = idx[:per_epoch]
+        assert len(set(first_epoch)) == per_epoch  # no repeats within an epoch
+        seen.append(set(first_epoch))
+        assert set(idx[per_epoch:]) <= _epoch2(tiny_records, p, count, per_epoch, batch)
+    assert all(a.isdisjoint(b) for i, a in enumerate(seen) for b in seen[i + 1:])
+    assert len(set().union(*seen)) == n - n % count
+
+
+def _epoch2(data, p, count, per_epoch, batch):
+    ds = pipeline.train_dataset(data, "train", batch_size=batch, seed=7, augment_cfg=AUG,
+                                shard=pipeline.Shard(p, count))
+    idx = np.concatenate([b["index"] for b in _take(ds, 2 * per_epoch // batch + 1)])
+    assert list(idx[:per_epoch]) != list(idx[per_epoch:2 * per_epoch])  # reshuffled each epoch
+    return set(idx[per_epoch:2 * per_epoch])
+
+
+def test_batches_hold_labels_of_their_records(tiny_records):
+    source = records.RecordSource(tiny_records, "train")
+    (b,) = _take(pipeline.train_dataset(tiny_records, "train", batch_size=8, seed=0,
+                                        augment_cfg=AUG), 1)
+    assert b["image"].shape == (8, 32, 32, 3) and b["image"].dtype == np.uint8
+    for j, i in enumerate(b["index"]):
+        np.testing.assert_array_equal(b["va"][j], source[int(i)]["va"])
+        assert b["va_mask"][j]
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_eval_yields_every_record_once_in_order(tiny_records, count):
+    n = len(records.RecordSource(tiny_records, "validation"))
+    batches = []
+    for p in range(count):
+        ds = pipeline.eval_dataset(tiny_records, "validation", batch_size=16, size=32,
+                                   shard=pipeline.Shard(p, count))
+        got = [{k: np.array(v) for k, v in b.items()} for b in ds]
+        assert len(got) == pipeline.eval_steps(n, 16, count)  # the same on every process
+        batches += got
+    index = np.concatenate([b["index"] for b in batches])
+    mask = np.concatenate([b["mask"] for b in batches])
+    np.testing.assert_array_equal(index[mask], np.arange(n))
+    assert (index[~mask] == -1).all()
+    assert not np.concatenate([b["va_mask"] for b in batches])[~mask].any()
+
+
+def test_iterator_state_restores_the_exact_next_batch(tiny_records):
+    it = pipeline.train_dataset(tiny_records, "train", batch_size=4, seed=1, augment_cfg=AUG)
+    for _ in range(5):
+        next(it)
+    state = it.get_state()
+    want = [next(it) for _ in range(3)]
+    it.close()
+    # A fresh pipeline, even with worker processes, continues from the saved state.
+    fresh = pipeline.train_dataset(tiny_records, "train", batch_size=4, seed=1, augment_cfg=AUG,
+                                   loader=pipeline.Loader(num_workers=2))
+    fresh.set_state(state)
+    got = [{k: np.array(v) for k, v in next(fresh).items()} for _ in range(3)]
+    fresh.close()
+    for w, g in zip(want, got, strict=True):
+        for k in w:
+            np.testing.assert_array_equal(w[k], g[k], err_msg=k)
+    other = pipeline.train_dataset(tiny_records, "train", batch_size=4, seed=2, augment_cfg=AUG)
+    with pytest.raises(DataError, match=r"differs from this one.*'seed': \(1, 2\)"):
+        other.set_state(state)
+
+
+def test_stream_state_goes_through_grain_orbax_handler(tiny_records, tmp_path):
+    import grain
+    import orbax.checkpoint as ocp
+
+    it = pipeline.train_dataset(tiny_records, "train", batch_size=4, seed=1, augment_cfg=AUG)
+    next(it)
+    with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
+        mngr.save(1, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+        mngr.wait_until_finished()
+        want = next(it)
+        fresh = pipeline.train_dataset(tiny_records, "train", batch_size=4, seed=1,
+                                       augment_cfg=AUG)
+        mngr.restore(1, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
+    np.testing.assert_array_equal(next(fresh)["index"], want["index"])
+    it.close()
+    fresh.close()
+
+
+def test_clips_stay_in_one_video_and_cover_every_frame(tiny_records):
+    videos, video, frame = records.read_frame_index(tiny_records, "validation")
+    clips = pipeline.clip_index(video, frame, length=10, stride=4, videos=videos)
+    for clip in clips:
+        rows = clip[clip >= 0]
+        assert len(set(video[rows])) == 1
+        present = np.flatnonzero(clip >= 0)
+        # consecutive frame numbers: frame(pos) - pos is constant over the clip
+        assert len(set(frame[rows] - present)) == 1
+    assert set(clips[clips >= 0]) == set(range(len(frame)))
+    assert (clips < 0).any()  # missing crops inside a window are masked, not skipped
+
+
+def test_clip_longer_than_a_video_is_an_error():
+    with pytest.raises(DataError, match=r"video 'short' spans 5 frames, shorter than"):
+        pipeline.clip_index(np.zeros(5, int), np.arange(1, 6), 8, 4, videos=["short"])
+
+
+def test_clip_batches(tiny_records):
+    (b,) = _take(pipeline.clip_train_dataset(tiny_records, "train", length=6, stride=3,
+                                             batch_size=2, seed=0, augment_cfg=AUG), 1)
+    assert b["image"].shape == (2, 6, 32, 32, 3) and b["va"].shape == (2, 6, 2)
+    missing = b["index"] < 0
+    assert not b["va_mask"][missing].any() and (b["image"][missing] == 0).all()
+    ev = pipeline.clip_eval_dataset(tiny_records, "validation", length=6, stride=3,
+                                    batch_size=4, size=32)
+    assert sum(int(np.sum(e["mask"])) for e in ev) == len(
+        pipeline.clip_index(*records.read_frame_index(tiny_records, "validation")[1:], 6, 3))
+
+
+def test_undecodable_image_names_the_record():
+    class Broken:
+        split = "train"
+
+        def __getitem__(self, i):
+            return {"image": b"not a jpeg", "video": "vid_left", "frame": np.int32(12)}
+
+    with pytest.raises(augment.ImageDecodeError, match=r"train record 0 \(vid_left/00012\.jpg\)"):
+        pipeline._example(Broken(), 0, 32, None, None)
