@@ -36,7 +36,8 @@ def test_expr_and_au_without_final_newline(tmp_path):
 
 
 @pytest.mark.parametrize("text, task, message", [
-    ("valence,arousal\n0.1,0.2\n0.3\n", "va", r"v\.txt:3: expected 2 comma-separated values, got 1"),
+    ("valence,arousal\n0.1,0.2\n0.3\n", "va",
+     r"v\.txt:3: expected 2 comma-separated values, got 1"),
     ("valence,arousal\n0.1,0.2\n0.1,abc\n", "va", r"v\.txt:3: 'abc' is not a number"),
     ("arousal,valence\n0.1,0.2\n", "va", r"v\.txt:1: header"),
     ("", "va", r"v\.txt: empty file"),

@@ -49,7 +49,8 @@ def test_test_split_lists_every_crop_of_test_videos(tiny_tree):
 
 
 def _annotation_rows(root, video, split):
-    path = root / "annotations/VA_Estimation_Challenge" / affwild2.SPLIT_DIRS[split] / f"{video}.txt"
+    folder = root / "annotations/VA_Estimation_Challenge" / affwild2.SPLIT_DIRS[split]
+    path = folder / f"{video}.txt"
     lines = path.read_text().splitlines()[1:]
     return [tuple(float(x) for x in line.split(",")) for line in lines if line.strip()]
 
@@ -88,6 +89,20 @@ def test_random_access_agrees_with_sequential_reads(tiny_records):
     assert all(source.read(int(i)) == sequential[i] for i in order)
 
 
+def test_tensorflow_reads_the_shards_and_checks_their_crcs(tiny_records, tmp_path):
+    import tensorflow as tf
+
+    source = records.RecordSource(tiny_records, "validation")
+    got = [r.numpy() for r in tf.data.TFRecordDataset([str(p) for p in source.paths])]
+    assert got == [source.read(i) for i in range(len(source))]
+    bad = tmp_path / "bad.tfrecord"
+    data = bytearray(source.paths[0].read_bytes())
+    data[40] ^= 0xFF  # flip a byte inside the first record's payload
+    bad.write_bytes(bytes(data))
+    with pytest.raises(tf.errors.DataLossError):
+        list(tf.data.TFRecordDataset([str(bad)]))
+
+
 def test_train_split_is_shuffled_deterministically(tiny_tree, tmp_path):
     root, _ = tiny_tree
     layout = affwild2.Layout.discover(root)
@@ -109,7 +124,8 @@ def test_array_record_format_and_tfds_metadata(tiny_tree, tiny_records, tmp_path
     out = tmp_path / "ar"
     prepare.prepare(affwild2.Layout.discover(root), "va", out, fmt="array_record", num_shards=2,
                     workers=1, progress=False)
-    ar, tf = records.RecordSource(out, "validation"), records.RecordSource(tiny_records, "validation")
+    ar = records.RecordSource(out, "validation")
+    tf = records.RecordSource(tiny_records, "validation")
     assert ar.format == "array_record" and len(ar) == len(tf)
     assert all(ar.read(i) == tf.read(i) for i in range(len(ar)))
     builder = tfds.builder_from_directory(str(tiny_records))
@@ -125,7 +141,8 @@ def test_corrupt_jpeg_is_counted_and_named(tiny_tree, tmp_path):
     root, manifest = tiny_tree
     copy = tmp_path / "tree"
     shutil.copytree(root, copy)
-    video = sorted(v for v, i in manifest["videos"].items() if i["challenges"].get("va") == "train")[0]
+    video = sorted(v for v, i in manifest["videos"].items()
+                   if i["challenges"].get("va") == "train")[0]
     info = manifest["videos"][video]
     frame = next(f for f in range(1, info["num_frames"]) if f not in info["missing"])
     bad = copy / info["image_root"] / video / f"{frame:05d}.jpg"

@@ -3,8 +3,8 @@
 Plain numpy and the standard library only: this module runs inside data-loader workers and in the
 record writer, where importing jax would be wasted start-up time.
 
-Every annotated line is accounted for: it is either curated (kept) or dropped for a named reason, and
-the stats say how many of each. Malformed input raises `DataError` naming the file and line.
+Every annotated line is accounted for: it is either curated (kept) or dropped for a named reason,
+and the stats say how many of each. Malformed input raises `DataError` naming the file and line.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ CHALLENGE_DIRS = {
     "mtl": "MTL_Challenge",
 }
 SPLIT_DIRS = {"train": "Train_Set", "validation": "Validation_Set"}
-MTL_FILES = {"train": "training_set_annotations.txt", "validation": "validation_set_annotations.txt"}
+MTL_FILES = {"train": "training_set_annotations.txt",
+             "validation": "validation_set_annotations.txt"}
 EXPR_NAMES = ("Neutral", "Anger", "Disgust", "Fear", "Happiness", "Sadness", "Surprise", "Other")
 AU_NAMES = ("AU1", "AU2", "AU4", "AU6", "AU7", "AU10", "AU12", "AU15", "AU23", "AU24", "AU25",
             "AU26")
@@ -396,13 +397,13 @@ def _curate_mtl(layout: Layout, split: str, strict: bool, index: ImageIndex
         raise DataError(f"{path}: multi-task annotation file is missing")
     ann = read_mtl_annotation(path)
     masks = {t: valid_mask(t, getattr(ann, t)) for t in TASKS}
-    videos = sorted(set(ann.videos))
-    code = {v: i for i, v in enumerate(videos)}
-    video = np.array([code[v] for v in ann.videos], np.int32)
+    names, video = np.unique(np.asarray(ann.videos), return_inverse=True)
+    videos, video = names.tolist(), video.astype(np.int32)
     roots = np.full(len(video), -1, np.int8)
-    for v in videos:
-        rows = np.flatnonzero(video == code[v])
-        roots[rows] = index.lookup(v, ann.frames[rows])
+    order = np.argsort(video, kind="stable")
+    for rows in np.split(order, np.flatnonzero(np.diff(video[order])) + 1):
+        if len(rows):
+            roots[rows] = index.lookup(videos[video[rows[0]]], ann.frames[rows])
     any_valid = masks["va"] | masks["expr"] | masks["au"]
     all_valid = masks["va"] & masks["expr"] & masks["au"]
     labelled = all_valid if strict else any_valid

@@ -74,22 +74,29 @@ def resize(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def _affine(cfg: AugmentConfig, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
-    """One 2x3 matrix: resize to size, flip, rotate/scale about the centre, translate, crop."""
+    """One 2x3 matrix: resize to size, flip, rotate/scale about the centre, translate, crop.
+
+    Built with few small numpy calls: at ~0.15 ms per frame for decode + warp, a naive chain of
+    3x3 matrix products was a fifth of the per-frame cost.
+    """
     s = cfg.size
-    # Pixel centres map to pixel centres: x' = (x + 0.5) * s / w - 0.5.
-    m = np.array([[s / w, 0, 0.5 * s / w - 0.5], [0, s / h, 0.5 * s / h - 0.5], [0, 0, 1]])
-    if rng.random() < cfg.flip:
-        m = np.array([[-1, 0, s - 1], [0, 1, 0], [0, 0, 1]]) @ m
-    if rng.random() < cfg.affine_prob:
-        angle = rng.uniform(-cfg.rotate, cfg.rotate)
-        scale = rng.uniform(*cfg.scale)
-        centre = ((s - 1) / 2, (s - 1) / 2)
-        rot = np.vstack([cv2.getRotationMatrix2D(centre, angle, scale), [0, 0, 1]])
-        shift = rng.uniform(-cfg.translate, cfg.translate, 2) * s
-        # Random crop of size s from the image padded by p on each side == a shift in [-p, p].
-        shift += rng.integers(-cfg.crop_padding, cfg.crop_padding + 1, 2)
-        m = np.array([[1, 0, shift[0]], [0, 1, shift[1]], [0, 0, 1]]) @ rot @ m
-    return m[:2]
+    flip, apply = rng.random(2)
+    ax, ay = s / w, s / h
+    # Resize mapping pixel centres to pixel centres: x' = (x + 0.5) * s / w - 0.5.
+    m = np.array([[ax, 0.0, 0.5 * ax - 0.5], [0.0, ay, 0.5 * ay - 0.5]])
+    if flip < cfg.flip:
+        m[0] = -m[0]
+        m[0, 2] += s - 1
+    if apply < cfg.affine_prob:
+        t = cfg.translate
+        angle, scale, tx, ty = rng.uniform((-cfg.rotate, cfg.scale[0], -t, -t),
+                                           (cfg.rotate, cfg.scale[1], t, t))
+        # A random crop of size s from the image padded by p on each side is a shift in [-p, p].
+        cx, cy = rng.integers(-cfg.crop_padding, cfg.crop_padding + 1, 2)
+        r = cv2.getRotationMatrix2D(((s - 1) / 2, (s - 1) / 2), angle, scale)
+        m = r[:, :2] @ m
+        m[:, 2] += r[:, 2] + (tx * s + cx, ty * s + cy)
+    return m
 
 
 def _erase(image: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> None:

@@ -2,8 +2,8 @@ r"""Curates Aff-Wild2 and writes sharded records, their TFDS metadata, offset in
 
   python -m abaw_jax.data.prepare --root=/data/affwild2 --out=/data/records --task=va
 
-writes `<out>/<task>/`: `affwild2-<split>.<format>-NNNNN-of-MMMMM` shards (+ `.idx` offset indices for
-TFRecord), `frames-<split>.npz` ((video, frame) per record), TFDS `dataset_info.json` /
+writes `<out>/<task>/`: `affwild2-<split>.<format>-NNNNN-of-MMMMM` shards (+ `.idx` offset
+indices for TFRecord), `frames-<split>.npz` ((video, frame) per record), TFDS `dataset_info.json` /
 `features.json`, and `stats.json`. The train split is shuffled with `--seed` before sharding; the
 other splits keep (video, frame) order. The output depends only on the inputs, the seed and
 `--num_shards`, never on `--workers`.
@@ -114,8 +114,7 @@ def prepare(layout: affwild2.Layout, task: str, out: str | os.PathLike,
     workers = workers or os.cpu_count() or 1
     index = affwild2.ImageIndex(layout.image_roots)
     stats, lengths, sizes = {}, {}, {}
-    # One pool for all splits: each writer process pays TensorFlow's import once. fork: the
-    # workers inherit this process's modules; TensorFlow itself is imported only inside them.
+    # One pool for all splits; fork: the workers inherit this process's imported modules.
     pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
     try:
         for split in splits:
@@ -153,22 +152,9 @@ def _count_skipped(stats: dict, skipped: list[tuple[int, str]]) -> None:
             logging.warning("skipped %s", why)
 
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("root", None, "Aff-Wild2 folder (annotations + cropped_aligned*).")
-flags.DEFINE_string("out", None, "Output folder; records go to <out>/<task>/.")
-flags.DEFINE_enum("task", "va", affwild2.ALL_TASKS, "Which annotations to curate.")
-flags.DEFINE_list("splits", list(affwild2.SPLITS), "Splits to write (train, validation, test).")
-flags.DEFINE_enum("format", "tfrecord", records.FORMATS, "Record file format.")
-flags.DEFINE_integer("num_shards", 0, f"Shards per split (0: one per {EXAMPLES_PER_SHARD}).")
-flags.DEFINE_integer("seed", 0, "Seed of the train split's record order.")
-flags.DEFINE_integer("workers", 0, "Writer processes (0: all cores).")
-flags.DEFINE_bool("strict", False, "mtl: drop a frame when any task is invalid (7th ABAW).")
-flags.DEFINE_string("annotations", None, "Annotation folder, if not found under --root.")
-flags.DEFINE_list("image_roots", None, "Image roots, if not the cropped_aligned* under --root.")
-
-
 def main(argv: Sequence[str]) -> None:
     del argv
+    FLAGS = flags.FLAGS
     if not FLAGS.root or not FLAGS.out:
         raise app.UsageError("--root and --out are required")
     try:
@@ -182,5 +168,22 @@ def main(argv: Sequence[str]) -> None:
     print(f"records and stats.json in {out}")
 
 
+def define_flags() -> None:
+    """The CLI's flags, defined only when run as a program so that importing this module (the
+    trainer builds its data cache with `prepare`) adds nothing to the global absl flags."""
+    flags.DEFINE_string("root", None, "Aff-Wild2 folder (annotations + cropped_aligned*).")
+    flags.DEFINE_string("out", None, "Output folder; records go to <out>/<task>/.")
+    flags.DEFINE_enum("task", "va", affwild2.ALL_TASKS, "Which annotations to curate.")
+    flags.DEFINE_list("splits", list(affwild2.SPLITS), "Splits to write (train, validation, test).")
+    flags.DEFINE_enum("format", "tfrecord", records.FORMATS, "Record file format.")
+    flags.DEFINE_integer("num_shards", 0, f"Shards per split (0: one per {EXAMPLES_PER_SHARD}).")
+    flags.DEFINE_integer("seed", 0, "Seed of the train split's record order.")
+    flags.DEFINE_integer("workers", 0, "Writer processes (0: all cores).")
+    flags.DEFINE_bool("strict", False, "mtl: drop a frame when any task is invalid (7th ABAW).")
+    flags.DEFINE_string("annotations", None, "Annotation folder, if not found under --root.")
+    flags.DEFINE_list("image_roots", None, "Image roots, if not the cropped_aligned* under --root.")
+
+
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
