@@ -308,9 +308,17 @@ class FrameTable:
     va_mask: np.ndarray  # bool (n,)
     expr_mask: np.ndarray
     au_mask: np.ndarray
+    video_frames: np.ndarray  # int32 (len(videos),): frames of each video (annotation lines, or
+    #                           the last listed / cropped frame where there is no annotation file)
 
     def __len__(self) -> int:
         return len(self.frame)
+
+    def take(self, rows: np.ndarray) -> FrameTable:
+        """The given rows (per-frame columns sliced; video names and lengths kept)."""
+        per_frame = ("video", "frame", "root", "va", "expr", "au", "va_mask", "expr_mask",
+                     "au_mask")
+        return dataclasses.replace(self, **{k: getattr(self, k)[rows] for k in per_frame})
 
     def image_path(self, i: int) -> str:
         video = self.videos[self.video[i]]
@@ -318,7 +326,7 @@ class FrameTable:
 
     @classmethod
     def build(cls, videos: list[str], roots: Sequence[Path], columns: dict[str, list[np.ndarray]],
-              ) -> FrameTable:
+              video_frames: Sequence[int]) -> FrameTable:
         n = sum(len(c) for c in columns["frame"])
         cat = {k: np.concatenate(v) if v else None for k, v in columns.items()}
         defaults = {"va": np.zeros((n, 2), np.float32), "expr": np.zeros(n, np.int32),
@@ -328,7 +336,8 @@ class FrameTable:
                     "root": np.zeros(n, np.int8)}
         fields = {k: (cat[k] if cat.get(k) is not None else d).astype(d.dtype, copy=False)
                   for k, d in defaults.items()}
-        return cls(videos=videos, image_roots=tuple(str(r) for r in roots), **fields)
+        return cls(videos=videos, image_roots=tuple(str(r) for r in roots),
+                   video_frames=np.asarray(video_frames, np.int32).reshape(-1), **fields)
 
 
 def _empty_stats(task: str, strict: bool = False) -> dict:
@@ -366,7 +375,8 @@ def _curate_task(layout: Layout, task: str, split: str, index: ImageIndex
     if not files:
         raise DataError(f"{folder}: no <video>.txt annotation files")
     stats = _empty_stats(task)
-    videos, cols = [], {k: [] for k in ("video", "frame", "root", task, f"{task}_mask")}
+    videos, lengths = [], []
+    cols = {k: [] for k in ("video", "frame", "root", task, f"{task}_mask")}
     for path in files:
         labels = read_annotation(path, task)
         frames = np.arange(1, len(labels) + 1, dtype=np.int32)
@@ -380,11 +390,12 @@ def _curate_task(layout: Layout, task: str, split: str, index: ImageIndex
         stats["missing_images"] += int(np.sum(~present))
         cols["video"].append(np.full(int(keep.sum()), len(videos), np.int32))
         videos.append(path.stem)
+        lengths.append(len(labels))
         cols["frame"].append(frames[keep])
         cols["root"].append(roots[keep])
         cols[task].append(labels[keep])
         cols[f"{task}_mask"].append(np.ones(int(keep.sum()), bool))
-    table = FrameTable.build(videos, layout.image_roots, cols)
+    table = FrameTable.build(videos, layout.image_roots, cols, lengths)
     stats["curated"] = len(table)
     stats["histogram"] = histograms(table)
     return table, stats
@@ -418,7 +429,9 @@ def _curate_mtl(layout: Layout, split: str, strict: bool, index: ImageIndex
     cols = {"video": [video[keep]], "frame": [ann.frames[keep]], "root": [roots[keep]],
             "va": [ann.va[keep]], "expr": [ann.expr[keep]], "au": [ann.au[keep]],
             **{f"{t}_mask": [masks[t][keep]] for t in TASKS}}
-    table = FrameTable.build(videos, layout.image_roots, cols)
+    last = np.zeros(len(videos), np.int32)
+    np.maximum.at(last, video, ann.frames)
+    table = FrameTable.build(videos, layout.image_roots, cols, last)
     stats["curated"] = len(table)
     stats["valid"] = {t: int(getattr(table, f"{t}_mask").sum()) for t in TASKS}
     stats["histogram"] = histograms(table)
@@ -452,7 +465,8 @@ def _curate_test(layout: Layout, task: str, index: ImageIndex) -> tuple[FrameTab
         cols["frame"].append(wanted[v][present])
         cols["root"].append(roots[present])
     stats["videos"] = len(videos)
-    table = FrameTable.build(list(videos), layout.image_roots, cols)
+    last = [int(wanted[v].max(initial=0)) for v in videos]
+    table = FrameTable.build(list(videos), layout.image_roots, cols, last)
     stats["curated"] = len(table)
     return table, stats
 

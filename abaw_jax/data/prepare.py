@@ -33,8 +33,8 @@ _MAX_LISTED = 50  # corrupt files named in stats.json; the count covers all of t
 class _ShardJob:
     path: str
     fmt: str
-    positions: np.ndarray  # indices into the curated table, in record order
-    table: affwild2.FrameTable
+    positions: np.ndarray  # rows of `table`, in record order
+    table: affwild2.FrameTable  # only this shard's rows, so each job pickles little
 
 
 def _is_jpeg(data: bytes) -> bool:
@@ -65,13 +65,6 @@ def _write_job(job: _ShardJob) -> tuple[str, np.ndarray, list[tuple[int, str]]]:
     return job.path, np.asarray(kept, np.int64), skipped
 
 
-def _subtable(table: affwild2.FrameTable, positions: np.ndarray) -> affwild2.FrameTable:
-    """The rows a worker needs, so each job pickles only its share of the table."""
-    cols = {f.name: getattr(table, f.name)[positions] for f in dataclasses.fields(table)
-            if isinstance(getattr(table, f.name), np.ndarray)}
-    return dataclasses.replace(table, **cols)
-
-
 def write_split(table: affwild2.FrameTable, out: Path, split: str, fmt: str, num_shards: int,
                 seed: int, pool=None, progress: bool = True) -> tuple[list[int], int, list]:
     """Writes one split's shards (in `pool`'s processes if given); returns (shard lengths, bytes,
@@ -83,7 +76,7 @@ def write_split(table: affwild2.FrameTable, out: Path, split: str, fmt: str, num
     num_shards = num_shards or max(1, math.ceil(n / EXAMPLES_PER_SHARD))
     chunks = np.array_split(order, num_shards)
     jobs = [_ShardJob(str(out / records.shard_name(split, fmt, i, num_shards)), fmt,
-                      np.arange(len(c)), _subtable(table, c)) for i, c in enumerate(chunks)]
+                      np.arange(len(c)), table.take(c)) for i, c in enumerate(chunks)]
     results: dict[str, tuple[np.ndarray, list]] = {}
     bar = tqdm(total=n, desc=f"{split} records", unit="frame", disable=not progress)
     for path, kept, skipped in (pool.imap_unordered(_write_job, jobs) if pool

@@ -258,14 +258,24 @@ def write_frame_index(data_dir: Path, split: str, table: FrameTable, order: np.n
     """(video, frame) of every record in record order, so clips and per-video outputs need no
     pass over the images."""
     np.savez(frames_path(data_dir, split), videos=np.asarray(table.videos, dtype=str),
-             video=table.video[order], frame=table.frame[order])
+             video=table.video[order], frame=table.frame[order], video_frames=table.video_frames)
 
 
 def read_frame_index(data_dir: str | os.PathLike, split: str) -> tuple[list[str], np.ndarray,
                                                                         np.ndarray]:
     """Video names, and per record its video index and frame number."""
+    with np.load(_frames_file(data_dir, split)) as z:
+        return z["videos"].tolist(), z["video"], z["frame"]
+
+
+def read_video_frames(data_dir: str | os.PathLike, split: str) -> dict[str, int]:
+    """Frames of each video of a split (all of them, with or without a record)."""
+    with np.load(_frames_file(data_dir, split)) as z:
+        return dict(zip(z["videos"].tolist(), z["video_frames"].tolist(), strict=True))
+
+
+def _frames_file(data_dir: str | os.PathLike, split: str) -> Path:
     path = frames_path(data_dir, split)
     if not path.is_file():
         raise DataError(f"{path}: frame index missing; rewrite the records with prepare")
-    with np.load(path) as z:
-        return z["videos"].tolist(), z["video"], z["frame"]
+    return path

@@ -1,0 +1,81 @@
+"""Where a run's records come from: a records folder, an Aff-Wild2 tree prepared once into the
+cache, or (no data given) the synthetic Aff-Wild2 generated and prepared once into the cache.
+
+Every process may call `records_for` at the same time: each builds into a private temporary
+folder and renames it into place; the first rename wins, the others discard their copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from abaw_jax.data import affwild2, prepare, synthetic
+
+
+def cache_dir() -> Path:
+    """$ABAW_JAX_CACHE, else ~/.cache/abaw_jax."""
+    return Path(os.environ.get("ABAW_JAX_CACHE", Path.home() / ".cache" / "abaw_jax"))
+
+
+def _key(payload: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _records_dir(path: Path, task: str) -> Path | None:
+    for candidate in (path, path / task):
+        if (candidate / "dataset_info.json").is_file():
+            return candidate
+    return None
+
+
+def _build_once(target: Path, build) -> Path:
+    if target.exists():
+        return target
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    build(tmp)
+    try:
+        os.rename(tmp, target)
+    except OSError:  # another process finished first: keep its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not target.exists():
+            raise
+    return target
+
+
+def records_for(data: Mapping[str, Any], task: str) -> Path:
+    """The records folder (with dataset_info.json) of `task` for a config's `data` block."""
+    if data.get("records"):
+        found = _records_dir(Path(data["records"]), task)
+        if not found:
+            raise affwild2.DataError(f"{data['records']}: no records of task {task!r} "
+                                     "(expected dataset_info.json here or in <records>/<task>)")
+        return found
+    if data.get("root"):
+        root = Path(data["root"]).absolute()
+        found = _records_dir(root, task)
+        if found:
+            return found
+        options = {"root": str(root), "task": task, "strict": bool(data.get("strict", False)),
+                   "format": data.get("format", "tfrecord"), "seed": data.get("seed", 0)}
+        return _build_once(cache_dir() / f"records-{_key(options)}" / task,
+                           lambda out: _prepare(root, out, options))
+    spec = synthetic.SyntheticSpec(**dict(data.get("synthetic") or {}), audio=False)
+    tree = _build_once(cache_dir() / f"synthetic-{_key(spec.__dict__)}",
+                       lambda out: synthetic.generate(out, spec))
+    options = {"root": str(tree), "task": task, "strict": bool(data.get("strict", False)),
+               "format": "tfrecord", "seed": 0}
+    return _build_once(tree.parent / f"{tree.name}-records" / task,
+                       lambda out: _prepare(tree, out, options))
+
+
+def _prepare(root: Path, out: Path, options: Mapping[str, Any]) -> None:
+    layout = affwild2.Layout.discover(root)
+    prepare.prepare(layout, options["task"], out, fmt=options["format"], seed=options["seed"],
+                    strict=options["strict"], progress=False)

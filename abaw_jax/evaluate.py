@@ -1,0 +1,129 @@
+"""Evaluation: predictions for every record of a split (all processes, padded and masked so no
+frame is dropped or counted twice), metrics, and `--mode=eval` outputs: metrics.json, per-video
+prediction files in the ABAW format, and plots."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from abaw_jax import checkpoint, parallel, plots, submission
+from abaw_jax.data import cache, pipeline, records
+
+LABELS = ("va", "expr", "au", "va_mask", "expr_mask", "au_mask")
+
+
+def predict_split(predict_step: Callable, params, rest, data_dir: Path, split: str, *,
+                  batch_size: int, image_size: int, mesh, loader: pipeline.Loader
+                  ) -> dict[str, Any]:
+    """{"preds": {head: (n, ...)}, "labels": {...}} in record order for all n records.
+
+    Each process reads its block of the split; predictions and labels are all-gathered, placed
+    by record index, and every index must be filled exactly once.
+    """
+    n = len(records.RecordSource(data_dir, split))
+    local_batch = parallel.check_batch_size(batch_size, mesh)
+    stream = pipeline.eval_dataset(data_dir, split, batch_size=local_batch, size=image_size,
+                                   shard=pipeline.Shard(jax.process_index(),
+                                                        jax.process_count()), loader=loader)
+    preds: dict[str, np.ndarray] = {}
+    labels = {k: None for k in LABELS}
+    seen = np.zeros(n, np.int32)
+    try:
+        for batch in stream:
+            images = parallel.to_global({"image": batch["image"]}, mesh)["image"]
+            out = parallel.to_host(predict_step(params, rest, images))
+            meta = parallel.to_host({k: np.asarray(batch[k]) for k in ("index", "mask", *LABELS)})
+            rows, index = meta["mask"], meta["index"][meta["mask"]]
+            seen[index] += 1
+            for k, v in out.items():
+                preds.setdefault(k, np.zeros((n, *v.shape[1:]), v.dtype))[index] = v[rows]
+            for k in LABELS:
+                v = meta[k]
+                if labels[k] is None:
+                    labels[k] = np.zeros((n, *v.shape[1:]), v.dtype)
+                labels[k][index] = v[rows]
+    finally:
+        stream.close()
+    if not np.all(seen == 1):
+        raise AssertionError(f"evaluation covered {np.sum(seen > 0)} of {n} records, "
+                             f"{np.sum(seen > 1)} more than once")
+    return {"preds": preds, "labels": labels}
+
+
+def evaluate_split(params, rest, *, predict_step: Callable, setup, records: Path,
+                   config: ml_collections.ConfigDict, split: str | None = None) -> dict:
+    """Task metrics over a whole split (the config's eval split by default)."""
+    result = predict_split(predict_step, params, rest, records, split or config.data.eval_split,
+                           batch_size=config.eval_batch_size, image_size=setup.image_size,
+                           mesh=setup.mesh, loader=pipeline.Loader.from_config(config.data.loader))
+    return setup.task.metrics(result["preds"], result["labels"])
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | Path, which: str = "best") -> dict:
+    """Restores a checkpoint ('best', 'latest' or a step) of `workdir`, evaluates the eval split
+    and writes `eval/<split>-step<N>/` (metrics.json, predictions/, plots)."""
+    from abaw_jax import train  # train imports this module
+
+    workdir = Path(workdir)
+    ckpt = checkpoint.Checkpoints(workdir / "checkpoints", read_only=True)
+    try:
+        step = ckpt.resolve(which if which != "best" or ckpt.best_step() else "latest")
+        setup = train.make_setup(config, parallel.make_mesh())
+        state = ckpt.restore(step, train.abstract_state(config, setup))
+    finally:
+        ckpt.close()
+    data_dir = cache.records_for(config.data, config.task)
+    split = config.data.eval_split
+    result = predict_split(train.make_predict_step(setup), state.params, state.rest, data_dir,
+                           split, batch_size=config.eval_batch_size, image_size=setup.image_size,
+                           mesh=setup.mesh, loader=pipeline.Loader.from_config(config.data.loader))
+    metrics = setup.task.metrics(result["preds"], result["labels"])
+    metrics["step"] = step
+    out = workdir / "eval" / f"{split}-step{step}"
+    if jax.process_index() == 0:
+        write_outputs(out, data_dir, split, result, metrics, setup.task.heads)
+        logging.info("eval outputs in %s", out)
+    return metrics
+
+
+def write_outputs(out: Path, data_dir: Path, split: str, result: dict, metrics: dict,
+                  heads: tuple[str, ...]) -> None:
+    """metrics.json, per-video ABAW prediction files per head, and the plots."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float))
+    videos, video, frame = records.read_frame_index(data_dir, split)
+    lengths = records.read_video_frames(data_dir, split)
+    preds, labels = result["preds"], result["labels"]
+    for h in heads:
+        thresholds = np.asarray(metrics["au/thresholds"]) if h == "au" else 0.5
+        submission.write_videos(out / "predictions" / h, h, videos, video, frame, preds[h],
+                                lengths, thresholds)
+        valid = labels[f"{h}_mask"].astype(bool)
+        if h == "expr":
+            plots.confusion_matrix(preds[h][valid], labels[h][valid], out / "expr_confusion.png")
+        elif h == "au":
+            plots.au_f1_bars(np.asarray(metrics["au/f1_per_au"]),
+                             np.asarray(metrics["au/f1_per_au_thresholded"]), thresholds,
+                             out / "au_f1.png")
+        else:
+            plots.va_over_time(_va_series(videos, video, frame, preds[h], labels, valid),
+                               out / "va_over_time.png")
+
+
+def _va_series(videos, video, frame, pred, labels, valid, count: int = 3) -> dict:
+    """The `count` longest videos' valid frames, in frame order, for the VA plot."""
+    lengths = np.bincount(video[valid], minlength=len(videos))
+    series = {}
+    for i in np.argsort(-lengths, kind="stable")[:count]:
+        rows = np.flatnonzero((video == i) & valid)
+        rows = rows[np.argsort(frame[rows])]
+        series[videos[i]] = (frame[rows], pred[rows], labels["va"][rows])
+    return series

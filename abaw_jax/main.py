@@ -1,0 +1,49 @@
+"""Entry point: `python -m abaw_jax.main --config=configs/va.py [--workdir=DIR] [--mode=...]`."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before clu imports TensorFlow
+
+import logging as pylogging  # noqa: E402
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from abaw_jax import evaluate, parallel, train  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Run folder: checkpoints, logs, eval outputs "
+                    "(default: workdirs/<config task>).")
+flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (resumes by itself) or eval.")
+flags.DEFINE_string("checkpoint", "best", "eval: 'best', 'latest' or a step number.")
+flags.mark_flags_as_required(["config"])
+
+_CHATTY = ("/orbax/", "/grain/", "/jax/_src/")
+
+
+class _LibraryInfoFilter(pylogging.Filter):
+    """Orbax logs a dozen INFO lines per checkpoint; keep the console for progress."""
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        return record.levelno >= pylogging.WARNING or not any(
+            s in record.pathname for s in _CHATTY)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.get_absl_handler().addFilter(_LibraryInfoFilter())
+    parallel.initialize()
+    workdir = FLAGS.workdir or f"workdirs/{FLAGS.config.task}"
+    if FLAGS.mode == "train":
+        metrics = train.train_and_evaluate(FLAGS.config, workdir)
+    else:
+        metrics = evaluate.run(FLAGS.config, workdir, FLAGS.checkpoint)
+    logging.info("final metrics: %s",
+                 {k: v for k, v in metrics.items() if not isinstance(v, list)})
+
+
+if __name__ == "__main__":
+    app.run(main)

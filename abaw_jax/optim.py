@@ -1,0 +1,85 @@
+"""The one place that builds optimisers: optax optimiser, schedule, weight-decay mask, clipping,
+and freezing by parameter-path patterns, all from the `config.optim` block."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import optax
+
+
+def schedule(cfg: Mapping[str, Any], total_steps: int) -> optax.Schedule:
+    """cfg.schedule: cosine (linear warm-up then cosine to 0), step, exponential or constant."""
+    lr, warmup = cfg["lr"], int(cfg.get("warmup_steps", 0))
+    name = cfg.get("schedule", "cosine")
+    if name == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total_steps, warmup + 1),
+                                                  end_value=cfg.get("end_lr", 0.0))
+    if name == "step":  # multiply by `decay` every `decay_steps` (PyTorch StepLR)
+        main = optax.exponential_decay(lr, cfg["decay_steps"], cfg.get("decay", 0.1),
+                                       staircase=True)
+    elif name == "exponential":  # multiply by `decay` every `decay_steps`, smoothly
+        main = optax.exponential_decay(lr, cfg.get("decay_steps", 1), cfg.get("decay", 0.9))
+    elif name == "constant":
+        main = optax.constant_schedule(lr)
+    else:
+        raise KeyError(f"unknown schedule {name!r}; expected cosine, step, exponential, constant")
+    if not warmup:
+        return main
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
+
+
+def _path(keys) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in keys)
+
+
+def param_paths(params) -> Any:
+    """A tree like `params` whose leaves are their '/'-joined paths (for patterns and masks)."""
+    return jax.tree_util.tree_map_with_path(lambda p, _: _path(p), params)
+
+
+def decay_mask(params) -> Any:
+    """Weight decay on kernels only: not on biases, norm scales or PReLU slopes (ndim <= 1)."""
+    return jax.tree.map(lambda x: x.ndim > 1, params)
+
+
+def _base(cfg: Mapping[str, Any], lr: optax.Schedule, params) -> optax.GradientTransformation:
+    name, wd = cfg.get("name", "adam"), cfg.get("weight_decay", 0.0)
+    mask = decay_mask(params)
+    if name == "adamw":
+        return optax.adamw(lr, b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999), weight_decay=wd,
+                           mask=mask)
+    # Adam and SGD take PyTorch's L2 form of weight decay: added to the gradient.
+    l2 = [optax.add_decayed_weights(wd, mask)] if wd else []
+    if name == "adam":
+        return optax.chain(*l2, optax.adam(lr, b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999)))
+    if name == "sgd":
+        return optax.chain(*l2, optax.sgd(lr, momentum=cfg.get("momentum", 0.9),
+                                          nesterov=cfg.get("nesterov", False)))
+    raise KeyError(f"unknown optimizer {name!r}; expected adam, adamw, sgd")
+
+
+def frozen_labels(params, patterns: Sequence[str]) -> Any:
+    """'frozen' for parameters whose path matches any regex in `patterns`, else 'train'."""
+    compiled = [re.compile(p) for p in patterns]
+    return jax.tree.map(lambda path: "frozen" if any(c.search(path) for c in compiled)
+                        else "train", param_paths(params))
+
+
+def build(cfg: Mapping[str, Any], params, total_steps: int
+          ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """(optimizer, learning-rate schedule) for `params` from the config's optim block."""
+    lr = schedule(cfg, total_steps)
+    tx = _base(cfg, lr, params)
+    if cfg.get("grad_clip"):
+        tx = optax.chain(optax.clip_by_global_norm(cfg["grad_clip"]), tx)
+    patterns = list(cfg.get("freeze", ()) or ())
+    if patterns:
+        labels = frozen_labels(params, patterns)
+        if "train" not in jax.tree.leaves(labels):
+            raise ValueError(f"freeze patterns {patterns} freeze every parameter")
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+    return tx, lr

@@ -1,0 +1,84 @@
+"""Defaults shared by every experiment config; the experiment files override what differs."""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.task = "va"
+    c.seed = 0
+    c.image_size = 112
+    c.total_steps = 300
+    c.batch_size = 32  # global: split over all devices of all processes
+    c.eval_batch_size = 64
+    c.log_every_steps = 25
+    c.eval_every_steps = 100
+    c.checkpoint_every_steps = 100
+    c.keep_checkpoints = 3
+    c.compute_dtype = "float32"  # bfloat16 on GPU/TPU halves activation memory
+    c.init_from = config_dict.placeholder(str)  # a `python -m abaw_jax.convert` output folder
+
+    c.model = ml_collections.ConfigDict({"name": "ddamfn_tiny", "num_head": 2})
+
+    c.data = ml_collections.ConfigDict()
+    c.data.root = config_dict.placeholder(str)  # Aff-Wild2 tree (prepared once into the cache)
+    c.data.records = config_dict.placeholder(str)  # or an already prepared records folder
+    c.data.strict = False  # multi-task: drop frames with any invalid task
+    c.data.format = "tfrecord"
+    c.data.train_split = "train"
+    c.data.eval_split = "validation"
+    # Without root/records: the synthetic Aff-Wild2 (SyntheticSpec fields), cached.
+    c.data.synthetic = ml_collections.ConfigDict(
+        {"num_videos": 24, "frames_per_video": 300, "seed": 0})
+    c.data.loader = ml_collections.ConfigDict(
+        {"num_workers": 0, "read_threads": 1, "worker_buffer": 2})
+
+    # DDAMFN's RAF-DB augmentation (see abaw_jax/data/augment.py for every key).
+    c.augment = ml_collections.ConfigDict({"flip": 0.5, "affine_prob": 0.5, "rotate": 5.0,
+                                           "crop_padding": 8, "erase_prob": 0.5})
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = "adam"  # adam | adamw | sgd
+    c.optim.lr = 1e-3
+    c.optim.schedule = "cosine"  # cosine | step | exponential | constant
+    c.optim.warmup_steps = 20
+    c.optim.weight_decay = 0.0
+    c.optim.grad_clip = 0.0  # global-norm clipping; 0 = off
+    c.optim.freeze = []  # regexes over parameter paths, e.g. ["^features/"]
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.head_weight = 0.1  # DDAMFN attention-head diversity loss
+    c.loss.class_weights = config_dict.placeholder(list)  # EXPR cross-entropy weights
+    c.loss.pos_weight = config_dict.placeholder(list)  # AU BCE positive weights
+    return c
+
+
+def experiment(task: str, arg: str = "") -> ml_collections.ConfigDict:
+    """The config of one task; arg "real" switches to the papers' real-data settings."""
+    c = get_config()
+    c.task = task
+    if arg == "real":
+        real_data(c)
+    elif arg:
+        raise ValueError(f"unknown config variant {arg!r}; expected '' or 'real'")
+    return c
+
+
+def real_data(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The papers' scale: full DDAMFN, Adam 1e-4 with exponential decay, batch 256, several
+    workers per host. Point it at the data with --config.data.root (or data.records)."""
+    c.model.name = "ddamfn"
+    c.total_steps = 30_000
+    c.batch_size = 256
+    c.eval_batch_size = 512
+    c.log_every_steps = 100
+    c.eval_every_steps = 2_000
+    c.checkpoint_every_steps = 1_000
+    c.optim.lr = 1e-4
+    c.optim.schedule = "exponential"
+    c.optim.decay = 0.9
+    c.optim.decay_steps = 3_000
+    c.optim.warmup_steps = 500
+    c.data.loader.num_workers = 8
+    return c
