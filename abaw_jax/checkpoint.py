@@ -31,8 +31,10 @@ class Checkpoints:
             policies.LatestN(n=keep),
             policies.BestN(get_metric_fn=_score, n=1, keep_checkpoints_without_metrics=False),
         ])
+        # best_fn is what makes Orbax store each step's metrics next to it.
         options = ocp.CheckpointManagerOptions(
-            preservation_policy=policy, enable_async_checkpointing=async_save,
+            preservation_policy=policy, best_fn=_score, best_mode="max",
+            enable_async_checkpointing=async_save,
             create=not read_only, read_only=read_only)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -41,7 +43,9 @@ class Checkpoints:
         items = {"state": ocp.args.StandardSave(state)}
         if data is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data)
-        self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+        # {} rather than None: a checkpoint without an evaluation ranks last for "best".
+        self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics or {},
+                          force=True)
 
     def steps(self) -> list[int]:
         return list(self.manager.all_steps())

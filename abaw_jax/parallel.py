@@ -18,14 +18,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 DATA = "data"
 
 
-def make_mesh() -> Mesh:
-    """All devices of all processes on one "data" axis.
+def make_mesh(devices=None) -> Mesh:
+    """All devices of all processes (or the given ones) on one "data" axis.
 
     Auto axis types: the compiler propagates shardings (jax.make_mesh defaults to Explicit,
     which would make every batch reduction, BatchNorm's included, spell out its sharding).
     """
-    return jax.make_mesh((jax.device_count(),), (DATA,),
-                         axis_types=(jax.sharding.AxisType.Auto,))
+    devices = jax.devices() if devices is None else list(devices)
+    return jax.make_mesh((len(devices),), (DATA,), axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=devices)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -134,7 +134,7 @@ def make_train_step(config: ml_collections.ConfigDict, setup: Setup, sharding) -
             state.params, state.rest)
         updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        stats = {"loss": loss, **parts, "grad_norm": optax.global_norm(grads),
+        stats = {"loss": loss, **parts, "grad_norm": optax.tree.norm(grads),
                  "learning_rate": setup.schedule(state.step)}
         return state.replace(step=state.step + 1, params=params, rest=rest,
                              opt_state=opt_state), stats

@@ -1,0 +1,108 @@
+"""The trainer end to end on the tiny DDAMFN: train, evaluate, checkpoint, resume, shard."""
+
+import json
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from abaw_jax import checkpoint, evaluate, parallel, train
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "configs"))
+import common  # noqa: E402
+
+
+def tiny_config(records, task="va", **overrides):
+    c = common.experiment(task)
+    c.data.records = str(records)
+    c.total_steps = 4
+    c.batch_size = 8
+    c.eval_batch_size = 16
+    c.log_every_steps = 2
+    c.eval_every_steps = 2
+    c.checkpoint_every_steps = 2
+    for key, value in overrides.items():
+        target = c
+        *path, last = key.split(".")
+        for p in path:
+            target = target[p]
+        target[last] = value
+    return c
+
+
+def test_train_checkpoint_resume_and_eval(tiny_records, tmp_path):
+    workdir = tmp_path / "run"
+    metrics = train.train_and_evaluate(tiny_config(tiny_records), workdir)
+    assert set(metrics) >= {"va/ccc_valence", "va/ccc_arousal", "va/ccc_mean", "score"}
+    assert metrics["va/frames"] == len(evaluate.records.RecordSource(tiny_records, "validation"))
+    ckpt = checkpoint.Checkpoints(workdir / "checkpoints", read_only=True)
+    assert ckpt.steps() == [2, 4] and ckpt.metrics(4)["score"] == pytest.approx(metrics["score"])
+    ckpt.close()
+    assert list(workdir.glob("events.out.tfevents.*"))  # TensorBoard
+    # A longer run on the same workdir resumes at step 4 and continues to 6.
+    more = train.train_and_evaluate(tiny_config(tiny_records, total_steps=6), workdir)
+    ckpt = checkpoint.Checkpoints(workdir / "checkpoints", read_only=True)
+    assert 6 in ckpt.steps() and more["va/frames"] == metrics["va/frames"]
+    ckpt.close()
+    # --mode=eval: restores, writes metrics.json, ABAW per-video files and the VA plot.
+    result = evaluate.run(tiny_config(tiny_records, total_steps=6), workdir, "latest")
+    out = workdir / "eval" / "validation-step6"
+    assert json.loads((out / "metrics.json").read_text())["score"] == pytest.approx(
+        result["score"])
+    files = sorted((out / "predictions" / "va").glob("*.txt"))
+    lengths = evaluate.records.read_video_frames(tiny_records, "validation")
+    assert len(files) == len(lengths)
+    for f in files:
+        lines = f.read_text().splitlines()
+        assert lines[0] == "image_location,valence,arousal"
+        assert len(lines) == 1 + lengths[f.stem]  # every frame, crops or not
+    assert (out / "va_over_time.png").stat().st_size > 10_000
+
+
+def _steps(config, mesh, batches):
+    setup = train.make_setup(config, mesh)
+    state = train.init_state(config, setup)
+    step = train.make_train_step(config, setup, train.state_sharding(setup, state))
+    for b in batches:
+        state, _ = step(state, parallel.to_global(b, mesh))
+    return jax.device_get(state.params)
+
+
+def test_one_device_and_eight_devices_agree(tiny_records):
+    assert jax.device_count() == 8, "conftest asks XLA for 8 CPU devices"
+    # SGD: its update is linear in the gradient (Adam divides by sqrt(v) and turns the float
+    # summation-order noise of near-zero gradients into full-size steps), and no head-diversity
+    # loss (its 1 / MSE of nearly equal fresh heads amplifies that noise ~10x per step).
+    config = tiny_config(tiny_records, **{"optim.name": "sgd", "optim.lr": 0.01,
+                                          "optim.warmup_steps": 0, "loss.head_weight": 0.0})
+    rng = np.random.default_rng(0)
+    batches = [{"image": rng.integers(0, 255, (8, 112, 112, 3), dtype=np.uint8),
+                "va": rng.uniform(-1, 1, (8, 2)).astype(np.float32),
+                "expr": np.zeros(8, np.int32), "au": np.zeros((8, 12), np.int32),
+                "va_mask": np.ones(8, bool), "expr_mask": np.zeros(8, bool),
+                "au_mask": np.zeros(8, bool)} for _ in range(3)]
+    one = _steps(config, parallel.make_mesh(jax.devices()[:1]), batches)
+    eight = _steps(config, parallel.make_mesh(), batches)
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(eight), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_records, tmp_path,
+                                                           monkeypatch):
+    task = train.tasks.get("va")
+    original = task.loss
+
+    def poisoned(out, batch, opts):
+        loss, parts = original(out, batch, opts)
+        return loss + jax.numpy.where(batch["index"][0] >= 0, np.nan, 0.0), parts
+
+    workdir = tmp_path / "nan"
+    train.train_and_evaluate(tiny_config(tiny_records, total_steps=2), workdir)
+    monkeypatch.setattr(type(task), "loss", lambda self, *a: poisoned(*a))
+    with pytest.raises(train.NonFiniteLossError, match=r"loss is nan at step 4.*step 2"):
+        train.train_and_evaluate(tiny_config(tiny_records), workdir)
+    ckpt = checkpoint.Checkpoints(workdir / "checkpoints", read_only=True)
+    assert ckpt.steps() == [2]
+    ckpt.close()
