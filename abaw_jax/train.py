@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -160,6 +161,11 @@ def _write_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
 
+def _jsonable(metrics: Mapping[str, Any]) -> dict:
+    """Metrics as stored next to a checkpoint (AU thresholds included)."""
+    return json.loads(json.dumps(metrics, default=float))
+
+
 def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
 
@@ -214,7 +220,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                     metrics = evaluator(state.params, state.rest)
                 writer.write_scalars(step, {f"val/{k}": v for k, v in _scalars(metrics).items()})
                 _check_finite(stats, step, ckpt)
-                ckpt.save(step, state, stream, metrics=_scalars(metrics))
+                ckpt.save(step, state, stream, metrics=_jsonable(metrics))
             elif step % config.checkpoint_every_steps == 0:
                 _check_finite(stats, step, ckpt)
                 ckpt.save(step, state, stream)

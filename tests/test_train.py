@@ -4,11 +4,13 @@ import json
 import sys
 from pathlib import Path
 
+import cv2
 import jax
 import numpy as np
 import pytest
 
-from abaw_jax import checkpoint, evaluate, parallel, train
+from abaw_jax import checkpoint, evaluate, inference, parallel, train
+from abaw_jax.data import augment
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "configs"))
 import common  # noqa: E402
@@ -59,6 +61,19 @@ def test_train_checkpoint_resume_and_eval(tiny_records, tmp_path):
         assert lines[0] == "image_location,valence,arousal"
         assert len(lines) == 1 + lengths[f.stem]  # every frame, crops or not
     assert (out / "va_over_time.png").stat().st_size > 10_000
+    # inference.load gives the same outputs from raw crops of any size.
+    predict = inference.load(workdir, "latest")
+    source = evaluate.records.RecordSource(tiny_records, "validation")
+    examples = [source[i] for i in (0, 5, 9)]
+    faces = np.stack([cv2.resize(augment.decode(ex["image"]), (100, 100)) for ex in examples])
+    got = predict(faces, features=True)
+    assert got["va"].shape == (3, 2) and got["features"].shape[:3] == (3, 7, 7)
+    full = predict(np.stack([augment.resize(augment.decode(ex["image"]), 112)
+                             for ex in examples]))
+    for ex, va in zip(examples, full["va"], strict=True):
+        line = (out / "predictions/va" / f"{ex['video']}.txt").read_text().splitlines()[
+            int(ex["frame"])]
+        np.testing.assert_allclose([float(x) for x in line.split(",")[1:]], va, atol=2e-4)
 
 
 def _steps(config, mesh, batches):
