@@ -1,0 +1,478 @@
+"""DDAMFN: parity with an independent PyTorch reference through the converter, converter errors,
+depthwise conv implementations, and a jitted train step of the tiny variant.
+
+NNX models are built abstractly (nnx.eval_shape) and filled from a conversion or with random
+numbers: concrete initialisation costs one XLA compile per parameter shape (~20 s on 2 cores).
+"""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from torch import nn
+
+from abaw_jax import convert, models
+from abaw_jax.convert import ddamfn as conv
+from abaw_jax.models import ddamfn, layers
+
+KEYS_FILE = Path(__file__).resolve().parents[2] / "shared/specs/ddamfn_state_dict_keys.txt"
+TOL = 1e-4  # max abs error relative to the reference's max abs value
+
+# --- Independent PyTorch reference (shared/specs/ddamfn.md), NCHW --------------------------------
+
+# The spec's stage table: (width, (G, kernels, splits) of the stride-2 block, residual blocks,
+# (G, kernels, splits) of the residual blocks).
+OFFICIAL_TABLE = (64, 512, [
+    (64, (128, [3, 5, 7], [64, 32, 32]), 9, (128, [3, 5], [96, 32])),
+    (128, (256, [3, 5, 7], [128, 64, 64]), 16, (256, [3, 5], [192, 64])),
+    (256, (1024, [3, 5, 7, 9], [256] * 4), 6, (512, [3, 5, 7], [172, 170, 170])),
+])
+
+
+def _table(trunk: ddamfn.Trunk):
+    def mix(m):
+        return m.groups, list(m.kernels), list(m.splits)
+    return trunk.stem, trunk.width, [(lv.width, mix(lv.down), lv.blocks, mix(lv.residual))
+                                     for lv in trunk.levels]
+
+
+def h_swish(x):
+    return x * F.relu6(x + 3) / 6
+
+
+class RefBlock(nn.Module):
+    """conv -> BN (-> PReLU when act): the reference's Conv_block / Linear_block."""
+
+    def __init__(self, cin, cout, kernel=1, stride=1, padding=0, groups=1, act=True):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel, stride, padding, groups=groups, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+        self.act = act
+        if act:
+            self.prelu = nn.PReLU(cout)
+
+    def forward(self, x):
+        x = self.bn(self.conv(x))
+        return self.prelu(x) if self.act else x
+
+
+class RefCoordTail(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        mip = max(8, c // 32)
+        self.conv1 = nn.Conv2d(c, mip, 1)
+        self.bn1 = nn.BatchNorm2d(mip)
+        self.conv2 = nn.Conv2d(mip, c, 1)
+        self.conv3 = nn.Conv2d(mip, c, 1)
+
+    def maps(self, x_h, x_w):  # (n, c, h, 1), (n, c, 1, w)
+        h = x_h.shape[2]
+        y = h_swish(self.bn1(self.conv1(torch.cat([x_h, x_w.permute(0, 1, 3, 2)], dim=2))))
+        y_h, y_w = torch.split(y, [h, y.shape[2] - h], dim=2)
+        return self.conv2(y_h).sigmoid(), self.conv3(y_w.permute(0, 1, 3, 2)).sigmoid()
+
+
+class RefCA(RefCoordTail):
+    def forward(self, x):
+        a_h, a_w = self.maps(x.mean(3, keepdim=True), x.mean(2, keepdim=True))
+        return x * a_w * a_h
+
+
+class RefMDConv(nn.Module):
+    def __init__(self, c, kernels, splits, stride):
+        super().__init__()
+        self.splits = splits
+        self.mixed_depthwise_conv = nn.ModuleList(
+            nn.Conv2d(s, s, k, stride, k // 2, groups=s, bias=False)
+            for k, s in zip(kernels, splits, strict=True))
+        self.bn = nn.BatchNorm2d(c)  # never applied
+        self.prelu = nn.PReLU(c)  # never applied
+
+    def forward(self, x):
+        parts = torch.split(x, self.splits, dim=1)
+        return torch.cat([f(p) for f, p in zip(self.mixed_depthwise_conv, parts, strict=True)], 1)
+
+
+class RefMix(nn.Module):
+    def __init__(self, cin, cout, mix, stride, residual):
+        super().__init__()
+        groups, kernels, splits = mix
+        self.conv = RefBlock(cin, groups)
+        self.conv_dw = RefMDConv(groups, kernels, splits, stride)
+        self.CA = RefCA(groups)
+        self.project = RefBlock(groups, cout, act=False)
+        self.residual = residual
+
+    def forward(self, x):
+        y = self.project(self.CA(self.conv_dw(self.conv(x))))
+        return x + y if self.residual else y
+
+
+class RefResidual(nn.Module):
+    def __init__(self, c, mix, blocks):
+        super().__init__()
+        self.model = nn.Sequential(*[RefMix(c, c, mix, 1, True) for _ in range(blocks)])
+
+    def forward(self, x):
+        return self.model(x)
+
+
+class RefHeadAtt(RefCoordTail):
+    def __init__(self, c, s):
+        super().__init__(c)
+        self.Linear_h = RefBlock(c, c, (1, s), groups=c, act=False)
+        self.Linear_w = RefBlock(c, c, (s, 1), groups=c, act=False)
+        self.Linear = RefBlock(c, c, s, groups=c, act=False)  # never applied
+
+    def forward(self, x):
+        a_h, a_w = self.maps(self.Linear_h(x), self.Linear_w(x))
+        return a_w.expand_as(x) * a_h.expand_as(x)
+
+
+class RefHead(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.CoordAtt = RefHeadAtt(c, 7)
+
+    def forward(self, x):
+        return self.CoordAtt(x)
+
+
+class RefDDAMNet(nn.Module):
+    def __init__(self, table=OFFICIAL_TABLE, num_class=8, num_head=2):
+        super().__init__()
+        stem, width, levels = table
+        feats = [RefBlock(3, stem, 3, 2, 1), RefBlock(stem, stem, 3, 1, 1, groups=stem)]
+        c = stem
+        for out, down, blocks, res in levels:
+            feats += [RefMix(c, out, down, 2, False), RefResidual(out, res, blocks)]
+            c = out
+        feats.append(RefBlock(c, width))
+        self.features = nn.Sequential(*feats)
+        self.num_head = num_head
+        for i in range(num_head):
+            setattr(self, f"cat_head{i}", RefHead(width))
+        self.Linear = RefBlock(width, width, 7, groups=width, act=False)
+        self.fc = nn.Linear(width, num_class)
+        self.bn = nn.BatchNorm1d(num_class)  # never applied
+
+    def forward(self, x):
+        x = self.features(x)
+        heads = [getattr(self, f"cat_head{i}")(x) for i in range(self.num_head)]
+        y = heads[0]
+        for h in heads[1:]:
+            y = torch.max(y, h)
+        embedding = self.Linear(x * y).flatten(1)
+        return self.fc(embedding), x, heads, embedding
+
+
+def _reference(table, seed):
+    """Eval-mode reference with random BatchNorm affine + statistics and PReLU slopes."""
+    torch.manual_seed(seed)
+    ref = RefDDAMNet(table)
+    with torch.no_grad():
+        for m in ref.modules():
+            if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+            elif isinstance(m, nn.PReLU):
+                m.weight.uniform_(0.0, 0.5)
+    return ref.eval()
+
+
+# --- Fixtures ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def official_keys():
+    if not KEYS_FILE.exists():
+        pytest.skip(f"reference key list not found: {KEYS_FILE}")
+    rows = [line.split("\t") for line in KEYS_FILE.read_text().splitlines()
+            if line and not line.startswith("#")]
+    return {k: tuple(int(d) for d in shape.strip("()").split(",") if d) for k, shape in rows}
+
+
+@pytest.fixture(scope="module")
+def ref_full():
+    return _reference(OFFICIAL_TABLE, seed=0)
+
+
+@pytest.fixture(scope="module")
+def ref_tiny():
+    return _reference(_table(ddamfn.TINY_TRUNK), seed=1)
+
+
+@pytest.fixture(scope="module")
+def full_state_dict(ref_full):
+    return {k: v.numpy() for k, v in ref_full.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def images():
+    return np.random.default_rng(0).normal(size=(2, 112, 112, 3)).astype(np.float32)
+
+
+def _checkpoint(path, ref, wrap=True, prefix=""):
+    sd = {prefix + k: v for k, v in ref.state_dict().items()}
+    torch.save({"iter": 0, "model_state_dict": sd, "optimizer_state_dict": {}} if wrap else sd,
+               path)
+    return path
+
+
+def _cli_convert(tmp_path_factory, ref, *flags):
+    tmp = tmp_path_factory.mktemp("ddamfn")
+    ckpt = _checkpoint(tmp / "ref.pth", ref)
+    assert convert.main(["ddamfn", f"--checkpoint={ckpt}", f"--out={tmp / 'out'}", *flags]) == 0
+    return tmp / "out"
+
+
+@pytest.fixture(scope="module")
+def converted_full(tmp_path_factory, ref_full):
+    return _cli_convert(tmp_path_factory, ref_full, "--keep_fc")
+
+
+@pytest.fixture(scope="module")
+def converted_tiny(tmp_path_factory, ref_tiny):
+    return _cli_convert(tmp_path_factory, ref_tiny, "--keep_fc", "--model=ddamfn_tiny")
+
+
+def _abstract(name, **kwargs):
+    return nnx.eval_shape(lambda: models.build(name, **kwargs))
+
+
+def _random_model(name, seed=0, **kwargs):
+    """A concrete model with random variables, without compiling any initialiser."""
+    model = _abstract(name, **kwargs)
+    rng = np.random.default_rng(seed)
+    state = nnx.state(model)
+    pure = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.1, s.shape), s.dtype),
+                        nnx.to_pure_dict(state))
+    nnx.replace_by_pure_dict(state, pure)
+    nnx.update(model, state)
+    return model
+
+
+def _loaded(name, directory, **kwargs):
+    model = _abstract(name, **kwargs)
+    conv.load_into(model, directory)
+    return model
+
+
+def _torch_outputs(ref, images):
+    with torch.no_grad():
+        logits, feats, heads, emb = ref(torch.from_numpy(images).permute(0, 3, 1, 2))
+    nhwc = lambda t: t.permute(0, 2, 3, 1).numpy()  # noqa: E731
+    return {"logits": logits.numpy(), "features": nhwc(feats), "embedding": emb.numpy(),
+            "heads": [nhwc(h) for h in heads]}
+
+
+def _assert_close(ours, ref, name):
+    ours, ref = np.asarray(ours), np.asarray(ref)
+    assert ours.shape == ref.shape, name
+    err = np.abs(ours - ref).max() / max(np.abs(ref).max(), 1e-6)
+    assert err < TOL, f"{name}: relative max error {err:.2e}"
+
+
+def _compare(model, ref, images):
+    model.eval()
+    out = nnx.jit(lambda m, x: m(x))(model, jnp.asarray(images))
+    expected = _torch_outputs(ref, images)
+    for name in ("logits", "features", "embedding"):
+        _assert_close(out[name], expected[name], name)
+    assert len(out["heads"]) == len(expected["heads"])
+    for i, (ours, theirs) in enumerate(zip(out["heads"], expected["heads"], strict=True)):
+        _assert_close(ours, theirs, f"head {i}")
+
+
+# --- Reference and parity ------------------------------------------------------------------------
+
+def test_reference_matches_official_state_dict(official_keys, full_state_dict):
+    assert {k: v.shape for k, v in full_state_dict.items()} == official_keys
+
+
+@pytest.fixture(scope="module")
+def full_model(converted_full):
+    return _loaded("ddamfn", converted_full)
+
+
+def test_full_model_matches_reference(full_model, ref_full, images):
+    _compare(full_model, ref_full, images)
+
+
+def test_tiny_model_matches_reference(converted_tiny, ref_tiny, images):
+    _compare(_loaded("ddamfn_tiny", converted_tiny), ref_tiny, images)
+
+
+def test_used_parameter_count(full_model):
+    params = nnx.state(full_model, nnx.Param)
+    assert 4.0e6 < sum(p.size for p in jax.tree.leaves(params)) < 4.2e6  # spec: about 4.1M
+
+
+# --- Converter -----------------------------------------------------------------------------------
+
+def test_cli_writes_state_and_meta(converted_full, capsys, tmp_path, ref_full):
+    meta = json.loads((converted_full / "meta.json").read_text())
+    assert meta["family"] == "ddamfn" and meta["model"] == "ddamfn" and meta["num_head"] == 2
+    assert meta["outputs"] == {"logits": 8} and meta["source"].endswith("ref.pth")
+    assert "fc.weight" not in meta["unused_keys"]
+    ckpt = _checkpoint(tmp_path / "ref.pth", ref_full)
+    assert convert.main(["ddamfn", f"--checkpoint={ckpt}", f"--out={tmp_path / 'o'}"]) == 0
+    printed = capsys.readouterr().out
+    meta = json.loads((tmp_path / "o/meta.json").read_text())
+    assert meta["outputs"] == {} and "fc.weight" in meta["unused_keys"]
+    assert all(f"  {k}\n" in printed for k in meta["unused_keys"])
+    assert convert.main(["ddamfn", f"--checkpoint={ckpt}", f"--out={tmp_path / 'o'}"]) == 1
+
+
+def test_unused_keys_are_the_never_applied_parts(full_state_dict):
+    state, unused = conv.convert_state_dict(full_state_dict)
+    assert len(jax.tree.leaves(state)) + len(unused) == len(full_state_dict)
+    for key in ("fc.weight", "fc.bias", "bn.running_var", "features.2.conv_dw.bn.weight",
+                "features.7.model.5.conv_dw.prelu.weight", "cat_head1.CoordAtt.Linear.conv.weight",
+                "features.0.bn.num_batches_tracked"):
+        assert key in unused
+    assert all(k.startswith(("fc.", "bn.")) or ".conv_dw.bn." in k or ".conv_dw.prelu." in k
+               or ".CoordAtt.Linear." in k or k.endswith("num_batches_tracked") for k in unused)
+
+
+def test_missing_key_is_named(full_state_dict):
+    sd = dict(full_state_dict)
+    del sd["features.5.model.3.CA.conv2.bias"]
+    with pytest.raises(KeyError, match=r"features\.5\.model\.3\.CA\.conv2\.bias"):
+        conv.convert_state_dict(sd)
+
+
+def test_misshaped_key_is_named(full_state_dict):
+    sd = dict(full_state_dict, **{"cat_head1.CoordAtt.conv1.weight": np.zeros((8, 512, 1, 1))})
+    with pytest.raises(ValueError, match=r"cat_head1\.CoordAtt\.conv1\.weight.*\(8, 512, 1, 1\)"
+                                         r".*\(16, 512, 1, 1\)"):
+        conv.convert_state_dict(sd)
+
+
+def test_keys_of_another_architecture_are_an_error(full_state_dict):
+    sd = dict(full_state_dict, **{"cat_head2.CoordAtt.conv1.bias": np.zeros(16)})
+    with pytest.raises(ValueError, match=r"cat_head2\.CoordAtt\.conv1\.bias"):
+        conv.convert_state_dict(sd, num_head=2)
+
+
+@pytest.mark.parametrize("wrap,prefix", [(False, ""), (True, "module."), (False, "module.")])
+def test_bare_and_dataparallel_checkpoints(tmp_path, ref_full, full_state_dict, wrap, prefix):
+    sd = conv.read_checkpoint(_checkpoint(tmp_path / "x.pth", ref_full, wrap, prefix))
+    state, unused = conv.convert_state_dict(sd, keep_fc=True)
+    expected, _ = conv.convert_state_dict(full_state_dict, keep_fc=True)
+    jax.tree.map(np.testing.assert_array_equal, state, expected)
+    assert "bn.weight" in unused  # reported without the prefix
+
+
+def test_load_into_keeps_new_task_layers(converted_tiny, ref_tiny):
+    model = _random_model("ddamfn_tiny", outputs={"va": 2, "expr": 8})
+    va_before = np.asarray(model.tasks["va"].kernel[...])
+    assert conv.load_into(model, converted_tiny) == []
+    np.testing.assert_array_equal(model.tasks["va"].kernel[...], va_before)
+    sd = ref_tiny.state_dict()
+    np.testing.assert_array_equal(model.features[7].model[0].CA.conv1.bias[...],
+                                  sd["features.7.model.0.CA.conv1.bias"].numpy())
+    np.testing.assert_array_equal(model.heads[1].bn1.var[...],
+                                  sd["cat_head1.CoordAtt.bn1.running_var"].numpy())
+
+
+def test_load_into_mismatches_name_the_path(converted_tiny):
+    narrow = dataclasses.replace(ddamfn.TINY_TRUNK, stem=8)
+    with pytest.raises(ValueError, match=r"features\.0\.bn\.bias.*\(16,\).*\(8,\)"):
+        conv.load_into(nnx.eval_shape(lambda: ddamfn.DDAMFN(trunk=narrow)), converted_tiny)
+    with pytest.raises(ValueError, match=r"tasks\.logits\.(kernel|bias)"):
+        conv.load_into(_abstract("ddamfn_tiny", outputs={"logits": 7}), converted_tiny)
+    with pytest.raises(KeyError, match=r"heads\.1\."):
+        conv.load_into(_abstract("ddamfn_tiny", num_head=1), converted_tiny)
+
+
+def test_registry():
+    assert {"ddamfn", "ddamfn_tiny"} <= set(models.MODELS)
+    with pytest.raises(KeyError, match="ddamfn_tiny"):
+        models.build("ddamfn_huge")
+    with pytest.raises(ValueError, match="reserved"):
+        _abstract("ddamfn_tiny", outputs={"embedding": 3})
+
+
+# --- Depthwise conv ------------------------------------------------------------------------------
+
+# (input shape, kernel (kh, kw), padding (ph, pw)): MixConv-style k // 2 padding, non-square
+# kernels, and the heads' / GDConv's valid convs over a whole 7x7 map.
+CASES = [((2, 13, 11, 5), (3, 3), (1, 1)), ((2, 12, 12, 4), (5, 5), (2, 2)),
+         ((1, 14, 9, 3), (7, 7), (3, 3)), ((2, 9, 10, 3), (3, 5), (1, 2)),
+         ((2, 7, 7, 6), (1, 7), (0, 0)), ((2, 7, 7, 6), (7, 7), (0, 0))]
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_depthwise_shift_matches_xla(stride):
+    rng = np.random.default_rng(stride)
+    arrays = [(jnp.asarray(rng.normal(size=shape), jnp.float32),
+               jnp.asarray(rng.normal(size=(*k, 1, shape[-1])), jnp.float32))
+              for shape, k, _ in CASES]
+
+    def run(impl):
+        def loss(x, w, padding):
+            y = layers.depthwise_conv(x, w, stride, padding, impl=impl)
+            return jnp.sum(jnp.sin(y)), y
+
+        return jax.jit(lambda arrays: [
+            jax.value_and_grad(loss, (0, 1), has_aux=True)(x, w, padding)
+            for (x, w), (_, _, padding) in zip(arrays, CASES, strict=True)])(arrays)
+
+    for ((_, y_s), g_s), ((_, y_x), g_x) in zip(run("shift"), run("xla"), strict=True):
+        np.testing.assert_allclose(y_s, y_x, atol=1e-5, rtol=1e-5)
+        for a, b in zip(g_s, g_x, strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_depthwise_impl_choice():
+    assert layers.default_depthwise_impl() == ("shift" if jax.default_backend() == "cpu"
+                                               else "xla")
+    with pytest.raises(ValueError, match="impl"):
+        layers.depthwise_conv(jnp.zeros((1, 3, 3, 1)), jnp.zeros((3, 3, 1, 1)), impl="fft")
+
+
+# --- Training ------------------------------------------------------------------------------------
+
+def test_tiny_train_step_on_a_sharded_batch_uses_global_statistics():
+    model = _random_model("ddamfn_tiny", outputs={"va": 2, "expr": 8})
+    model.train()
+    graph, state = nnx.split(model)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(8, 112, 112, 3)), jnp.float32)
+    va, expr = jnp.asarray(rng.uniform(-1, 1, (8, 2)), jnp.float32), jnp.arange(8) % 8
+
+    @jax.jit
+    def step(state, x):
+        model = nnx.merge(graph, state)
+
+        def loss(model):
+            out = model(x)
+            ce = -jnp.take_along_axis(jax.nn.log_softmax(out["expr"]), expr[:, None], 1).mean()
+            return jnp.mean((out["va"] - va) ** 2) + ce
+
+        value, grads = nnx.value_and_grad(loss)(model)
+        params = nnx.state(model, nnx.Param)
+        nnx.update(model, jax.tree.map(lambda p, g: p - 0.01 * g, params, grads))
+        return nnx.state(model), value
+
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    new_state, value = step(state, jax.device_put(x, NamedSharding(mesh, PartitionSpec("data"))))
+    assert np.isfinite(value)
+    before, after = (nnx.to_pure_dict(s) for s in (state, new_state))
+    assert not np.allclose(before["tasks"]["va"]["kernel"], after["tasks"]["va"]["kernel"])
+    # Running statistics move by 0.1 (PyTorch momentum) towards those of the whole batch, not
+    # of one device's shard; nnx keeps the biased variance where PyTorch keeps the unbiased one.
+    y = np.asarray(model.features[0].conv(x)).reshape(-1, 16)
+    bn0, bn1 = before["features"][0]["bn"], after["features"][0]["bn"]
+    np.testing.assert_allclose(bn1["mean"], 0.9 * bn0["mean"] + 0.1 * y.mean(0), atol=1e-5)
+    np.testing.assert_allclose(bn1["var"], 0.9 * bn0["var"] + 0.1 * y.var(0), atol=1e-5)
