@@ -20,6 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.init_from = config_dict.placeholder(str)  # a `python -m abaw_jax.convert` output folder
 
     c.model = ml_collections.ConfigDict({"name": "ddamfn_tiny", "num_head": 2})
+    c.model.depthwise_impl = config_dict.placeholder(str)  # None: per backend; "shift" | "xla"
 
     c.data = ml_collections.ConfigDict()
     c.data.root = config_dict.placeholder(str)  # Aff-Wild2 tree (prepared once into the cache)
