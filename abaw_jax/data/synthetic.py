@@ -1,0 +1,914 @@
+"""Synthetic Aff-Wild2: the real on-disk layout, a learnable planted signal and real-file dirt.
+
+The tree stands in for the licensed dataset in the default training run, the tests and the
+benchmarks (layout: ../shared/specs/affwild2_format.md). Every frame has latent valence/arousal,
+expression and AU labels, and its face crop is rendered from all of them, so any task can be learnt
+from any video. Each challenge's annotation file writes its task's labels with invalid markers
+planted at known rates; the exact planted counts go to manifest.json so tests can check a reader's
+curation against them.
+
+Determinism: each raw video draws from its own SeedSequence([seed, 1, index, track, purpose]) and
+the global choices (pairs, splits, challenge membership, file dirt) from SeedSequence([seed, 0]),
+so a spec writes byte-identical files whatever the number of workers or the order of work.
+
+No jax here: data modules run inside data-loader worker processes.
+
+CLI: python -m abaw_jax.data.synthetic --out=DIR [--videos=24] [--frames=300] [--size=112]
+     [--seed=0] [--noimages] [--noaudio] [--workers=N]
+"""
+
+import copy
+import dataclasses
+import functools
+import itertools
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import time
+import wave
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from absl import app, flags
+from tqdm import tqdm
+
+from abaw_jax.data.affwild2 import (
+    CHALLENGE_DIRS,
+    EXPR_NAMES,
+    MTL_FILES,
+    SPLIT_DIRS,
+    SPLITS,
+    TASKS,
+)
+from abaw_jax.data.affwild2 import HEADERS as _HEADERS
+from abaw_jax.data.affwild2 import MTL_HEADER as _MTL_HEADER
+
+MTL_DIR = CHALLENGE_DIRS["mtl"]
+EXPRESSIONS = EXPR_NAMES
+HEADERS = {task: ",".join(names) for task, names in _HEADERS.items()}
+MTL_HEADER = ",".join(_MTL_HEADER)
+IMAGE_ROOTS = ("cropped_aligned", "cropped_aligned_new")
+INVALID_VA = -5.0
+INVALID_CLASS = -1
+
+# Rates of the dirt that the spec does not expose (shares of annotation files).
+_SPACES_FRACTION = 0.15
+_NO_FINAL_NEWLINE_FRACTION = 0.1
+_TRAILING_BLANK_FRACTION = 0.05
+_ALT_SIZE_FRACTION = 0.1  # videos whose crops have another size, so readers must resize
+_PARTIAL_FRACTION = 0.25  # annotated videos in only one or two challenges
+# Invalid labels come in runs (min, max frames), as in the real files: EXPR has long unlabelled
+# stretches, VA/AU shorter ones. Missing crops are face-detector gaps of 1-10 frames.
+_INVALID_RUNS = {"va": (1, 25), "expr": (5, 60), "au": (1, 25)}
+_MISSING_RUN = (1, 10)
+# Class prior of the expression segments: all 8 present, moderately imbalanced like Aff-Wild2.
+_EXPR_PRIOR = (0.22, 0.07, 0.05, 0.06, 0.2, 0.14, 0.1, 0.16)
+_AU_BASE_RATES = (0.15, 0.1, 0.2, 0.3, 0.4, 0.35, 0.38, 0.08, 0.06, 0.05, 0.5, 0.2)
+_RESOLUTIONS = ((640, 360), (854, 480), (1280, 720), (1920, 1080), (480, 360))
+# Below this many frames to render, starting worker processes costs more than it saves.
+_MIN_POOL_FRAMES = 3000
+_ANNOTATION_ONLY_COST = 1 / 40  # cost of an annotation-only frame relative to a rendered one
+
+# Purposes of the per-video random streams: each has its own, so that e.g. images=False does not
+# change the annotations.
+_META, _LABELS, _DIRT, _MTL_DIRT, _RENDER, _AUDIO = range(6)
+
+# --- Face drawing, in units of the face scale u (fractions of the crop size) around its centre.
+_SKIN_TONES = ((150, 180, 225), (120, 160, 210), (95, 130, 185), (70, 100, 150), (50, 75, 115))
+# Eyebrow offsets (left inner, left outer, right inner, right outer); positive = lower.
+_BROWS = (
+    (0.0, 0.0, 0.0, 0.0),  # Neutral
+    (0.035, -0.02, 0.035, -0.02),  # Anger: V shape
+    (0.025, 0.025, 0.025, 0.025),  # Disgust: lowered
+    (-0.035, 0.0, -0.035, 0.0),  # Fear: inner raised
+    (-0.01, -0.01, -0.01, -0.01),  # Happiness: slightly raised
+    (-0.03, 0.03, -0.03, 0.03),  # Sadness: inner up, outer down
+    (-0.04, -0.04, -0.04, -0.04),  # Surprise: high
+    (-0.03, -0.03, 0.025, 0.025),  # Other: asymmetric
+)
+_CLASS_COLOURS = (
+    (150, 150, 150),
+    (40, 40, 220),
+    (40, 160, 40),
+    (160, 40, 140),
+    (40, 220, 230),
+    (200, 90, 30),
+    (30, 140, 250),
+    (210, 200, 40),
+)
+# Centre(s) of each AU's mark, near the anatomical location and clear of the other features.
+AU_MARKS = (
+    ((0.0, -0.175),),  # AU1 inner brow raiser
+    ((-0.22, -0.225), (0.22, -0.225)),  # AU2 outer brow raiser
+    ((0.0, -0.095),),  # AU4 brow lowerer
+    ((-0.24, 0.06), (0.24, 0.06)),  # AU6 cheek raiser
+    ((-0.13, 0.045), (0.13, 0.045)),  # AU7 lid tightener
+    ((0.0, 0.105),),  # AU10 upper lip raiser
+    ((-0.185, 0.16), (0.185, 0.16)),  # AU12 lip corner puller
+    ((-0.15, 0.29), (0.15, 0.29)),  # AU15 lip corner depressor
+    ((-0.075, 0.29), (0.075, 0.29)),  # AU23 lip tightener
+    ((0.0, 0.29),),  # AU24 lip pressor
+    ((-0.06, 0.355),),  # AU25 lips part
+    ((0.06, 0.355),),  # AU26 jaw drop
+)
+_AU_COLOUR = (110, 30, 30)
+_AU_RADIUS = 0.025
+_FACE_AXES = (0.34, 0.42)
+_FOREHEAD = (0.0, -0.29)
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticSpec:
+    num_videos: int = 24  # raw videos; some become _left/_right pairs (two annotated "videos")
+    frames_per_video: int = 300  # mean; each video's length is drawn in [0.5, 1.5] x this
+    image_size: int = 112  # crop size; about 10 % of the videos use 8/7 of it (128 for 112)
+    seed: int = 0
+    val_fraction: float = 0.25  # share of annotated raw videos in Validation_Set
+    test_fraction: float = 0.1  # share of raw videos that are test videos (crops, no labels)
+    invalid_va_rate: float = 0.02  # share of VA lines written with -5
+    invalid_expr_rate: float = 0.10  # share of EXPR lines written as -1
+    invalid_au_rate: float = 0.03  # share of AU lines with -1 in at least one column
+    missing_crop_rate: float = 0.03  # share of frames without a jpg, in runs of 1-10 frames
+    pair_fraction: float = 0.15  # share of raw videos with two people -> _left, _right
+    second_root_fraction: float = 0.2  # share of videos whose crops go to cropped_aligned_new/
+    crlf_fraction: float = 0.3  # share of annotation files with Windows line endings
+    mtl_stride: int = 5  # s-Aff-Wild2 takes every k-th frame of the MTL videos
+    images: bool = True  # False: annotations only (for big curation benchmarks)
+    audio: bool = True
+    sample_rate: int = 16000
+
+    def invalid_rates(self) -> dict[str, float]:
+        return {
+            "va": self.invalid_va_rate,
+            "expr": self.invalid_expr_rate,
+            "au": self.invalid_au_rate,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class _FileStyle:
+    newline: str = "\n"
+    sep: str = ","
+    tail: str = "\n"  # after the last line: "" (no final newline), newline, or a blank line
+
+
+@dataclasses.dataclass(frozen=True)
+class _Track:
+    """One annotated "video": a raw video, or one person of a two-person raw video."""
+
+    name: str
+    index: int  # 0: the only (or left) person, 1: the right person
+    num_frames: int
+    size: int
+    image_root: str
+    challenges: dict[str, str]  # "va"/"expr"/"au"/"mtl" -> "train" | "validation" | "test"
+    styles: dict[str, _FileStyle]  # per annotated challenge
+
+
+@dataclasses.dataclass(frozen=True)
+class _RawVideo:
+    index: int
+    name: str
+    fps: int
+    width: int
+    height: int
+    tracks: tuple[_Track, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Labels:
+    va: np.ndarray  # (n, 2) float valence, arousal in [-1, 1]
+    expr: np.ndarray  # (n,) int 0..7
+    au: np.ndarray  # (n, 12) int8 0/1
+
+    def rows(self, index: np.ndarray) -> "_Labels":
+        return _Labels(self.va[index], self.expr[index], self.au[index])
+
+
+@dataclasses.dataclass(frozen=True)
+class _Identity:
+    skin: tuple[float, float, float]
+    background: tuple[float, float, float]  # per-channel tint of the arousal-driven background
+    x: float  # face centre, fraction of the crop size
+    y: float
+    scale: float
+
+
+# --------------------------------------------------------------------------------------------
+# Random helpers
+
+
+def _stream(seed: int, raw: int, track: int, purpose: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([seed, 1, raw, track, purpose]))
+
+
+def _count(n: int, rate: float, at_least_one: bool = False) -> int:
+    count = int(n * rate + 0.5)
+    if at_least_one and rate > 0:
+        count = max(count, 1)
+    return min(count, n)
+
+
+def _exact(rng: np.random.Generator, n: int, rate: float, at_least_one: bool = False) -> np.ndarray:
+    """Boolean mask with exactly _count(n, rate) True, at random places."""
+    mask = np.zeros(n, bool)
+    mask[rng.permutation(n)[: _count(n, rate, at_least_one)]] = True
+    return mask
+
+
+def _runs_mask(
+    rng: np.random.Generator,
+    n: int,
+    rate: float,
+    run: tuple[int, int],
+    base: np.ndarray | None = None,
+) -> np.ndarray:
+    """Mask with exactly round(rate * n) True (at least those of base), placed as runs."""
+    mask = np.zeros(n, bool) if base is None else base.copy()
+    target = max(_count(n, rate), int(mask.sum()))
+    covered = int(mask.sum())
+    while covered < target:
+        start = int(rng.integers(0, n))
+        span = np.arange(start, min(n, start + int(rng.integers(run[0], run[1] + 1))))
+        free = span[~mask[span]][: target - covered]
+        mask[free] = True
+        covered += free.size
+    return mask
+
+
+# --------------------------------------------------------------------------------------------
+# Planning: every choice that spans videos, made once in the main process
+
+
+def _raw_meta(spec: SyntheticSpec, index: int) -> tuple[str, int, int, int, tuple[int, int]]:
+    """Name, fps, resolution and the frame counts of both possible people of a raw video."""
+    rng = _stream(spec.seed, index, 0, _META)
+    fps = int(rng.choice((25, 30)))
+    width, height = _RESOLUTIONS[int(rng.integers(len(_RESOLUTIONS)))]
+    low = max(1, math.ceil(0.5 * spec.frames_per_video))
+    num_frames = int(rng.integers(low, max(low, int(1.5 * spec.frames_per_video)) + 1))
+    # The second person usually leaves the shot a little before the end.
+    second = num_frames - int(rng.integers(0, num_frames // 20 + 1))
+    pattern = int(rng.choice(3, p=(0.6, 0.25, 0.15)))
+    number = index + 1
+    name = (f"{number}-{fps}-{width}x{height}", f"video{number}", f"video{number}_1")[pattern]
+    return name, fps, width, height, (num_frames, second)
+
+
+def _raw_splits(rng: np.random.Generator, spec: SyntheticSpec) -> list[str]:
+    n = spec.num_videos
+    n_test = min(_count(n, spec.test_fraction, at_least_one=n >= 3), n - 1)
+    n_annotated = n - n_test
+    n_val = min(
+        _count(n_annotated, spec.val_fraction, at_least_one=n_annotated >= 2), n_annotated - 1
+    )
+    splits = ["train"] * n
+    order = rng.permutation(n)
+    for i in order[:n_test]:
+        splits[i] = "test"
+    for i in order[n_test : n_test + n_val]:
+        splits[i] = "validation"
+    return splits
+
+
+_PARTIAL_SUBSETS = [c for k in (1, 2) for c in itertools.combinations(TASKS, k)]
+
+
+def _memberships(rng: np.random.Generator, splits: list[str]) -> list[dict[str, str]]:
+    """Challenges (and MTL) of each track; the first train and validation track are in all."""
+    annotated = [k for k, split in enumerate(splits) if split != "test"]
+    anchors = {next((k for k in annotated if splits[k] == s), None) for s in SPLITS}
+    candidates = np.array([k for k in annotated if k not in anchors], int)
+    partial = set(candidates[_exact(rng, candidates.size, _PARTIAL_FRACTION)].tolist())
+    memberships = []
+    for k, split in enumerate(splits):
+        if k in partial:
+            subset = _PARTIAL_SUBSETS[int(rng.integers(len(_PARTIAL_SUBSETS)))]
+            memberships.append({task: split for task in subset})
+        else:  # in every challenge, hence in s-Aff-Wild2 too (test videos in every test list)
+            memberships.append({task: split for task in (*TASKS, "mtl")})
+    return memberships
+
+
+def _file_styles(rng: np.random.Generator, n: int, crlf_fraction: float) -> list[_FileStyle]:
+    crlf = _exact(rng, n, crlf_fraction, at_least_one=True)
+    spaces = _exact(rng, n, _SPACES_FRACTION, at_least_one=True)
+    order = rng.permutation(n)
+    no_final = set(order[: _count(n, _NO_FINAL_NEWLINE_FRACTION, True)].tolist())
+    blank = set(order[len(no_final) :][: _count(n, _TRAILING_BLANK_FRACTION, True)].tolist())
+    styles = []
+    for k in range(n):
+        newline = "\r\n" if crlf[k] else "\n"
+        tail = "" if k in no_final else newline * 2 if k in blank else newline
+        styles.append(_FileStyle(newline, ", " if spaces[k] else ",", tail))
+    return styles
+
+
+def _plan(spec: SyntheticSpec) -> tuple[list[_RawVideo], dict[str, _FileStyle]]:
+    rng = np.random.default_rng(np.random.SeedSequence([spec.seed, 0]))
+    metas = [_raw_meta(spec, i) for i in range(spec.num_videos)]
+    raw_splits = _raw_splits(rng, spec)
+    pairs = _exact(rng, spec.num_videos, spec.pair_fraction)
+    keys = [(i, t) for i in range(spec.num_videos) for t in range(2 if pairs[i] else 1)]
+    memberships = _memberships(rng, [raw_splits[i] for i, _ in keys])
+    alt_size = _exact(rng, len(keys), _ALT_SIZE_FRACTION, at_least_one=len(keys) >= 5)
+    second_root = _exact(rng, len(keys), spec.second_root_fraction, at_least_one=True)
+    files = [
+        (k, task) for k, m in enumerate(memberships) for task in TASKS if m.get(task) in SPLITS
+    ]
+    styles: list[dict[str, _FileStyle]] = [{} for _ in keys]
+    file_styles = _file_styles(rng, len(files), spec.crlf_fraction)
+    for (k, task), style in zip(files, file_styles, strict=True):
+        styles[k][task] = style
+    mtl_styles = {
+        s: _FileStyle(newline="\r\n" if rng.random() < spec.crlf_fraction else "\n") for s in SPLITS
+    }
+
+    tracks: list[list[_Track]] = [[] for _ in metas]
+    for k, (i, t) in enumerate(keys):
+        name = metas[i][0] + (("_left", "_right")[t] if pairs[i] else "")
+        size = round(spec.image_size * 8 / 7) if alt_size[k] else spec.image_size
+        root = IMAGE_ROOTS[int(second_root[k])]
+        tracks[i].append(_Track(name, t, metas[i][4][t], size, root, memberships[k], styles[k]))
+    raws = [_RawVideo(i, m[0], m[1], m[2], m[3], tuple(tracks[i])) for i, m in enumerate(metas)]
+    return raws, mtl_styles
+
+
+# --------------------------------------------------------------------------------------------
+# Latent labels and planted dirt
+
+
+def _smooth_trajectory(rng: np.random.Generator, n: int) -> np.ndarray:
+    t = np.arange(n)
+    periods = rng.uniform(40, 600, 3)
+    amplitudes = rng.uniform(0.15, 0.45, 3)
+    phases = rng.uniform(0, 2 * np.pi, 3)
+    waves = amplitudes[:, None] * np.sin(2 * np.pi * t / periods[:, None] + phases[:, None])
+    return np.clip(rng.uniform(-0.3, 0.3) + waves.sum(0), -1, 1)
+
+
+def _expr_segments(rng: np.random.Generator, n: int) -> np.ndarray:
+    lengths = rng.integers(20, 81, n // 20 + 1)
+    classes = rng.choice(len(EXPRESSIONS), lengths.size, p=_EXPR_PRIOR)
+    return np.repeat(classes, lengths)[:n]
+
+
+def _binary_chain(rng: np.random.Generator, n: int, rate: float) -> np.ndarray:
+    """Two-state Markov chain with stationary share `rate` of ones, built from geometric runs."""
+    on_mean = rng.uniform(8, 40)
+    off_mean = on_mean * (1 - rate) / rate
+    pairs = int(n / (on_mean + off_mean)) + 4
+    while True:
+        on = rng.geometric(1 / on_mean, pairs)
+        off = rng.geometric(min(1.0, 1 / off_mean), pairs)
+        if on.sum() + off.sum() >= n:
+            break
+        pairs *= 2
+    first = int(rng.random() < rate)
+    runs = np.stack([on, off] if first else [off, on], 1).ravel()
+    states = np.tile(np.array([first, 1 - first], np.int8), pairs)
+    return np.repeat(states, runs)[:n]
+
+
+def _latent_labels(rng: np.random.Generator, n: int) -> _Labels:
+    va = np.stack([_smooth_trajectory(rng, n), _smooth_trajectory(rng, n)], 1)
+    expr = _expr_segments(rng, n)
+    rates = np.clip(np.array(_AU_BASE_RATES) * rng.uniform(0.7, 1.3, 12), 0.05, 0.5)
+    au = np.stack([_binary_chain(rng, n, r) for r in rates], 1)
+    return _Labels(va, expr, au)
+
+
+def _invalid_masks(
+    rng: np.random.Generator, n: int, spec: SyntheticSpec, base: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
+    rates = spec.invalid_rates()
+    return {task: _runs_mask(rng, n, rates[task], _INVALID_RUNS[task], base) for task in TASKS}
+
+
+def _plant(rng: np.random.Generator, labels: _Labels, invalid: dict[str, np.ndarray]) -> _Labels:
+    """The labels as written: invalid markers where the masks say."""
+    va = labels.va.copy()
+    rows = np.flatnonzero(invalid["va"])
+    mode = rng.choice(3, rows.size, p=(0.6, 0.2, 0.2))  # both, valence only, arousal only
+    va[rows[mode != 2], 0] = INVALID_VA
+    va[rows[mode != 1], 1] = INVALID_VA
+    expr = np.where(invalid["expr"], INVALID_CLASS, labels.expr)
+    au = labels.au.copy()
+    rows = np.flatnonzero(invalid["au"])
+    # Real files mark all twelve columns; a few lines with only some is dirt a reader must catch.
+    columns = rng.random((rows.size, 12)) < 0.3
+    columns[rng.random(rows.size) < 0.8] = True
+    columns[np.arange(rows.size), rng.integers(0, 12, rows.size)] = True
+    au[rows] = np.where(columns, INVALID_CLASS, au[rows])
+    return _Labels(va, expr, au)
+
+
+def _task_counts(invalid: np.ndarray, missing: np.ndarray) -> dict[str, int]:
+    n_invalid = int(invalid.sum())
+    n_missing = int((missing & ~invalid).sum())
+    return {
+        "annotated": int(invalid.size),
+        "invalid": n_invalid,
+        "missing_image": n_missing,
+        "curated": int(invalid.size) - n_invalid - n_missing,
+    }
+
+
+def _mtl_counts(invalid: dict[str, np.ndarray], missing: np.ndarray) -> dict[str, Any]:
+    invalid_all = invalid["va"] & invalid["expr"] & invalid["au"]
+    curated = ~invalid_all & ~missing
+    any_invalid = invalid["va"] | invalid["expr"] | invalid["au"]
+    return {
+        "annotated": int(missing.size),
+        "missing_image": int((missing & ~invalid_all).sum()),
+        "invalid_all": int(invalid_all.sum()),
+        "curated": int(curated.sum()),
+        "strict_curated": int((curated & ~any_invalid).sum()),
+        "valid": {task: int((curated & ~invalid[task]).sum()) for task in TASKS},
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Text formatting: table look-ups instead of per-value formatting, for the 3M-line benchmarks
+
+
+@functools.cache
+def _va_table() -> np.ndarray:
+    values = [f"{k / 1000:.3f}" for k in range(-1000, 1001)]
+    return np.array([*values, "-5"], dtype=object)  # index 2001: the invalid marker
+
+
+@functools.cache
+def _au_table(sep: str) -> np.ndarray:
+    bits = (np.arange(4096)[:, None] >> np.arange(12)) & 1
+    return np.array([sep.join(map(str, row)) for row in bits.tolist()], dtype=object)
+
+
+_EXPR_TABLE = np.array([*map(str, range(len(EXPRESSIONS))), "-1"], dtype=object)
+
+
+def _va_strings(va: np.ndarray, sep: str) -> np.ndarray:
+    index = np.rint(np.clip(va, -1, 1) * 1000).astype(np.int64) + 1000
+    index[va == INVALID_VA] = 2001
+    table = _va_table()
+    return table[index[:, 0]] + sep + table[index[:, 1]]
+
+
+def _expr_strings(expr: np.ndarray) -> np.ndarray:
+    return _EXPR_TABLE[np.where(expr < 0, len(EXPRESSIONS), expr)]
+
+
+def _au_strings(au: np.ndarray, sep: str) -> np.ndarray:
+    valid = (au >= 0).all(1)
+    codes = (np.where(valid[:, None], au, 0).astype(np.int64) << np.arange(12)).sum(1)
+    strings = _au_table(sep)[codes]
+    for row in np.flatnonzero(~valid):  # rare: about invalid_au_rate of the lines
+        strings[row] = sep.join(map(str, au[row].tolist()))
+    return strings
+
+
+def _task_strings(task: str, written: _Labels, sep: str) -> np.ndarray:
+    if task == "va":
+        return _va_strings(written.va, sep)
+    if task == "expr":
+        return _expr_strings(written.expr)
+    return _au_strings(written.au, sep)
+
+
+def _write_text(path: Path, header: str, lines: np.ndarray | list[str], style: _FileStyle) -> None:
+    body = style.newline.join(lines)
+    path.write_bytes(f"{header}{style.newline}{body}{style.tail}".encode("ascii"))
+
+
+def _image_names(name: str, frames: np.ndarray) -> list[str]:
+    return [f"{name}/{f:05d}.jpg" for f in frames.tolist()]
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering
+
+
+def _identity(rng: np.random.Generator) -> _Identity:
+    skin = np.array(_SKIN_TONES[int(rng.integers(len(_SKIN_TONES)))]) + rng.uniform(-12, 12, 3)
+    tint = rng.uniform(0.75, 1.25, 3)
+    x, y = 0.5 + rng.uniform(-0.04, 0.04), 0.52 + rng.uniform(-0.04, 0.04)
+    return _Identity(tuple(skin.tolist()), tuple(tint.tolist()), x, y, rng.uniform(0.85, 1.05))
+
+
+def _draw_class_shape(img: np.ndarray, centre: tuple[int, int], r: int, cls: int) -> None:
+    """A large, class-specific coloured shape on the forehead."""
+    x, y = centre
+    colour = _CLASS_COLOURS[cls]
+    polygons = {
+        1: [(x - r, y - r), (x + r, y - r), (x, y + r)],  # Anger: triangle down
+        2: [(x, y - r), (x + r, y), (x, y + r), (x - r, y)],  # Disgust: diamond
+        5: [(x - r, y + r), (x + r, y + r), (x, y - r)],  # Sadness: triangle up
+    }
+    if cls in polygons:
+        cv2.fillPoly(img, [np.array(polygons[cls], np.int32)], colour)
+    elif cls == 0:  # Neutral: horizontal bar
+        cv2.rectangle(img, (x - r, y - r // 3), (x + r, y + r // 3), colour, -1)
+    elif cls == 3:  # Fear: ring
+        cv2.circle(img, centre, r, colour, max(2, r // 3))
+    elif cls == 4:  # Happiness: disc
+        cv2.circle(img, centre, r, colour, -1)
+    elif cls == 6:  # Surprise: square
+        cv2.rectangle(img, (x - r, y - r), (x + r, y + r), colour, -1)
+    else:  # Other: cross
+        width = max(2, r // 2)
+        cv2.line(img, (x - r, y - r), (x + r, y + r), colour, width)
+        cv2.line(img, (x - r, y + r), (x + r, y - r), colour, width)
+
+
+def _render(
+    size: int,
+    ident: _Identity,
+    va: np.ndarray,
+    expr: int,
+    au: np.ndarray,
+    jitter: np.ndarray,
+) -> np.ndarray:
+    """BGR face: arousal, valence, expression and every active AU each drive their own feature."""
+    valence, arousal = float(va[0]), float(va[1])
+    # Arousal: background brightness and eye openness.
+    img = np.empty((size, size, 3), np.uint8)
+    img[:] = np.clip((128 + 85 * arousal) * np.array(ident.background), 0, 255).astype(np.uint8)
+    u = size * ident.scale
+    cx, cy = size * ident.x + jitter[0], size * ident.y + jitter[1]
+
+    def at(dx: float, dy: float) -> tuple[int, int]:
+        return round(cx + dx * u), round(cy + dy * u)
+
+    # Valence: skin tint (red when positive, blue when negative) and mouth curvature.
+    skin = np.clip(np.array(ident.skin) + valence * np.array((-25.0, 0.0, 25.0)), 0, 255)
+    axes = (round(_FACE_AXES[0] * u), round(_FACE_AXES[1] * u))
+    cv2.ellipse(img, at(0, 0), axes, 0, 0, 360, skin.tolist(), -1, cv2.LINE_AA)
+    line = max(1, round(0.03 * u))
+    openness = 0.012 + 0.033 * (arousal + 1) / 2
+    for side in (-1, 1):
+        eye = at(side * 0.13, -0.04)
+        cv2.ellipse(
+            img, eye, (round(0.06 * u), max(1, round(openness * u))), 0, 0, 360, (235, 235, 235), -1
+        )
+        cv2.circle(img, eye, max(1, round(min(openness, 0.025) * u)), (30, 25, 20), -1)
+    # Expression: eyebrow configuration and a coloured forehead shape.
+    brows = _BROWS[expr]
+    brow_colour = (skin * 0.35).tolist()
+    for side, inner, outer in ((-1, brows[0], brows[1]), (1, brows[2], brows[3])):
+        start, end = at(side * 0.06, -0.13 + inner), at(side * 0.21, -0.13 + outer)
+        cv2.line(img, start, end, brow_colour, line)
+    _draw_class_shape(img, at(*_FOREHEAD), round(0.06 * u), expr)
+    xs = np.linspace(-0.12, 0.12, 9)
+    ys = 0.2 - 0.05 * valence * ((xs / 0.12) ** 2 - 0.5)  # smile: corners above the centre
+    mouth = np.array([at(x, y) for x, y in zip(xs, ys, strict=True)], np.int32)
+    cv2.polylines(img, [mouth], False, (60, 50, 170), line)
+    # AUs: a dark dot (or pair of dots) at each active AU's place.
+    radius = max(2, round(_AU_RADIUS * u))
+    for k in np.flatnonzero(au):
+        for dx, dy in AU_MARKS[k]:
+            cv2.circle(img, at(dx, dy), radius, _AU_COLOUR, -1)
+    return img
+
+
+def _write_images(
+    folder: Path,
+    size: int,
+    labels: _Labels,
+    missing: np.ndarray,
+    ident: _Identity,
+    rng: np.random.Generator,
+) -> None:
+    n = missing.size
+    reach = max(1, round(2 * size / 112))
+    jitter = rng.integers(-reach, reach + 1, (n, 2))
+    # A small bank of Gaussian noise tiles, cropped at random offsets: per-frame noise for the
+    # price of a few draws (fresh sigma-5 noise per frame costs more than drawing the face).
+    margin = 16
+    bank = np.rint(rng.normal(0, 5, (4, size + margin, size + margin, 3))).astype(np.int16)
+    tiles = rng.integers(0, bank.shape[0], n)
+    offsets = rng.integers(0, margin + 1, (n, 2))
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in np.flatnonzero(~missing).tolist():
+        img = _render(size, ident, labels.va[i], int(labels.expr[i]), labels.au[i], jitter[i])
+        oy, ox = offsets[i]
+        noise = bank[tiles[i], oy : oy + size, ox : ox + size]
+        noisy = np.clip(img.astype(np.int16) + noise, 0, 255).astype(np.uint8)
+        ok, jpeg = cv2.imencode(".jpg", noisy, [cv2.IMWRITE_JPEG_QUALITY, 90])
+        if not ok:
+            raise RuntimeError(f"JPEG encoding failed for {folder}/{i + 1:05d}.jpg")
+        jpeg.tofile(folder / f"{i + 1:05d}.jpg")
+
+
+def _write_audio(
+    path: Path, arousal: np.ndarray, fps: int, sample_rate: int, rng: np.random.Generator
+) -> None:
+    """A voiced tone whose pitch and loudness follow arousal, plus a little noise."""
+    samples = round(arousal.size * sample_rate / fps)
+    frame_pos = np.arange(samples) * (fps / sample_rate)
+    a = np.interp(frame_pos, np.arange(arousal.size), arousal)
+    phase = 2 * np.pi * np.cumsum(150 + 60 * a) / sample_rate
+    signal = (0.08 + 0.06 * (a + 1)) * (np.sin(phase) + 0.4 * np.sin(2 * phase))
+    signal += rng.normal(0, 0.01, samples)
+    pcm = np.clip(np.rint(signal * 32767), -32768, 32767).astype("<i2")
+    with wave.open(str(path), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(sample_rate)
+        wav.writeframes(pcm.tobytes())
+
+
+# --------------------------------------------------------------------------------------------
+# Per-video work (runs in pool workers: top-level, picklable arguments)
+
+
+def _mtl_part(
+    spec: SyntheticSpec, raw: _RawVideo, track: _Track, labels: _Labels, missing: np.ndarray
+) -> dict[str, Any]:
+    rows = np.arange(0, track.num_frames, spec.mtl_stride)
+    names = _image_names(track.name, rows + 1)
+    if track.challenges["mtl"] == "test":  # the organisers list the test images that exist
+        return {
+            "lines": [name for name, gone in zip(names, missing[rows], strict=True) if not gone]
+        }
+    rng = _stream(spec.seed, raw.index, track.index, _MTL_DIRT)
+    # Some frames are unlabelled for every task; per-task rates are still the spec's.
+    rate_all = min(spec.invalid_rates().values()) / 2
+    invalid_all = _runs_mask(rng, rows.size, rate_all, (1, 3))
+    invalid = _invalid_masks(rng, rows.size, spec, base=invalid_all)
+    written = _plant(rng, labels.rows(rows), invalid)
+    lines = np.array(names, dtype=object)
+    for task in TASKS:
+        lines = lines + "," + _task_strings(task, written, ",")
+    return {"lines": lines.tolist(), "counts": _mtl_counts(invalid, missing[rows])}
+
+
+def _make_track(
+    spec: SyntheticSpec, out: Path, raw: _RawVideo, track: _Track
+) -> tuple[dict[str, Any], _Labels]:
+    n = track.num_frames
+    labels = _latent_labels(_stream(spec.seed, raw.index, track.index, _LABELS), n)
+    dirt = _stream(spec.seed, raw.index, track.index, _DIRT)
+    missing = _runs_mask(dirt, n, spec.missing_crop_rate, _MISSING_RUN)
+    invalid = _invalid_masks(dirt, n, spec)
+    written = _plant(dirt, labels, invalid)
+    for task, style in track.styles.items():
+        split_dir = out / "annotations" / CHALLENGE_DIRS[task] / SPLIT_DIRS[track.challenges[task]]
+        lines = _task_strings(task, written, style.sep)
+        _write_text(split_dir / f"{track.name}.txt", HEADERS[task], lines, style)
+    render = _stream(spec.seed, raw.index, track.index, _RENDER)
+    ident = _identity(render)
+    if spec.images:
+        folder = out / track.image_root / track.name
+        _write_images(folder, track.size, labels, missing, ident, render)
+    result = {
+        "missing": (np.flatnonzero(missing) + 1).tolist(),
+        "counts": {task: _task_counts(invalid[task], missing) for task in TASKS},
+        "face": {"x": ident.x, "y": ident.y, "scale": ident.scale},
+    }
+    if "mtl" in track.challenges:
+        result["mtl"] = _mtl_part(spec, raw, track, labels, missing)
+    return result, labels
+
+
+def _make_raw(job: tuple[SyntheticSpec, str, _RawVideo]) -> list[dict[str, Any]]:
+    spec, out_dir, raw = job
+    out = Path(out_dir)
+    made = [_make_track(spec, out, raw, track) for track in raw.tracks]
+    if spec.audio:  # the first track is the longest: it spans the raw video
+        rng = _stream(spec.seed, raw.index, 0, _AUDIO)
+        arousal = made[0][1].va[:, 1]
+        _write_audio(out / "audio" / f"{raw.name}.wav", arousal, raw.fps, spec.sample_rate, rng)
+    return [result for result, _ in made]
+
+
+def _run_jobs(
+    spec: SyntheticSpec, out: Path, raws: list[_RawVideo], progress: bool, workers: int | None
+) -> list[list[dict[str, Any]]]:
+    jobs = [(spec, str(out), raw) for raw in raws]
+    frames = sum(t.num_frames for raw in raws for t in raw.tracks)
+    work = frames if spec.images else frames * _ANNOTATION_ONLY_COST
+    workers = min(workers or os.cpu_count() or 1, len(jobs))
+    with tqdm(total=len(jobs), unit="video", disable=not progress) as bar:
+        if workers < 2 or work < _MIN_POOL_FRAMES:
+            return [_tick(bar, _make_raw(job)) for job in jobs]
+        # spawn: callers may hold threads (jax, grain) that make fork unsafe.
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            return [_tick(bar, result) for result in pool.imap(_make_raw, jobs)]
+
+
+def _tick(bar: tqdm, result: Any) -> Any:
+    bar.update()
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Tree, manifest, entry points
+
+
+_OWNED = (
+    *IMAGE_ROOTS,
+    "annotations",
+    "test_lists",
+    "audio",
+    "video_info.csv",
+    "manifest.json",
+    "manifest.json.tmp",
+)
+
+
+def _prepare_out_dir(out: Path, spec: SyntheticSpec) -> None:
+    """Creates out, or clears a previous synthetic tree; refuses a directory with other files."""
+    if out.exists():
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in _OWNED)
+        if foreign:
+            raise FileExistsError(f"{out} holds files the generator did not write: {foreign[:5]}")
+        for name in _OWNED:
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    for task, split in itertools.product(TASKS, SPLIT_DIRS.values()):
+        (out / "annotations" / CHALLENGE_DIRS[task] / split).mkdir(parents=True)
+    (out / "annotations" / MTL_DIR).mkdir()
+    (out / "test_lists").mkdir()
+    if spec.audio:
+        (out / "audio").mkdir()
+
+
+def _empty_counts() -> dict[str, Any]:
+    task = {"videos": 0, "annotated": 0, "invalid": 0, "missing_image": 0, "curated": 0}
+    mtl = {
+        "annotated": 0,
+        "missing_image": 0,
+        "invalid_all": 0,
+        "curated": 0,
+        "strict_curated": 0,
+        "valid": dict.fromkeys(TASKS, 0),
+    }
+    counts = {t: {s: dict(task) for s in SPLITS} for t in TASKS}
+    counts["mtl"] = {s: copy.deepcopy(mtl) for s in SPLITS}
+    return counts
+
+
+def _add_counts(total: dict[str, Any], part: dict[str, Any]) -> None:
+    for key, value in part.items():
+        if isinstance(value, dict):
+            _add_counts(total[key], value)
+        else:
+            total[key] += value
+
+
+def _assemble(
+    spec: SyntheticSpec, raws: list[_RawVideo], results: list[list[dict[str, Any]]]
+) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """The manifest, and the MTL lines per split (train, validation, test) in plan order."""
+    videos, counts = {}, _empty_counts()
+    tests: dict[str, list[str]] = {task: [] for task in TASKS}
+    mtl_lines: dict[str, list[str]] = {"train": [], "validation": [], "test": []}
+    for raw, raw_results in zip(raws, results, strict=True):
+        for track, result in zip(raw.tracks, raw_results, strict=True):
+            videos[track.name] = {
+                "raw": raw.name,
+                "num_frames": track.num_frames,
+                "fps": raw.fps,
+                "image_root": track.image_root,
+                "size": track.size,
+                "missing": result["missing"],
+                "challenges": track.challenges,
+                "face": result["face"],
+            }
+            for task in TASKS:
+                split = track.challenges.get(task)
+                if split == "test":
+                    tests[task].append(track.name)
+                elif split is not None:
+                    counts[task][split]["videos"] += 1
+                    _add_counts(counts[task][split], result["counts"][task])
+            if "mtl" in result:
+                mtl_split = track.challenges["mtl"]
+                mtl_lines[mtl_split] += result["mtl"]["lines"]
+                if mtl_split != "test":
+                    _add_counts(counts["mtl"][mtl_split], result["mtl"]["counts"])
+    manifest = {
+        "spec": dataclasses.asdict(spec),
+        "images": spec.images,
+        "videos": videos,
+        "counts": counts,
+        "test": {**tests, "mtl": len(mtl_lines["test"])},
+    }
+    return manifest, mtl_lines
+
+
+def _write_lists(
+    out: Path,
+    raws: list[_RawVideo],
+    manifest: dict[str, Any],
+    mtl_lines: dict[str, list[str]],
+    mtl_styles: dict[str, _FileStyle],
+) -> None:
+    for split in SPLITS:
+        path = out / "annotations" / MTL_DIR / MTL_FILES[split]
+        _write_text(path, MTL_HEADER, mtl_lines[split], mtl_styles[split])
+    for task in TASKS:
+        names = manifest["test"][task]
+        path = out / "test_lists" / f"{CHALLENGE_DIRS[task]}_test_set_release.txt"
+        path.write_text("".join(f"{name}\n" for name in names))
+    test_images = "".join(f"{name}\n" for name in mtl_lines["test"])
+    (out / "test_lists" / "MTL_Challenge_test_set_release.txt").write_text(test_images)
+    info = ["video,fps,num_frames,width,height"]
+    for raw in raws:
+        frames = max(t.num_frames for t in raw.tracks)
+        info.append(f"{raw.name},{raw.fps},{frames},{raw.width},{raw.height}")
+    (out / "video_info.csv").write_text("\n".join(info) + "\n")
+
+
+_SHARE_FIELDS = {
+    f.name for f in dataclasses.fields(SyntheticSpec) if f.name.endswith(("_fraction", "_rate"))
+} - {"sample_rate"}
+
+
+def _validate(spec: SyntheticSpec) -> None:
+    if spec.num_videos < 1 or spec.frames_per_video < 2 or spec.mtl_stride < 1:
+        raise ValueError(f"need num_videos >= 1, frames_per_video >= 2, mtl_stride >= 1: {spec}")
+    if spec.image_size < 32 or spec.sample_rate < 1:
+        raise ValueError(f"need image_size >= 32 and sample_rate >= 1: {spec}")
+    for field in dataclasses.fields(spec):
+        value = getattr(spec, field.name)
+        if field.name in _SHARE_FIELDS and not 0 <= value <= 1:
+            raise ValueError(f"{field.name} must be in [0, 1], got {value}")
+
+
+def generate(
+    out_dir: str | os.PathLike,
+    spec: SyntheticSpec = SyntheticSpec(),
+    progress: bool = False,
+    *,
+    workers: int | None = None,
+) -> dict:
+    """Writes the tree and returns the manifest (also written as <out_dir>/manifest.json).
+
+    out_dir must be absent, empty, or a previous synthetic tree (which is replaced). workers:
+    processes for the per-video work (default os.cpu_count()); small runs stay in-process.
+    """
+    _validate(spec)
+    out = Path(out_dir)
+    _prepare_out_dir(out, spec)
+    raws, mtl_styles = _plan(spec)
+    results = _run_jobs(spec, out, raws, progress, workers)
+    manifest, mtl_lines = _assemble(spec, raws, results)
+    _write_lists(out, raws, manifest, mtl_lines, mtl_styles)
+    # Written last, through a rename: its presence means the tree is complete.
+    partial = out / "manifest.json.tmp"
+    partial.write_text(json.dumps(manifest, separators=(",", ":")))
+    partial.replace(out / "manifest.json")
+    return manifest
+
+
+def _define_flags() -> None:
+    # Defined only when run as a script: importers (train.py ...) may have flags of these names.
+    flags.DEFINE_string("out", None, "Output directory.", required=True)
+    flags.DEFINE_integer("videos", SyntheticSpec.num_videos, "Raw videos.")
+    flags.DEFINE_integer("frames", SyntheticSpec.frames_per_video, "Mean frames per video.")
+    flags.DEFINE_integer("size", SyntheticSpec.image_size, "Crop size in pixels.")
+    flags.DEFINE_integer("seed", SyntheticSpec.seed, "Random seed.")
+    flags.DEFINE_bool("images", True, "Write the jpg crops (--noimages: annotations only).")
+    flags.DEFINE_bool("audio", True, "Write the wav tracks.")
+    flags.DEFINE_integer("workers", None, "Worker processes (default: all cores).")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    f = flags.FLAGS
+    spec = SyntheticSpec(
+        num_videos=f.videos,
+        frames_per_video=f.frames,
+        image_size=f.size,
+        seed=f.seed,
+        images=f.images,
+        audio=f.audio,
+    )
+    start = time.perf_counter()
+    manifest = generate(f.out, spec, progress=True, workers=f.workers)
+    seconds = time.perf_counter() - start
+    videos = manifest["videos"].values()
+    frames = sum(v["num_frames"] for v in videos)
+    jpgs = frames - sum(len(v["missing"]) for v in videos) if spec.images else 0
+    curated = ", ".join(
+        f"{task} {sum(c['curated'] for c in manifest['counts'][task].values())}"
+        for task in (*TASKS, "mtl")
+    )
+    print(
+        f"{spec.num_videos} raw videos, {len(videos)} videos, {frames} frames, {jpgs} jpgs; "
+        f"curated frames: {curated}; {seconds:.1f} s -> {f.out}"
+    )
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main)
