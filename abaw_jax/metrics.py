@@ -81,6 +81,20 @@ def au_metrics(probs: np.ndarray, target: np.ndarray,
             "thresholds": np.asarray(thresholds).tolist()}
 
 
+def constant_baseline(head: str, target: np.ndarray) -> float:
+    """The head's score for the best constant prediction on these labels: what a model must
+    clearly beat to have learnt anything (VA: CCC of a constant is 0; EXPR: one class for every
+    frame; AU: per AU the better of all-active and all-inactive)."""
+    if head == "va":
+        return 0.0
+    if head == "expr":
+        return max(float(f1_per_class(np.full(len(target), c), target, 8).mean())
+                   for c in range(8))
+    if head == "au":  # all-inactive scores F1 0, so all-active is the better constant
+        return float(np.mean([binary_f1(np.ones(len(t), bool), t) for t in target.T]))
+    raise KeyError(f"unknown head {head!r}")
+
+
 def p_score(va: dict, expr: dict, au: dict, thresholded: bool = False) -> float:
     """7th ABAW multi-task score P = CCC_mean + F1_EXPR + F1_AU."""
     au_key = "f1_mean_thresholded" if thresholded else "f1_mean"

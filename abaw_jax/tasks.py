@@ -83,6 +83,7 @@ class Task:
                 parts[h] = metrics.au_metrics(p, y, thresholds)
             out.update({f"{h}/{k}": v for k, v in parts[h].items()})
             out[f"{h}/frames"] = int(valid.sum())
+            out[f"{h}/constant_baseline"] = metrics.constant_baseline(h, y)
         if self.name == "mtl":
             out["p_score"] = metrics.p_score(parts["va"], parts["expr"], parts["au"])
             out["p_score_thresholded"] = metrics.p_score(parts["va"], parts["expr"], parts["au"],
