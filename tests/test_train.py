@@ -121,3 +121,24 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_records, tmp_pat
     ckpt = checkpoint.Checkpoints(workdir / "checkpoints", read_only=True)
     assert ckpt.steps() == [2]
     ckpt.close()
+
+
+def test_bfloat16_compute_keeps_float32_state(tiny_records):
+    config = tiny_config(tiny_records, compute_dtype="bfloat16")
+    rng = np.random.default_rng(1)
+    batch = {"image": rng.integers(0, 255, (8, 112, 112, 3), dtype=np.uint8),
+             "va": rng.uniform(-1, 1, (8, 2)).astype(np.float32), "expr": np.zeros(8, np.int32),
+             "au": np.zeros((8, 12), np.int32), "va_mask": np.ones(8, bool),
+             "expr_mask": np.zeros(8, bool), "au_mask": np.zeros(8, bool)}
+    mesh = parallel.make_mesh()
+    setup = train.make_setup(config, mesh)
+    state = train.init_state(config, setup)
+    before = jax.device_get(state.params)
+    step = train.make_train_step(config, setup, train.state_sharding(setup, state))
+    state, stats = step(state, parallel.to_global(batch, mesh))
+    assert np.isfinite(float(stats["loss"]))
+    for leaf in jax.tree.leaves((state.params, state.rest)):
+        assert leaf.dtype == np.float32
+    moved = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(before),
+                                                  jax.tree.leaves(state.params), strict=True)]
+    assert max(moved) > 0

@@ -1,0 +1,58 @@
+"""Optimiser construction: schedules, weight-decay mask, freezing, clipping."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from abaw_jax import optim
+
+PARAMS = {"features": {"0": {"conv": {"kernel": jnp.ones((3, 3, 3, 4))},
+                             "bn": {"scale": jnp.ones(4), "bias": jnp.zeros(4)}}},
+          "tasks": {"va": {"kernel": jnp.ones((4, 2)), "bias": jnp.zeros(2)}}}
+GRADS = jax.tree.map(jnp.ones_like, PARAMS)
+
+
+def test_schedules():
+    cos = optim.schedule({"lr": 1.0, "schedule": "cosine", "warmup_steps": 10}, 110)
+    assert float(cos(0)) == 0.0 and float(cos(10)) == pytest.approx(1.0)
+    assert float(cos(60)) == pytest.approx(0.5, abs=1e-6) and float(cos(110)) < 1e-6
+    step = optim.schedule({"lr": 1.0, "schedule": "step", "decay_steps": 5, "decay": 0.1}, 20)
+    assert [float(step(s)) for s in (0, 4, 5, 12)] == pytest.approx([1, 1, 0.1, 0.01])
+    exp = optim.schedule({"lr": 1.0, "schedule": "exponential", "decay_steps": 1,
+                          "decay": 0.9, "warmup_steps": 2}, 20)
+    assert float(exp(1)) == pytest.approx(0.5) and float(exp(4)) == pytest.approx(0.81)
+    with pytest.raises(KeyError, match="unknown schedule 'linear'"):
+        optim.schedule({"lr": 1.0, "schedule": "linear"}, 10)
+
+
+def test_weight_decay_only_on_kernels():
+    tx, _ = optim.build({"name": "sgd", "lr": 1.0, "schedule": "constant", "momentum": 0.0,
+                         "weight_decay": 0.5}, PARAMS, 10)
+    zero = jax.tree.map(jnp.zeros_like, GRADS)
+    updates, _ = tx.update(zero, tx.init(PARAMS), PARAMS)
+    assert float(updates["features"]["0"]["conv"]["kernel"][0, 0, 0, 0]) == pytest.approx(-0.5)
+    assert float(jnp.abs(updates["features"]["0"]["bn"]["scale"]).max()) == 0.0
+    assert float(jnp.abs(updates["tasks"]["va"]["bias"]).max()) == 0.0
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_freezing_by_path_pattern(name):
+    tx, _ = optim.build({"name": name, "lr": 0.1, "schedule": "constant",
+                         "freeze": ["^features/"], "grad_clip": 1.0}, PARAMS, 10)
+    updates, _ = tx.update(GRADS, tx.init(PARAMS), PARAMS)
+    frozen = jax.tree.leaves(updates["features"])
+    assert all(float(jnp.abs(u).max()) == 0.0 for u in frozen)
+    assert float(jnp.abs(updates["tasks"]["va"]["kernel"]).max()) > 0
+    with pytest.raises(ValueError, match="freeze every parameter"):
+        optim.build({"name": name, "lr": 0.1, "freeze": ["."]}, PARAMS, 10)
+
+
+def test_gradient_clipping_bounds_the_update():
+    tx, _ = optim.build({"name": "sgd", "lr": 1.0, "schedule": "constant", "momentum": 0.0,
+                         "grad_clip": 1.0}, PARAMS, 10)
+    big = jax.tree.map(lambda g: 100 * g, GRADS)
+    updates, _ = tx.update(big, tx.init(PARAMS), PARAMS)
+    assert float(optax.tree.norm(updates)) == pytest.approx(1.0, rel=1e-5)
+    assert np.isfinite(float(optax.tree.norm(updates)))
