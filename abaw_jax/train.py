@@ -114,9 +114,27 @@ def load_pretrained(state: TrainState, setup: Setup, path: str) -> TrainState:
     return state.replace(params=params, rest=rest, opt_state=opt_state)
 
 
-def make_train_step(config: ml_collections.ConfigDict, setup: Setup, sharding) -> Callable:
+def loss_options(config: ml_collections.ConfigDict, records: Path | None) -> dict:
+    """config.loss, with balanced class / positive weights from the train split's label counts
+    (the records' stats.json) when `loss.balance` is set and they are not given."""
+    opts = config.loss.to_dict()
+    if not opts.pop("balance", False) or records is None:
+        return opts
+    stats = json.loads((Path(records) / "stats.json").read_text())["splits"]
+    hist = stats[config.data.train_split]["histogram"]
+    if opts.get("class_weights") is None and "expr" in hist:
+        counts = np.maximum(np.array(list(hist["expr"].values()), np.float64), 1)
+        opts["class_weights"] = (counts.sum() / (len(counts) * counts)).tolist()
+    if opts.get("pos_weight") is None and "au_positive" in hist:
+        pos = np.maximum(np.array(list(hist["au_positive"].values()), np.float64), 1)
+        opts["pos_weight"] = ((hist["au_frames"] - pos) / pos).tolist()
+    return opts
+
+
+def make_train_step(config: ml_collections.ConfigDict, setup: Setup, sharding,
+                    records: Path | None = None) -> Callable:
     dtype = jnp.dtype(config.compute_dtype)
-    loss_opts = config.loss.to_dict()
+    loss_opts = loss_options(config, records)
 
     def train_step(state: TrainState, batch: Mapping[str, jax.Array]):
         def loss_fn(params, rest):
@@ -198,7 +216,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     if start == 0:
         logging.info("parameters:\n%s", parameter_overview.get_parameter_overview(
             nnx.to_pure_dict(state.params), include_stats=False))
-    train_step = make_train_step(config, setup, state_sharding(setup, state))
+    train_step = make_train_step(config, setup, state_sharding(setup, state), records)
     predict_step = make_predict_step(setup)
     report = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer,
                                              every_steps=config.log_every_steps)

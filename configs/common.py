@@ -52,6 +52,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss.head_weight = 0.1  # DDAMFN attention-head diversity loss
     c.loss.class_weights = config_dict.placeholder(list)  # EXPR cross-entropy weights
     c.loss.pos_weight = config_dict.placeholder(list)  # AU BCE positive weights
+    # Fill class_weights / pos_weight (where not given) from the train split's label counts:
+    # n / (8 * count) per expression, negatives / positives per AU.
+    c.loss.balance = False
     return c
 
 
@@ -59,6 +62,9 @@ def experiment(task: str, arg: str = "") -> ml_collections.ConfigDict:
     """The config of one task; arg "real" switches to the papers' real-data settings."""
     c = get_config()
     c.task = task
+    if task == "au":  # rare AUs (4-15 % positive) otherwise learn to stay off
+        c.loss.balance = True
+        c.optim.lr = 3e-3
     if arg == "real":
         real_data(c)
     elif arg:

@@ -142,3 +142,17 @@ def test_bfloat16_compute_keeps_float32_state(tiny_records):
     moved = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(before),
                                                   jax.tree.leaves(state.params), strict=True)]
     assert max(moved) > 0
+
+
+def test_balanced_loss_weights_from_the_train_split_counts(tmp_path):
+    stats = {"splits": {"train": {"histogram": {
+        "expr": dict(zip("ABCDEFGH", [40, 10, 10, 10, 10, 10, 5, 5], strict=True)),
+        "au_positive": {f"AU{i}": 10 * (i + 1) for i in range(12)}, "au_frames": 200}}}}
+    (tmp_path / "stats.json").write_text(json.dumps(stats))
+    config = common.experiment("mtl")
+    config.loss.balance = True
+    opts = train.loss_options(config, tmp_path)
+    np.testing.assert_allclose(opts["class_weights"][:2], [100 / (8 * 40), 100 / (8 * 10)])
+    np.testing.assert_allclose(opts["pos_weight"][:2], [190 / 10, 180 / 20])
+    config.loss.pos_weight = [1.0] * 12  # given weights win
+    assert train.loss_options(config, tmp_path)["pos_weight"] == [1.0] * 12
