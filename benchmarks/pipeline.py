@@ -68,10 +68,13 @@ def ceiling(data: Path, n: int) -> float:
     source = records.RecordSource(data, "train")
     jpegs = [source[i]["image"] for i in range(min(n, len(source)))]
     cfg, rng = augment.AugmentConfig(), np.random.default_rng(0)
-    t0 = time.perf_counter()
-    for data_ in jpegs:
-        augment.augment(augment.decode(data_), cfg, rng)
-    return len(jpegs) / (time.perf_counter() - t0)
+    best = float("inf")
+    for _ in range(3):  # best of three: the first pass also warms caches and clocks
+        t0 = time.perf_counter()
+        for data_ in jpegs:
+            augment.augment(augment.decode(data_), cfg, rng)
+        best = min(best, time.perf_counter() - t0)
+    return len(jpegs) / best
 
 
 def run(data: Path, workers: int) -> tuple[float, float, list[int]]:
@@ -92,7 +95,7 @@ def run(data: Path, workers: int) -> tuple[float, float, list[int]]:
     sampler.start()
     t0, cpu0 = time.perf_counter(), _tree_cpu()
     for _ in range(FLAGS.batches):
-        np.asarray(next(stream)["image"]).sum()  # touch the batch like a device transfer would
+        np.array(next(stream)["image"], copy=True)  # a host->device copy reads the batch once
     seconds, cpu = time.perf_counter() - t0, _tree_cpu() - cpu0
     stop.set()
     sampler.join()
