@@ -107,8 +107,9 @@ def prepare(layout: affwild2.Layout, task: str, out: str | os.PathLike,
     workers = workers or os.cpu_count() or 1
     index = affwild2.ImageIndex(layout.image_roots)
     stats, lengths, sizes = {}, {}, {}
-    # One pool for all splits; fork: the workers inherit this process's imported modules.
-    pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
+    # One pool for all splits. spawn, not fork: the trainer calls this with JAX's threads
+    # running, and forking a multithreaded process can deadlock the child.
+    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
     try:
         for split in splits:
             t0 = time.perf_counter()
