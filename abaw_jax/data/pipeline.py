@@ -139,10 +139,30 @@ class Stream:
             self._it = None
 
 
-def _finish(ds: grain.MapDataset, batch_size: int, loader: Loader, **describe) -> Stream:
-    # Batching the MapDataset makes a batch the unit of work: workers take whole batches round
-    # robin, so the stream is the same for any worker count.
-    ds = ds.batch(batch_size, drop_remainder=True)
+class _LoadBatch:
+    """Batch b -> dict of stacked arrays: the elements order[b*B:(b+1)*B], built in one call.
+
+    One grain element per batch rather than per frame: grain's per-element machinery (index
+    slicing, per-element RNG, batching) cost about as much as decoding and augmenting a frame.
+    The random generator is seeded by (seed, b), so batch b is the same on any worker.
+    """
+
+    def __init__(self, order, batch_size: int, element, seed: int | None = None):
+        self.order, self.batch_size, self.element, self.seed = order, batch_size, element, seed
+
+    def __call__(self, b: int) -> dict:
+        rng = None if self.seed is None else np.random.default_rng([self.seed, int(b)])
+        start = int(b) * self.batch_size
+        items = [self.element(int(self.order[start + j]), rng) for j in range(self.batch_size)]
+        return {k: np.stack([it[k] for it in items]) for k in items[0]}
+
+
+def _finish(order, batch_size: int, loader: Loader, element, rng_seed: int | None = None,
+            **describe) -> Stream:
+    # A batch is the unit of work: workers take whole batches round robin, so the stream (and a
+    # checkpointed position in it) is the same for any worker count.
+    ds = grain.MapDataset.range(len(order) // batch_size)
+    ds = ds.map(_LoadBatch(order, batch_size, element, rng_seed))
     return Stream(ds, loader, {"batch_size": batch_size, **describe})
 
 
@@ -174,10 +194,6 @@ class _EpochOrder:
         return int(cache[1][self.shard.index + pos * self.shard.count])
 
 
-def _shuffled_shard(n: int, seed: int, shard: Shard) -> grain.MapDataset:
-    return grain.MapDataset.source(_EpochOrder(n, seed, shard))
-
-
 def train_dataset(data_dir: str | os.PathLike, split: str, *, batch_size: int, seed: int,
                   augment_cfg: augment.AugmentConfig, shard: Shard = Shard(),
                   loader: Loader = Loader()) -> Stream:
@@ -187,10 +203,9 @@ def train_dataset(data_dir: str | os.PathLike, split: str, *, batch_size: int, s
     different stream; the augmentation and worker count may change between runs.
     """
     source = records.RecordSource(data_dir, split)
-    ds = _shuffled_shard(len(source), seed, shard)
-    ds = ds.random_map(functools.partial(_train_frame, source, augment_cfg), seed=seed + 1)
-    return _finish(ds, batch_size, loader, split=split, seed=seed, records=len(source),
-                   shard=[shard.index, shard.count])
+    element = functools.partial(_train_frame, source, augment_cfg)
+    return _finish(_EpochOrder(len(source), seed, shard), batch_size, loader, element, seed + 1,
+                   split=split, seed=seed, records=len(source), shard=[shard.index, shard.count])
 
 
 def _train_frame(source, cfg, index, rng):
@@ -216,12 +231,11 @@ def eval_dataset(data_dir: str | os.PathLike, split: str, *, batch_size: int, si
     """Every record exactly once over all processes, in order, padded (mask False) so that
     every process runs `eval_steps` batches."""
     source = records.RecordSource(data_dir, split)
-    ds = grain.MapDataset.source(_host_indices(len(source), batch_size, shard))
-    ds = ds.map(functools.partial(_eval_frame, source, size))
-    return _finish(ds, batch_size, loader)
+    return _finish(_host_indices(len(source), batch_size, shard), batch_size, loader,
+                   functools.partial(_eval_frame, source, size))
 
 
-def _eval_frame(source, size, index):
+def _eval_frame(source, size, index, rng=None):
     return {**_example(source, index, size, None, None), "mask": np.bool_(index >= 0)}
 
 
@@ -278,11 +292,10 @@ def clip_train_dataset(data_dir: str | os.PathLike, split: str, *, length: int, 
                        shard: Shard = Shard(), loader: Loader = Loader()) -> Stream:
     """Endless shuffled clips of `length` consecutive frames for temporal models."""
     source, clips = _clips(data_dir, split, length, stride)
-    ds = _shuffled_shard(len(clips), seed, shard)
-    ds = ds.random_map(functools.partial(_clip, source, clips, augment_cfg.size, augment_cfg),
-                       seed=seed + 1)
-    return _finish(ds, batch_size, loader, split=split, seed=seed, clips=len(clips),
-                   length=length, stride=stride, shard=[shard.index, shard.count])
+    element = functools.partial(_clip, source, clips, augment_cfg.size, augment_cfg)
+    return _finish(_EpochOrder(len(clips), seed, shard), batch_size, loader, element, seed + 1,
+                   split=split, seed=seed, clips=len(clips), length=length, stride=stride,
+                   shard=[shard.index, shard.count])
 
 
 def clip_eval_dataset(data_dir: str | os.PathLike, split: str, *, length: int, stride: int,
@@ -290,12 +303,11 @@ def clip_eval_dataset(data_dir: str | os.PathLike, split: str, *, length: int, s
                       loader: Loader = Loader()) -> Stream:
     """Every clip once over all processes, in order, padded like `eval_dataset`."""
     source, clips = _clips(data_dir, split, length, stride)
-    ds = grain.MapDataset.source(_host_indices(len(clips), batch_size, shard))
-    ds = ds.map(functools.partial(_eval_clip, source, clips, size, length))
-    return _finish(ds, batch_size, loader)
+    return _finish(_host_indices(len(clips), batch_size, shard), batch_size, loader,
+                   functools.partial(_eval_clip, source, clips, size, length))
 
 
-def _eval_clip(source, clips, size, length, c):
+def _eval_clip(source, clips, size, length, c, rng=None):
     if c < 0:
         pad = _pad_example(size)
         return {k: np.stack([v] * length) for k, v in pad.items()} | {"mask": np.False_}
