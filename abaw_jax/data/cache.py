@@ -28,9 +28,13 @@ def _key(payload: Mapping[str, Any]) -> str:
 
 
 def _records_dir(path: Path, task: str) -> Path | None:
+    """`path` or `path/<task>` when it holds records of `task` (per its stats.json)."""
     for candidate in (path, path / task):
         if (candidate / "dataset_info.json").is_file():
-            return candidate
+            stats = candidate / "stats.json"
+            written = json.loads(stats.read_text()).get("task") if stats.is_file() else task
+            if written == task:
+                return candidate
     return None
 
 
