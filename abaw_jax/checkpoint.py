@@ -13,6 +13,7 @@ from typing import Any
 
 import grain
 import orbax.checkpoint as ocp
+from absl import logging
 from orbax.checkpoint import checkpoint_managers as policies
 
 
@@ -59,7 +60,8 @@ class Checkpoints:
         return max(scored)[1] if scored else None
 
     def resolve(self, which: str | int) -> int:
-        """'latest', 'best' or a step number -> an existing step (ValueError naming what exists)."""
+        """'latest', 'best' (the latest when none was evaluated) or a step number -> an existing
+        step (ValueError naming what exists)."""
         steps = self.steps()
         if not steps:
             raise FileNotFoundError(f"no checkpoints in {self.directory}")
@@ -68,7 +70,9 @@ class Checkpoints:
         if which == "best":
             best = self.best_step()
             if best is None:
-                raise ValueError(f"no checkpoint in {self.directory} has validation metrics")
+                logging.warning("no checkpoint in %s has validation metrics; using the latest",
+                                self.directory)
+                return max(steps)
             return best
         step = int(which)
         if step not in steps:

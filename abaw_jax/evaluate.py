@@ -75,9 +75,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, which: str = "be
     workdir = Path(workdir)
     ckpt = checkpoint.Checkpoints(workdir / "checkpoints", read_only=True)
     try:
-        if which == "best" and ckpt.best_step() is None:
-            logging.warning("no checkpoint has validation metrics; evaluating the latest")
-            which = "latest"
         step = ckpt.resolve(which)
         setup = train.make_setup(config, parallel.make_mesh())
         state = ckpt.restore(step, train.abstract_state(config, setup))

@@ -77,7 +77,7 @@ def _from_workdir(workdir: Path, which: str) -> Predictor:
     config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
     ckpt = checkpoint.Checkpoints(workdir / "checkpoints", read_only=True)
     try:
-        step = ckpt.resolve(which if which != "best" or ckpt.best_step() else "latest")
+        step = ckpt.resolve(which)
         setup = train.make_setup(config, parallel.make_mesh(jax.local_devices()[:1]))
         state = ckpt.restore(step, train.abstract_state(config, setup))
         thresholds = (ckpt.metrics(step) or {}).get("au/thresholds")
