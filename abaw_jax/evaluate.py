@@ -58,12 +58,18 @@ def predict_split(predict_step: Callable, params, rest, data_dir: Path, split: s
     return {"preds": preds, "labels": labels}
 
 
+def _predict_eval_split(params, rest, predict_step: Callable, setup, records: Path,
+                        config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """`predict_split` over the config's eval split with its eval batch size and loader."""
+    return predict_split(predict_step, params, rest, records, config.data.eval_split,
+                         batch_size=config.eval_batch_size, image_size=setup.image_size,
+                         mesh=setup.mesh, loader=pipeline.Loader.from_config(config.data.loader))
+
+
 def evaluate_split(params, rest, *, predict_step: Callable, setup, records: Path,
-                   config: ml_collections.ConfigDict, split: str | None = None) -> dict:
-    """Task metrics over a whole split (the config's eval split by default)."""
-    result = predict_split(predict_step, params, rest, records, split or config.data.eval_split,
-                           batch_size=config.eval_batch_size, image_size=setup.image_size,
-                           mesh=setup.mesh, loader=pipeline.Loader.from_config(config.data.loader))
+                   config: ml_collections.ConfigDict) -> dict:
+    """Task metrics over the config's whole eval split."""
+    result = _predict_eval_split(params, rest, predict_step, setup, records, config)
     return setup.task.metrics(result["preds"], result["labels"])
 
 
@@ -82,9 +88,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, which: str = "be
         ckpt.close()
     data_dir = cache.records_for(config.data, config.task)
     split = config.data.eval_split
-    result = predict_split(train.make_predict_step(setup), state.params, state.rest, data_dir,
-                           split, batch_size=config.eval_batch_size, image_size=setup.image_size,
-                           mesh=setup.mesh, loader=pipeline.Loader.from_config(config.data.loader))
+    result = _predict_eval_split(state.params, state.rest, train.make_predict_step(setup), setup,
+                                 data_dir, config)
     metrics = setup.task.metrics(result["preds"], result["labels"])
     metrics["step"] = step
     out = workdir / "eval" / f"{split}-step{step}"

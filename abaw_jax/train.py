@@ -230,18 +230,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 state, stats = train_step(state, batch)
             report(step)
             is_last = step == config.total_steps
-            if step % config.log_every_steps == 0 or is_last:
+            log = step % config.log_every_steps == 0 or is_last
+            evaluate_now = step % config.eval_every_steps == 0 or is_last
+            save = evaluate_now or step % config.checkpoint_every_steps == 0
+            if log or save:  # reading the loss syncs with the device: only when it is needed
                 _check_finite(stats, step, ckpt)
+            if log:
                 writer.write_scalars(step, _scalars(jax.device_get(stats)))
-            if step % config.eval_every_steps == 0 or is_last:
+            if evaluate_now:
                 with report.timed("eval"):
                     metrics = evaluator(state.params, state.rest)
                 writer.write_scalars(step, {f"val/{k}": v for k, v in _scalars(metrics).items()})
-                _check_finite(stats, step, ckpt)
-                ckpt.save(step, state, stream, metrics=_jsonable(metrics))
-            elif step % config.checkpoint_every_steps == 0:
-                _check_finite(stats, step, ckpt)
-                ckpt.save(step, state, stream)
+            if save:  # an evaluated checkpoint carries its metrics (for "best")
+                ckpt.save(step, state, stream, metrics=_jsonable(metrics) if evaluate_now else None)
     finally:
         ckpt.wait()
         ckpt.close()
