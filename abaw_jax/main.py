@@ -6,6 +6,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before clu imports TensorF
 
 import logging as pylogging  # noqa: E402
 
+import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -36,6 +37,8 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_LibraryInfoFilter())
     parallel.initialize()
+    if jax.process_index() > 0:  # the processes log the same lines: keep process 0's
+        logging.set_verbosity(logging.WARNING)
     workdir = FLAGS.workdir or f"workdirs/{FLAGS.config.task}"
     if FLAGS.mode == "train":
         metrics = train.train_and_evaluate(FLAGS.config, workdir)

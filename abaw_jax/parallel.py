@@ -8,10 +8,13 @@ along it, parameters and optimiser state are replicated. Written with `jax.jit` 
 from __future__ import annotations
 
 import os
+import socket
+import time
 from collections.abc import Mapping
 
 import jax
 import numpy as np
+from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -61,21 +64,93 @@ def to_host(tree):
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
+def all_processes(ok: bool) -> bool:
+    """True when `ok` is true on every process (a collective: every process must call it)."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
 
-def initialize() -> None:
-    """Starts JAX's multi-process runtime when the environment describes several processes:
-    explicitly through JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID
-    (JAX_LOCAL_DEVICE_IDS optional), or as auto-detected by JAX under SLURM with several tasks
-    and on multi-worker TPU VMs. A single process needs nothing."""
+
+def barrier(name: str) -> None:
+    """Waits until every process gets here (for file operations done by process 0)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+class CoordinatorUnreachableError(ConnectionError):
+    """This process could not reach the coordinator (process 0) in time."""
+
+
+def initialize(timeout_s: int | None = None) -> None:
+    """Starts JAX's multi-process runtime when the environment describes several processes.
+
+    - Explicitly: JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES,
+      JAX_PROCESS_ID and optionally JAX_LOCAL_DEVICE_IDS (comma-separated), as `launch/local.sh`
+      and `launch/slurm.sbatch` set them.
+    - Auto-detected by JAX under SLURM with several tasks and on multi-worker TPU VMs. Under
+      SLURM with one task per node, all of the node's GPUs are used (JAX would otherwise give
+      each task one GPU); JAX_LOCAL_DEVICE_IDS overrides.
+    A single process needs nothing. Every process must reach the coordinator within `timeout_s`
+    (ABAW_JAX_INIT_TIMEOUT, default 300 s); one that cannot fails with a message saying which
+    address it tried, instead of JAX's abort.
+    """
     env = os.environ
+    if timeout_s is None:
+        timeout_s = int(env.get("ABAW_JAX_INIT_TIMEOUT", "300"))
+    local = env.get("JAX_LOCAL_DEVICE_IDS")
+    local_ids = [int(i) for i in local.split(",")] if local else None
     if "JAX_COORDINATOR_ADDRESS" in env:
         missing = [k for k in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if k not in env]
         if missing:
             raise ValueError(f"JAX_COORDINATOR_ADDRESS is set but {missing} are not")
-        local = env.get("JAX_LOCAL_DEVICE_IDS")
+        address, count = env["JAX_COORDINATOR_ADDRESS"], int(env["JAX_NUM_PROCESSES"])
+        index = int(env["JAX_PROCESS_ID"])
+        if count == 1:
+            return
+        logging.info("process %d of %d: joining the coordinator at %s (timeout %d s)", index,
+                     count, address, timeout_s)
+        start = time.monotonic()
+        if index != 0:  # process 0 hosts the coordinator; the others check they can reach it
+            _wait_for(address, timeout_s, index, count)
         jax.distributed.initialize(
-            coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
-            num_processes=int(env["JAX_NUM_PROCESSES"]), process_id=int(env["JAX_PROCESS_ID"]),
-            local_device_ids=[int(i) for i in local.split(",")] if local else None)
-    elif int(env.get("SLURM_NTASKS", "1")) > 1 or "," in env.get("TPU_WORKER_HOSTNAMES", ""):
-        jax.distributed.initialize()  # JAX reads the cluster from SLURM / the TPU metadata
+            coordinator_address=address, num_processes=count, process_id=index,
+            local_device_ids=local_ids,
+            initialization_timeout=max(1, int(timeout_s - (time.monotonic() - start))))
+    elif int(env.get("SLURM_NTASKS", "1")) > 1:
+        if local_ids is None and _slurm_tasks_per_node(env) == 1 and env.get("SLURM_GPUS_ON_NODE"):
+            local_ids = list(range(int(env["SLURM_GPUS_ON_NODE"])))
+        jax.distributed.initialize(local_device_ids=local_ids, initialization_timeout=timeout_s)
+    elif "," in env.get("TPU_WORKER_HOSTNAMES", ""):
+        jax.distributed.initialize(initialization_timeout=timeout_s)
+    else:
+        return
+    logging.info("process %d of %d: %d local of %d devices (%s)", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count(),
+                 jax.devices()[0].device_kind)
+
+
+def _slurm_tasks_per_node(env) -> int | None:
+    per_node = env.get("SLURM_NTASKS_PER_NODE", "")
+    if per_node.isdigit():
+        return int(per_node)
+    tasks, nodes = int(env.get("SLURM_NTASKS", "1")), int(env.get("SLURM_NNODES", "1"))
+    return tasks // nodes if tasks % nodes == 0 else None
+
+
+def _wait_for(address: str, timeout_s: float, index: int, count: int) -> None:
+    """Polls a TCP connection to the coordinator until it accepts or the time is up."""
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=2).close()
+            return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise CoordinatorUnreachableError(
+                    f"process {index} of {count} could not reach the coordinator at {address} "
+                    f"within {timeout_s:.0f} s ({e}). Is process 0 running, is "
+                    f"JAX_COORDINATOR_ADDRESS its address (not 127.0.0.1 across machines) and "
+                    f"is the port open between the hosts? See launch/README.md, "
+                    f"'Troubleshooting'.") from None
+            time.sleep(0.5)

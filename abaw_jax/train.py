@@ -25,10 +25,16 @@ from clu import metric_writers, parameter_overview, periodic_actions
 from flax import nnx, struct
 
 from abaw_jax import checkpoint, evaluate, models, optim, parallel, tasks
+from abaw_jax import preemption as preemption_lib
 from abaw_jax.data import augment, cache, pipeline
 
-IMAGENET_MEAN = jnp.asarray(augment.IMAGENET_MEAN) * 255
-IMAGENET_STD = jnp.asarray(augment.IMAGENET_STD) * 255
+# numpy, not jnp: a jax array at import time would start the backend before
+# jax.distributed.initialize (main calls it first).
+IMAGENET_MEAN = np.asarray(augment.IMAGENET_MEAN, np.float32) * 255
+IMAGENET_STD = np.asarray(augment.IMAGENET_STD, np.float32) * 255
+
+
+PREEMPTED = "PREEMPTED"  # in the workdir while a run stopped by SIGTERM has steps left
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -193,6 +199,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     validation metrics."""
     workdir = Path(workdir)
     _write_config(config, workdir)
+    if jax.process_index() == 0:
+        (workdir / PREEMPTED).unlink(missing_ok=True)
     mesh = parallel.make_mesh()
     local_batch = parallel.check_batch_size(config.batch_size, mesh)
     setup = make_setup(config, mesh)
@@ -206,13 +214,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         augment_cfg=augment.AugmentConfig.from_config(config.augment, config.image_size),
         shard=shard, loader=pipeline.Loader.from_config(config.data.loader))
     state = init_state(config, setup)
-    start = ckpt.latest_step()
-    if start is not None:
-        logging.warning("resuming from %s step %d", ckpt.directory, start)
-        state = ckpt.restore(start, abstract_state(config, setup), data=stream)
-    elif config.init_from:
-        state = load_pretrained(state, setup, config.init_from)
-    start = start or 0
+    restored = ckpt.restore_latest(abstract_state(config, setup), data=stream)
+    if restored is not None:
+        start, state = restored
+        logging.warning("resumed from %s step %d", ckpt.directory, start)
+    else:
+        start = 0
+        if config.init_from:
+            state = load_pretrained(state, setup, config.init_from)
     if start == 0:
         logging.info("parameters:\n%s", parameter_overview.get_parameter_overview(
             nnx.to_pure_dict(state.params), include_stats=False))
@@ -223,6 +232,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     evaluator = functools.partial(evaluate.evaluate_split, predict_step=predict_step,
                                   setup=setup, records=records, config=config)
     metrics: dict = {}
+    preemption = preemption_lib.Preemption()
     try:
         for step in range(start + 1, config.total_steps + 1):
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -232,7 +242,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             is_last = step == config.total_steps
             log = step % config.log_every_steps == 0 or is_last
             evaluate_now = step % config.eval_every_steps == 0 or is_last
-            save = evaluate_now or step % config.checkpoint_every_steps == 0
+            preempted = preemption.reached(step)
+            save = evaluate_now or step % config.checkpoint_every_steps == 0 or preempted
             if log or save:  # reading the loss syncs with the device: only when it is needed
                 _check_finite(stats, step, ckpt)
             if log:
@@ -243,7 +254,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 writer.write_scalars(step, {f"val/{k}": v for k, v in _scalars(metrics).items()})
             if save:  # an evaluated checkpoint carries its metrics (for "best")
                 ckpt.save(step, state, stream, metrics=_jsonable(metrics) if evaluate_now else None)
+            if preempted:
+                ckpt.wait()
+                if jax.process_index() == 0:  # launch/slurm.sbatch requeues the job on it
+                    (workdir / PREEMPTED).write_text(f"{step}\n")
+                logging.warning("preempted: saved step %d in %s; stopping (run the same command "
+                                "to resume)", step, ckpt.directory)
+                break
     finally:
+        preemption.close()
         ckpt.wait()
         ckpt.close()
         stream.close()

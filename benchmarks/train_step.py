@@ -1,13 +1,16 @@
 r"""Train-step and inference throughput of a model on the current devices.
 
   python benchmarks/train_step.py --model=ddamfn --batch=32 [--task=va] [--steps=5]
-      [--depthwise=auto|shift|xla]
+      [--depthwise=auto|shift|xla] [--allreduce]
+  launch/local.sh 2 python benchmarks/train_step.py ...   # several processes (see scaling.py)
 
 Times the trainer's own jitted, donated train step (forward, loss, backward, Adam update,
 BatchNorm statistics) and the eval-mode forward on random uint8 images, after compilation
 (median of --steps runs). Prints `train_step: <x> images/s` and `inference: <x> images/s`.
 Reference on the project's 2-core CPU: the official PyTorch DDAMFN trains at ~5.5 images/s and
-infers at ~30-36 images/s at batch 32.
+infers at ~30-36 images/s at batch 32. `--allreduce` also times an all-reduce (sum over the
+devices of all processes) of a gradient-sized float32 vector, printed as `allreduce: <ms>`.
+Under several processes `--batch` is the global batch and process 0 prints.
 """
 
 import statistics
@@ -29,6 +32,7 @@ flags.DEFINE_string("task", "va", "Task (sets the output layers and the loss).")
 flags.DEFINE_integer("batch", 32, "Global batch size.")
 flags.DEFINE_integer("steps", 5, "Timed repetitions (after one warm-up).")
 flags.DEFINE_enum("depthwise", "auto", ["auto", "shift", "xla"], "Depthwise conv kernel.")
+flags.DEFINE_bool("allreduce", False, "Also time an all-reduce of the parameters' size.")
 FLAGS = flags.FLAGS
 
 
@@ -42,8 +46,17 @@ def _median_seconds(fn, steps: int) -> float:
     return statistics.median(times)
 
 
+def _allreduce_seconds(mesh, size: int, steps: int) -> float:
+    """A (devices, size) array sharded over "data", summed over the devices: one all-reduce."""
+    local = np.ones((jax.local_device_count(), size), np.float32)
+    x = parallel.to_global({"x": local}, mesh)["x"]
+    total = jax.jit(lambda a: a.sum(0), out_shardings=parallel.replicated(mesh))
+    return _median_seconds(lambda: total(x), steps)
+
+
 def main(argv):
     del argv
+    parallel.initialize()
     config = common.experiment(FLAGS.task)
     config.model.name = FLAGS.model
     if FLAGS.depthwise != "auto":
@@ -53,8 +66,8 @@ def main(argv):
     setup = train.make_setup(config, mesh)
     state = train.init_state(config, setup)
     step = train.make_train_step(config, setup, train.state_sharding(setup, state))
-    rng = np.random.default_rng(0)
-    n = FLAGS.batch
+    rng = np.random.default_rng(jax.process_index())
+    n = parallel.check_batch_size(FLAGS.batch, mesh)  # this process's rows
     batch = parallel.to_global({
         "image": rng.integers(0, 256, (n, config.image_size, config.image_size, 3), np.uint8),
         "va": rng.uniform(-1, 1, (n, 2)).astype(np.float32), "expr": rng.integers(0, 8, n),
@@ -70,10 +83,18 @@ def main(argv):
     t_train = _median_seconds(one_step, FLAGS.steps)
     t_infer = _median_seconds(lambda: predict(holder[0].params, holder[0].rest, batch["image"]),
                               FLAGS.steps)
-    print(f"devices: {jax.device_count()} x {jax.devices()[0].platform}; model {FLAGS.model}, "
-          f"batch {n}, depthwise {FLAGS.depthwise}")
+    n = FLAGS.batch
+    params = sum(x.size for x in jax.tree.leaves(holder[0].params))
+    t_reduce = _allreduce_seconds(mesh, params, FLAGS.steps) if FLAGS.allreduce else None
+    if jax.process_index() > 0:
+        return
+    print(f"devices: {jax.device_count()} x {jax.devices()[0].platform} in "
+          f"{jax.process_count()} process(es); model {FLAGS.model} ({params / 1e6:.2f}M "
+          f"parameters), batch {n}, depthwise {FLAGS.depthwise}")
     print(f"train_step: {n / t_train:.1f} images/s ({t_train * 1000:.0f} ms/step)")
     print(f"inference: {n / t_infer:.1f} images/s ({t_infer * 1000:.0f} ms/batch)")
+    if t_reduce is not None:
+        print(f"allreduce: {t_reduce * 1000:.1f} ms ({params / 1e6:.2f}M float32 values)")
 
 
 if __name__ == "__main__":

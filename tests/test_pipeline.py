@@ -16,29 +16,24 @@ def _take(stream, n):
         stream.close()
 
 
-def test_process_shards_are_disjoint_and_cover_an_epoch(tiny_records):
+def test_processes_share_each_global_batch_exactly_as_one_process_reads_it(tiny_records):
     n = len(records.RecordSource(tiny_records, "train"))
     count, batch = 3, 4
-    per_epoch = (n - n % count) // count
-    seen = []
-    for p in range(count):
-        ds = pipeline.train_dataset(tiny_records, "train", batch_size=batch, seed=7,
-                                    augment_cfg=AUG, shard=pipeline.Shard(p, count))
-        idx = np.concatenate([b["index"] for b in _take(ds, per_epoch // batch + 2)])
-        first_epoch = idx[:per_epoch]
-        assert len(set(first_epoch)) == per_epoch  # no repeats within an epoch
-        seen.append(set(first_epoch))
-        assert set(idx[per_epoch:]) <= _epoch2(tiny_records, p, count, per_epoch, batch)
-    assert all(a.isdisjoint(b) for i, a in enumerate(seen) for b in seen[i + 1:])
-    assert len(set().union(*seen)) == n - n % count
-
-
-def _epoch2(data, p, count, per_epoch, batch):
-    ds = pipeline.train_dataset(data, "train", batch_size=batch, seed=7, augment_cfg=AUG,
-                                shard=pipeline.Shard(p, count))
-    idx = np.concatenate([b["index"] for b in _take(ds, 2 * per_epoch // batch + 1)])
-    assert list(idx[:per_epoch]) != list(idx[per_epoch:2 * per_epoch])  # reshuffled each epoch
-    return set(idx[per_epoch:2 * per_epoch])
+    steps = 2 * n // (count * batch) + 2  # a little over two epochs
+    one = _take(pipeline.train_dataset(tiny_records, "train", batch_size=count * batch, seed=7,
+                                       augment_cfg=AUG), steps)
+    parts = [_take(pipeline.train_dataset(tiny_records, "train", batch_size=batch, seed=7,
+                                          augment_cfg=AUG, shard=pipeline.Shard(p, count)), steps)
+             for p in range(count)]
+    for b in range(steps):  # same records, same augmentation, in process order
+        for key in ("index", "image", "va"):
+            np.testing.assert_array_equal(
+                np.concatenate([parts[p][b][key] for p in range(count)]), one[b][key])
+    # Every record once per epoch, a new order every epoch.
+    index = np.concatenate([b["index"] for b in one])
+    assert 2 * n < len(index) and sorted(index[:n]) == list(range(n))
+    assert list(index[n:]) != list(index[: len(index) - n])
+    assert sorted(index[n: 2 * n]) == list(range(n))
 
 
 def test_batches_hold_labels_of_their_records(tiny_records):

@@ -19,6 +19,7 @@ import functools
 import json
 import math
 import os
+import signal
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -116,7 +117,8 @@ class Stream:
                     flags.FLAGS.mark_as_parsed()
                 it = it.mp_prefetch(grain.MultiprocessingOptions(
                     num_workers=self._loader.num_workers,
-                    per_worker_buffer_size=self._loader.worker_buffer))
+                    per_worker_buffer_size=self._loader.worker_buffer),
+                    worker_init_fn=_ignore_sigterm)
             self._it = iter(it)
 
     def get_state(self) -> bytes:
@@ -139,21 +141,31 @@ class Stream:
             self._it = None
 
 
+def _ignore_sigterm(worker_index: int, worker_count: int) -> None:
+    """In data workers: a scheduler's SIGTERM reaches the whole process group, but the trainer
+    still needs batches until its preemption checkpoint; it stops the workers itself."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class _LoadBatch:
-    """Batch b -> dict of stacked arrays: the elements order[b*B:(b+1)*B], built in one call.
+    """Batch b -> dict of stacked arrays, built in one call.
 
     One grain element per batch rather than per frame: grain's per-element machinery (index
     slicing, per-element RNG, batching) cost about as much as decoding and augmenting a frame.
-    The random generator is seeded by (seed, b), so batch b is the same on any worker.
+    `order.locate(b, j)` gives the j-th element of batch b and its position in the global stream;
+    the random generator of an element is seeded by (seed, position), so an element is augmented
+    the same way on any worker and on any process count.
     """
 
     def __init__(self, order, batch_size: int, element, seed: int | None = None):
         self.order, self.batch_size, self.element, self.seed = order, batch_size, element, seed
 
     def __call__(self, b: int) -> dict:
-        rng = None if self.seed is None else np.random.default_rng([self.seed, int(b)])
-        start = int(b) * self.batch_size
-        items = [self.element(int(self.order[start + j]), rng) for j in range(self.batch_size)]
+        items = []
+        for j in range(self.batch_size):
+            index, position = self.order.locate(int(b), j)
+            rng = None if self.seed is None else np.random.default_rng([self.seed, position])
+            items.append(self.element(index, rng))
         return {k: np.stack([it[k] for it in items]) for k in items[0]}
 
 
@@ -163,49 +175,68 @@ def _finish(order, batch_size: int, loader: Loader, element, rng_seed: int | Non
     # checkpointed position in it) is the same for any worker count.
     ds = grain.MapDataset.range(len(order) // batch_size)
     ds = ds.map(_LoadBatch(order, batch_size, element, rng_seed))
-    return Stream(ds, loader, {"batch_size": batch_size, **describe})
+    return Stream(ds, loader, describe)
 
 
-class _EpochOrder:
-    """Position k of an endless stream -> record index: a new permutation of the n records every
-    epoch (from seed and epoch), of which this process takes every count-th element.
+class _GlobalOrder:
+    """The endless shuffled stream, cut into global batches that the processes share.
 
-    The epoch is cut to a multiple of the process count so that every process sees the same
-    number of elements per epoch (at most count - 1 records of an epoch are skipped). One numpy
-    permutation per epoch costs far less than grain's per-element index shuffle (~10 us each).
+    Position g of the global stream is record perm_e[g % n] with e = g // n, a new permutation
+    of the n records every epoch (from seed and epoch). Global batch b is positions
+    [b * G, (b + 1) * G) with G = batch_size * count; process p loads its `batch_size` block of
+    it, so the processes' batches, concatenated in process order (`parallel.to_global`), are
+    exactly the single-process global batch: data order and augmentation do not depend on the
+    number of processes, and a stream position resumes onto any process count.
+    One numpy permutation per epoch costs far less than grain's per-element index shuffle.
     """
 
-    def __init__(self, n: int, seed: int, shard: Shard):
-        if n < shard.count:
-            raise DataError(f"{n} elements cannot be shared by {shard.count} processes")
-        self.n, self.seed, self.shard = n, seed, shard
-        self.per_epoch = n // shard.count
+    def __init__(self, n: int, seed: int, batch_size: int, shard: Shard):
+        if n < 1:
+            raise DataError("the split has no records")
+        self.n, self.seed, self.batch_size, self.shard = n, seed, batch_size, shard
         self._cache: tuple[int, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return sys.maxsize
 
-    def __getitem__(self, k: int) -> int:
-        epoch, pos = divmod(int(k), self.per_epoch)
+    def locate(self, b: int, j: int) -> tuple[int, int]:
+        position = (b * self.shard.count + self.shard.index) * self.batch_size + j
+        epoch, k = divmod(position, self.n)
         cache = self._cache
         if cache is None or cache[0] != epoch:
             cache = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n))
             self._cache = cache
-        return int(cache[1][self.shard.index + pos * self.shard.count])
+        return int(cache[1][k]), position
+
+
+class _Indices:
+    """A fixed list of elements (-1: padding), read in order."""
+
+    def __init__(self, indices: np.ndarray, batch_size: int):
+        self.indices, self.batch_size = indices, batch_size
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def locate(self, b: int, j: int) -> tuple[int, int]:
+        position = b * self.batch_size + j
+        return int(self.indices[position]), position
 
 
 def train_dataset(data_dir: str | os.PathLike, split: str, *, batch_size: int, seed: int,
                   augment_cfg: augment.AugmentConfig, shard: Shard = Shard(),
                   loader: Loader = Loader()) -> Stream:
-    """Endless augmented frames: shuffled per epoch from `seed`, this process's share only.
+    """Endless augmented frames, shuffled per epoch from `seed`: this process's `batch_size`
+    block of every global batch (see `_GlobalOrder`).
 
-    The state keeps the seed, batch size, record count and shard, and refuses to resume a
-    different stream; the augmentation and worker count may change between runs.
+    The state keeps the seed, global batch size and record count, and refuses to resume a
+    different stream; the augmentation, worker count and process count may change between runs.
     """
     source = records.RecordSource(data_dir, split)
     element = functools.partial(_train_frame, source, augment_cfg)
-    return _finish(_EpochOrder(len(source), seed, shard), batch_size, loader, element, seed + 1,
-                   split=split, seed=seed, records=len(source), shard=[shard.index, shard.count])
+    return _finish(_GlobalOrder(len(source), seed, batch_size, shard), batch_size, loader,
+                   element, seed + 1, split=split, seed=seed, records=len(source),
+                   global_batch=batch_size * shard.count)
 
 
 def _train_frame(source, cfg, index, rng):
@@ -231,7 +262,8 @@ def eval_dataset(data_dir: str | os.PathLike, split: str, *, batch_size: int, si
     """Every record exactly once over all processes, in order, padded (mask False) so that
     every process runs `eval_steps` batches."""
     source = records.RecordSource(data_dir, split)
-    return _finish(_host_indices(len(source), batch_size, shard), batch_size, loader,
+    return _finish(_Indices(_host_indices(len(source), batch_size, shard), batch_size),
+                   batch_size, loader,
                    functools.partial(_eval_frame, source, size))
 
 
@@ -293,9 +325,9 @@ def clip_train_dataset(data_dir: str | os.PathLike, split: str, *, length: int, 
     """Endless shuffled clips of `length` consecutive frames for temporal models."""
     source, clips = _clips(data_dir, split, length, stride)
     element = functools.partial(_clip, source, clips, augment_cfg.size, augment_cfg)
-    return _finish(_EpochOrder(len(clips), seed, shard), batch_size, loader, element, seed + 1,
-                   split=split, seed=seed, clips=len(clips), length=length, stride=stride,
-                   shard=[shard.index, shard.count])
+    return _finish(_GlobalOrder(len(clips), seed, batch_size, shard), batch_size, loader,
+                   element, seed + 1, split=split, seed=seed, clips=len(clips), length=length,
+                   stride=stride, global_batch=batch_size * shard.count)
 
 
 def clip_eval_dataset(data_dir: str | os.PathLike, split: str, *, length: int, stride: int,
@@ -303,7 +335,8 @@ def clip_eval_dataset(data_dir: str | os.PathLike, split: str, *, length: int, s
                       loader: Loader = Loader()) -> Stream:
     """Every clip once over all processes, in order, padded like `eval_dataset`."""
     source, clips = _clips(data_dir, split, length, stride)
-    return _finish(_host_indices(len(clips), batch_size, shard), batch_size, loader,
+    return _finish(_Indices(_host_indices(len(clips), batch_size, shard), batch_size),
+                   batch_size, loader,
                    functools.partial(_eval_clip, source, clips, size, length))
 
 

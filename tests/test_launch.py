@@ -1,0 +1,87 @@
+"""launch/ scripts with stand-in `srun`, `scontrol` and `gcloud` that record their arguments,
+and `parallel.initialize`'s reading of the cluster environment."""
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from abaw_jax import parallel
+
+ROOT = Path(__file__).parents[1]
+
+
+def _fake(bin_dir: Path, name: str, body: str = "") -> Path:
+    """A command that appends its arguments (one line per call) to <bin_dir>/<name>.calls."""
+    path = bin_dir / name
+    path.write_text(f'#!/usr/bin/env bash\necho "$*" >> "{bin_dir}/{name}.calls"\n{body}\n')
+    path.chmod(0o755)
+    return bin_dir / f"{name}.calls"
+
+
+def _run(cmd, bin_dir, **env):
+    full = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", **env}
+    return subprocess.run(cmd, cwd=ROOT, env=full, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("preempted", [True, False])
+def test_slurm_script_runs_one_task_per_node_and_requeues_after_preemption(tmp_path, preempted):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    # srun stands in for the job step; it leaves the marker a preempted run writes.
+    srun = _fake(tmp_path, "srun", f'echo 7 > "{workdir}/PREEMPTED"' if preempted else "")
+    scontrol = _fake(tmp_path, "scontrol")
+    proc = _run(["bash", "launch/slurm.sbatch", "configs/va.py:real", str(workdir),
+                 "--config.batch_size=512"], tmp_path, SLURM_JOB_ID="42",
+                SLURM_SUBMIT_DIR=str(ROOT))
+    assert proc.returncode == 0, proc.stderr
+    assert srun.read_text().split() == [
+        "--kill-on-bad-exit=1", "--ntasks-per-node=1", "python", "-m", "abaw_jax.main",
+        "--config=configs/va.py:real", f"--workdir={workdir}", "--config.batch_size=512"]
+    if preempted:
+        assert scontrol.read_text() == "requeue 42\n" and "preempted at step 7" in proc.stdout
+    else:
+        assert not scontrol.exists()
+
+
+def test_tpu_script_runs_the_same_command_on_every_worker(tmp_path):
+    gcloud = _fake(tmp_path, "gcloud")
+    proc = _run(["bash", "launch/tpu_pod.sh", "run", "my-tpu", "us-central2-b", "configs/au.py",
+                 "/mnt/runs/au", "--config.seed=3"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    call = gcloud.read_text()
+    assert call.startswith("compute tpus tpu-vm ssh my-tpu --zone=us-central2-b --worker=all")
+    assert ("python -m abaw_jax.main --config=configs/au.py --workdir=/mnt/runs/au "
+            "--config.seed=3") in call
+    proc = _run(["bash", "launch/tpu_pod.sh", "setup", "my-tpu", "us-central2-b"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    scp, ssh = gcloud.read_text().splitlines()[1:]
+    assert scp.startswith("compute tpus tpu-vm scp") and "--worker=all" in scp
+    assert "pip install" in ssh and "-e ." in ssh
+
+
+def test_scripts_refuse_missing_arguments(tmp_path):
+    for cmd in (["bash", "launch/local.sh", "2"], ["bash", "launch/tpu_pod.sh", "run", "t", "z"],
+                ["bash", "launch/slurm.sbatch", "configs/va.py"]):
+        proc = _run(cmd, tmp_path)
+        assert proc.returncode == 2 and "usage" in proc.stderr.lower(), (cmd, proc.stderr)
+
+
+@pytest.mark.parametrize("env, want", [
+    ({"SLURM_NTASKS": "4", "SLURM_NNODES": "4", "SLURM_GPUS_ON_NODE": "8"}, list(range(8))),
+    ({"SLURM_NTASKS": "8", "SLURM_NNODES": "2", "SLURM_NTASKS_PER_NODE": "4",
+      "SLURM_GPUS_ON_NODE": "4"}, None),  # one GPU per task: JAX's own SLURM default
+    ({"SLURM_NTASKS": "2", "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "8",
+      "JAX_LOCAL_DEVICE_IDS": "0,1"}, [0, 1]),
+])
+def test_slurm_environment_gives_each_task_its_gpus(monkeypatch, env, want):
+    for key in list(os.environ):
+        if key.startswith(("SLURM_", "JAX_COORDINATOR", "JAX_LOCAL", "TPU_")):
+            monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    calls = []
+    monkeypatch.setattr(parallel.jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    parallel.initialize(timeout_s=5)
+    assert calls == [{"local_device_ids": want, "initialization_timeout": 5}]
