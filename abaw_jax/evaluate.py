@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from abaw_jax import checkpoint, parallel, plots, submission
+from abaw_jax import checkpoint, parallel, plots, postprocess, submission
 from abaw_jax.data import cache, pipeline, records
 
 LABELS = ("va", "expr", "au", "va_mask", "expr_mask", "au_mask")
@@ -68,9 +68,17 @@ def _predict_eval_split(params, rest, predict_step: Callable, setup, records: Pa
 
 def evaluate_split(params, rest, *, predict_step: Callable, setup, records: Path,
                    config: ml_collections.ConfigDict) -> dict:
-    """Task metrics over the config's whole eval split."""
+    """Task metrics over the config's whole eval split, with the post-processing chosen on it
+    (`post/...`: smoothing per head, AU thresholds after smoothing, scores before and after)."""
     result = _predict_eval_split(params, rest, predict_step, setup, records, config)
-    return setup.task.metrics(result["preds"], result["labels"])
+    return _metrics(setup.task, result, records, config.data.eval_split)
+
+
+def _metrics(task, result: dict, data_dir: Path, split: str) -> dict:
+    out = task.metrics(result["preds"], result["labels"])
+    _, video, frame = records.read_frame_index(data_dir, split)
+    _, report = postprocess.Post.fit(task.heads, result["preds"], result["labels"], video, frame)
+    return {**out, **report}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path, which: str = "best") -> dict:
@@ -90,7 +98,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, which: str = "be
     split = config.data.eval_split
     result = _predict_eval_split(state.params, state.rest, train.make_predict_step(setup), setup,
                                  data_dir, config)
-    metrics = setup.task.metrics(result["preds"], result["labels"])
+    metrics = _metrics(setup.task, result, data_dir, split)
     metrics["step"] = step
     out = workdir / "eval" / f"{split}-step{step}"
     if jax.process_index() == 0:
@@ -106,17 +114,25 @@ def write_outputs(out: Path, data_dir: Path, split: str, result: dict, metrics: 
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float))
     videos, video, frame = records.read_frame_index(data_dir, split)
     lengths = records.read_video_frames(data_dir, split)
+    # predictions/: with the post-processing chosen on this split (smoothing, then the AU
+    # thresholds searched after it), as a submission would be; predictions_raw/: the model's
+    # outputs (AU thresholds searched on them); the plots show the raw outputs.
+    post = postprocess.Post.from_metrics(metrics, heads)
+    smoothed = post.apply(result["preds"], video, frame)
     preds, labels = result["preds"], result["labels"]
     for h in heads:
-        thresholds = np.asarray(metrics["au/thresholds"]) if h == "au" else 0.5
-        submission.write_videos(out / "predictions" / h, h, videos, video, frame, preds[h],
+        thresholds = post.thresholds if h == "au" else 0.5
+        submission.write_videos(out / "predictions" / h, h, videos, video, frame, smoothed[h],
                                 lengths, thresholds)
+        raw_thresholds = np.asarray(metrics["au/thresholds"]) if h == "au" else 0.5
+        submission.write_videos(out / "predictions_raw" / h, h, videos, video, frame, preds[h],
+                                lengths, raw_thresholds)
         valid = labels[f"{h}_mask"].astype(bool)
         if h == "expr":
             plots.confusion_matrix(preds[h][valid], labels[h][valid], out / "expr_confusion.png")
         elif h == "au":
             plots.au_f1_bars(np.asarray(metrics["au/f1_per_au"]),
-                             np.asarray(metrics["au/f1_per_au_thresholded"]), thresholds,
+                             np.asarray(metrics["au/f1_per_au_thresholded"]), raw_thresholds,
                              out / "au_f1.png")
         else:
             plots.va_over_time(_va_series(videos, video, frame, preds[h], labels, valid),

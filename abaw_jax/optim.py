@@ -12,13 +12,14 @@ import optax
 
 
 def schedule(cfg: Mapping[str, Any], total_steps: int) -> optax.Schedule:
-    """cfg.schedule: cosine (linear warm-up then cosine to 0), step, exponential or constant."""
+    """cfg.schedule: cosine (to end_lr, default 0, at total_steps), step, exponential or
+    constant, each after a linear warm-up of warmup_steps from 0."""
     lr, warmup = cfg["lr"], int(cfg.get("warmup_steps", 0))
     name = cfg.get("schedule", "cosine")
-    if name == "cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total_steps, warmup + 1),
-                                                  end_value=cfg.get("end_lr", 0.0))
-    if name == "step":  # multiply by `decay` every `decay_steps` (PyTorch StepLR)
+    if name == "cosine":  # to end_lr at total_steps
+        main = optax.cosine_decay_schedule(lr, max(total_steps - warmup, 1),
+                                           alpha=cfg.get("end_lr", 0.0) / lr)
+    elif name == "step":  # multiply by `decay` every `decay_steps` (PyTorch StepLR)
         main = optax.exponential_decay(lr, cfg["decay_steps"], cfg.get("decay", 0.1),
                                        staircase=True)
     elif name == "exponential":  # multiply by `decay` every `decay_steps`, smoothly

@@ -72,3 +72,78 @@ def write_videos(out_dir: Path, head: str, videos: list[str], video: np.ndarray,
         path.write_text("\n".join(format_lines(head, name, per_frame, thresholds)) + "\n")
         paths.append(path)
     return paths
+
+
+def check(directory: str | Path, head: str, video_frames: Mapping[str, int]) -> list[str]:
+    """Problems of a submission folder for `head`, empty when it is valid: one file per video
+    of `video_frames` and no other, the exact header, one line per frame in order
+    (`<video>/<frame:05d>.jpg`), values of the right form (VA: two numbers in [-1, 1]; EXPR: one
+    class 0-7; AU: 12 values 0/1). The first bad line of each file is reported."""
+    directory = Path(directory)
+    errors = [f"{p}: not a video of the list" for p in sorted(directory.glob("*.txt"))
+              if p.stem not in video_frames]
+    for video, n in video_frames.items():
+        path = directory / f"{video}.txt"
+        if not path.is_file():
+            errors.append(f"{path}: missing")
+            continue
+        lines = path.read_text().splitlines()
+        if not lines or lines[0] != HEADERS[head]:
+            errors.append(f"{path}:1: header {lines[0] if lines else ''!r}, expected "
+                          f"{HEADERS[head]!r}")
+        if len(lines) - 1 != n:
+            errors.append(f"{path}: {len(lines) - 1} frame lines, the video has {n} frames")
+        for i, line in enumerate(lines[1:], 1):
+            problem = _line_problem(head, video, i, line)
+            if problem:
+                errors.append(f"{path}:{i + 1}: {problem}: {line!r}")
+                break
+    return errors
+
+
+def _line_problem(head: str, video: str, i: int, line: str) -> str | None:
+    name, *fields = line.split(",")
+    if name != f"{video}/{i:05d}.jpg":
+        return f"expected image {video}/{i:05d}.jpg"
+    try:
+        if head == "va":
+            values = [float(f) for f in fields]
+            if len(values) != 2 or not all(-1 <= v <= 1 for v in values):
+                return "expected valence,arousal in [-1, 1]"
+        elif head == "expr":
+            if len(fields) != 1 or int(fields[0]) not in range(len(EXPR_NAMES)):
+                return f"expected one class in 0..{len(EXPR_NAMES) - 1}"
+        elif len(fields) != len(AU_NAMES) or any(int(f) not in (0, 1) for f in fields):
+            return f"expected {len(AU_NAMES)} values 0/1"
+    except ValueError:
+        return "not a number"
+    return None
+
+
+def main(argv) -> None:
+    """`python -m abaw_jax.submission --dir=DIR --head=va --records=RECORDS [--split=test]`:
+    checks a submission folder against the videos and frame counts of a records split."""
+    from absl import flags
+
+    from abaw_jax.data import records
+
+    del argv
+    f = flags.FLAGS
+    lengths = records.read_video_frames(f.records, f.split)
+    errors = check(f.dir, f.head, lengths)
+    for e in errors:
+        print(e)
+    print(f"{f.dir}: {'INVALID, ' + str(len(errors)) + ' problems' if errors else 'valid'} "
+          f"({len(lengths)} videos, {sum(lengths.values())} frames)")
+    raise SystemExit(1 if errors else 0)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    flags.DEFINE_string("dir", None, "Submission folder of one head (<video>.txt files).")
+    flags.DEFINE_enum("head", None, list(HEADERS), "va, expr or au.")
+    flags.DEFINE_string("records", None, "Records folder with the split's frame index.")
+    flags.DEFINE_string("split", "test", "Split whose videos the submission must cover.")
+    flags.mark_flags_as_required(["dir", "head", "records"])
+    app.run(main)

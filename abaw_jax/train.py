@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import json
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -191,7 +192,8 @@ def _jsonable(metrics: Mapping[str, Any]) -> dict:
 
 
 def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
+    return {k: float(v) for k, v in metrics.items()
+            if np.ndim(v) == 0 and isinstance(v, numbers.Number | np.ndarray | jax.Array)}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:

@@ -35,7 +35,8 @@ def _run(processes: int, devices_per_process: int) -> dict[str, float]:
     got = {}
     for key in ("train_step", "inference"):
         got[key] = float(re.search(rf"{key}: [0-9.]+ images/s \(([0-9.]+) ms", out).group(1))
-    got["allreduce"] = float(re.search(r"allreduce: ([0-9.]+) ms", out).group(1))
+    m = re.search(r"allreduce: ([0-9.]+) ms .*; ([0-9.]+) ms .* has (\d+) all-reduces", out)
+    got["allreduce"], got["small"], got["count"] = float(m[1]), float(m[2]), int(m[3])
     return got
 
 
@@ -46,10 +47,14 @@ def main(argv):
     one = _run(1, FLAGS.devices)
     many = _run(FLAGS.processes, FLAGS.devices // FLAGS.processes)
     print(f"model {FLAGS.model}, global batch {FLAGS.batch}, {FLAGS.devices} devices")
-    print(f"{'layout':<28}{'train step ms':>14}{'inference ms':>14}{'all-reduce ms':>15}")
+    print(f"{'layout':<24}{'train step ms':>14}{'inference ms':>14}"
+          f"{'all-reduce ms (params)':>24}{'(256 values)':>14}")
     for name, r in ((f"1 process x {FLAGS.devices}", one),
                     (f"{FLAGS.processes} processes x {FLAGS.devices // FLAGS.processes}", many)):
-        print(f"{name:<28}{r['train_step']:>14.0f}{r['inference']:>14.0f}{r['allreduce']:>15.1f}")
+        print(f"{name:<24}{r['train_step']:>14.0f}{r['inference']:>14.0f}"
+              f"{r['allreduce']:>24.1f}{r['small']:>14.2f}")
+    print(f"all-reduces per train step: {many['count']} (gradients and BatchNorm batch "
+          f"statistics, which are over the global batch)")
     print(f"multi-process overhead per train step: {many['train_step'] - one['train_step']:.0f} ms "
           f"({(many['train_step'] / one['train_step'] - 1) * 100:+.0f} %)")
 

@@ -85,7 +85,11 @@ def main(argv):
                               FLAGS.steps)
     n = FLAGS.batch
     params = sum(x.size for x in jax.tree.leaves(holder[0].params))
-    t_reduce = _allreduce_seconds(mesh, params, FLAGS.steps) if FLAGS.allreduce else None
+    if FLAGS.allreduce:
+        t_reduce = _allreduce_seconds(mesh, params, FLAGS.steps)
+        t_small = _allreduce_seconds(mesh, 256, FLAGS.steps)
+        hlo = step.lower(holder[0], batch).compile().as_text()
+        collectives = hlo.count(" all-reduce(") + hlo.count(" all-reduce-start(")
     if jax.process_index() > 0:
         return
     print(f"devices: {jax.device_count()} x {jax.devices()[0].platform} in "
@@ -93,8 +97,10 @@ def main(argv):
           f"parameters), batch {n}, depthwise {FLAGS.depthwise}")
     print(f"train_step: {n / t_train:.1f} images/s ({t_train * 1000:.0f} ms/step)")
     print(f"inference: {n / t_infer:.1f} images/s ({t_infer * 1000:.0f} ms/batch)")
-    if t_reduce is not None:
-        print(f"allreduce: {t_reduce * 1000:.1f} ms ({params / 1e6:.2f}M float32 values)")
+    if FLAGS.allreduce:
+        print(f"allreduce: {t_reduce * 1000:.1f} ms ({params / 1e6:.2f}M float32 values); "
+              f"{t_small * 1000:.2f} ms (256 values); the train step has {collectives} "
+              f"all-reduces")
 
 
 if __name__ == "__main__":

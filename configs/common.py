@@ -55,6 +55,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Fill class_weights / pos_weight (where not given) from the train split's label counts:
     # n / (8 * count) per expression, negatives / positives per AU.
     c.loss.balance = False
+
+    # --mode=predict: more workdirs of the same task to average with this one (an ensemble),
+    # and how EXPR members combine: "mean" of probabilities or "vote".
+    c.predict = ml_collections.ConfigDict({"ensemble": [], "combine": "mean"})
     return c
 
 

@@ -9,8 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from abaw_jax import checkpoint, evaluate, inference, parallel, train
-from abaw_jax.data import augment
+from abaw_jax import checkpoint, evaluate, inference, parallel, predict, submission, train
+from abaw_jax.data import augment, cache
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "configs"))
 import common  # noqa: E402
@@ -71,7 +71,7 @@ def test_train_checkpoint_resume_and_eval(tiny_records, tmp_path):
     full = predict(np.stack([augment.resize(augment.decode(ex["image"]), 112)
                              for ex in examples]))
     for ex, va in zip(examples, full["va"], strict=True):
-        line = (out / "predictions/va" / f"{ex['video']}.txt").read_text().splitlines()[
+        line = (out / "predictions_raw/va" / f"{ex['video']}.txt").read_text().splitlines()[
             int(ex["frame"])]
         np.testing.assert_allclose([float(x) for x in line.split(",")[1:]], va, atol=2e-4)
 
@@ -156,3 +156,35 @@ def test_balanced_loss_weights_from_the_train_split_counts(tmp_path):
     np.testing.assert_allclose(opts["pos_weight"][:2], [190 / 10, 180 / 20])
     config.loss.pos_weight = [1.0] * 12  # given weights win
     assert train.loss_options(config, tmp_path)["pos_weight"] == [1.0] * 12
+
+
+def test_predict_writes_checked_submissions_for_the_test_list(tiny_tree, tmp_path, monkeypatch):
+    monkeypatch.setenv("ABAW_JAX_CACHE", str(tmp_path / "cache"))
+    root, manifest = tiny_tree
+    config = tiny_config(None, task="au", total_steps=2, **{"data.records": None,
+                                                             "data.root": str(root)})
+    workdir = tmp_path / "au"
+    train.train_and_evaluate(config, workdir)
+    out = predict.run(config, workdir)
+    data = cache.records_for(config.data, "au", test=True)
+    lengths = evaluate.records.read_video_frames(data, "test")
+    assert sorted(lengths) == sorted(manifest["test"]["au"])
+    assert submission.check(out / "au", "au", lengths) == []
+    for video, n in lengths.items():  # every frame of every test video, crop or not
+        assert len((out / "au" / f"{video}.txt").read_text().splitlines()) == 1 + n
+    # The stored post-processing (thresholds searched after smoothing) is what predict applied.
+    ckpt = checkpoint.Checkpoints(workdir / "checkpoints", read_only=True)
+    stored = ckpt.metrics(ckpt.resolve("best"))
+    ckpt.close()
+    assert len(stored["post/au/thresholds"]) == 12 and "post/au/method" in stored
+    # An ensemble of the run with itself gives the same files; another task's run is refused.
+    config.predict.ensemble = [str(workdir)]
+    ensemble = predict.run(config, workdir)
+    for f in (out / "au").glob("*.txt"):
+        assert (ensemble / "au" / f.name).read_text() == f.read_text()
+    other = tmp_path / "va"
+    other.mkdir()
+    (other / "config.json").write_text(tiny_config(None, task="va").to_json())
+    config.predict.ensemble = [str(other)]
+    with pytest.raises(ValueError, match="a checkpoint of task 'va', not 'au'"):
+        predict.run(config, workdir)

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from abaw_jax.data import affwild2, prepare, synthetic
+from abaw_jax.data import affwild2, prepare, records, synthetic
 
 
 def cache_dir() -> Path:
@@ -53,33 +53,41 @@ def _build_once(target: Path, build) -> Path:
     return target
 
 
-def records_for(data: Mapping[str, Any], task: str) -> Path:
-    """The records folder (with dataset_info.json) of `task` for a config's `data` block."""
+def records_for(data: Mapping[str, Any], task: str, test: bool = False) -> Path:
+    """The records folder (with dataset_info.json) of `task` for a config's `data` block: the
+    train and validation splits, or with `test` the test split (the frames of the challenge's
+    test list), which the cache writes to a folder of its own (`<task>-test`)."""
     if data.get("records"):
         found = _records_dir(Path(data["records"]), task)
         if not found:
             raise affwild2.DataError(f"{data['records']}: no records of task {task!r} "
                                      "(expected dataset_info.json here or in <records>/<task>)")
+        if test and "test" not in records.read_info(found)["splits"]:
+            raise affwild2.DataError(f"{found}: no test split; write one with `python -m "
+                                     f"abaw_jax.data.prepare --task={task} --splits=test ...` "
+                                     "or give data.root")
         return found
     if data.get("root"):
         root = Path(data["root"]).absolute()
         found = _records_dir(root, task)
-        if found:
+        if found and not test:
             return found
         options = {"root": str(root), "task": task, "strict": bool(data.get("strict", False)),
                    "format": data.get("format", "tfrecord"), "seed": data.get("seed", 0)}
-        return _build_once(cache_dir() / f"records-{_key(options)}" / task,
-                           lambda out: _prepare(root, out, options))
-    spec = synthetic.SyntheticSpec(**dict(data.get("synthetic") or {}), audio=False)
-    tree = _build_once(cache_dir() / f"synthetic-{_key(spec.__dict__)}",
-                       lambda out: synthetic.generate(out, spec))
-    options = {"root": str(tree), "task": task, "strict": bool(data.get("strict", False)),
-               "format": "tfrecord", "seed": 0}
-    return _build_once(tree.parent / f"{tree.name}-records" / task,
-                       lambda out: _prepare(tree, out, options))
+        base = cache_dir() / f"records-{_key(options)}"
+    else:
+        spec = synthetic.SyntheticSpec(**dict(data.get("synthetic") or {}), audio=False)
+        root = _build_once(cache_dir() / f"synthetic-{_key(spec.__dict__)}",
+                           lambda out: synthetic.generate(out, spec))
+        options = {"root": str(root), "task": task, "strict": bool(data.get("strict", False)),
+                   "format": "tfrecord", "seed": 0}
+        base = root.parent / f"{root.name}-records"
+    name, splits = (f"{task}-test", ("test",)) if test else (task, affwild2.SPLITS)
+    return _build_once(base / name, lambda out: _prepare(root, out, options, splits))
 
 
-def _prepare(root: Path, out: Path, options: Mapping[str, Any]) -> None:
+def _prepare(root: Path, out: Path, options: Mapping[str, Any],
+             splits: tuple[str, ...]) -> None:
     layout = affwild2.Layout.discover(root)
-    prepare.prepare(layout, options["task"], out, fmt=options["format"], seed=options["seed"],
-                    strict=options["strict"], progress=False)
+    prepare.prepare(layout, options["task"], out, splits=splits, fmt=options["format"],
+                    seed=options["seed"], strict=options["strict"], progress=False)

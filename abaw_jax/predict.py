@@ -1,0 +1,111 @@
+"""`--mode=predict`: ABAW submission files for the challenge's test list, from one workdir or
+an ensemble of workdirs.
+
+Each member restores its checkpoint ('best' by default), predicts every test frame with a crop
+(all processes, like evaluation), and applies the post-processing stored with that checkpoint
+(smoothing per head chosen on validation, then AU thresholds searched on validation after
+smoothing). Members are averaged (probabilities, VA values) or, for EXPR with
+`predict.combine="vote"`, vote; AU thresholds are the members' mean. Every frame of every test
+video gets a line (frames without a crop filled from their neighbours), and the files are
+checked by `submission.check` before the run ends.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from abaw_jax import checkpoint, evaluate, parallel, postprocess, submission, tasks
+from abaw_jax.data import affwild2, cache, pipeline, records
+
+
+def _member_config(workdir: Path, config: ml_collections.ConfigDict | None
+                   ) -> ml_collections.ConfigDict:
+    if config is not None:
+        return config
+    path = workdir / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{workdir}: not a training workdir (no config.json)")
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def _predict_member(workdir: Path, config: ml_collections.ConfigDict, which: str,
+                    data_dir: Path, video: np.ndarray, frame: np.ndarray
+                    ) -> tuple[dict[str, np.ndarray], postprocess.Post, int]:
+    from abaw_jax import train  # train imports evaluate, which is imported here
+
+    ckpt = checkpoint.Checkpoints(workdir / "checkpoints", read_only=True)
+    try:
+        step = ckpt.resolve(which)
+        setup = train.make_setup(config, parallel.make_mesh())
+        state = ckpt.restore(step, train.abstract_state(config, setup))
+        stored = ckpt.metrics(step)
+    finally:
+        ckpt.close()
+    post = postprocess.Post.from_metrics(stored, setup.task.heads)
+    result = evaluate.predict_split(
+        train.make_predict_step(setup), state.params, state.rest, data_dir, "test",
+        batch_size=config.eval_batch_size, image_size=setup.image_size, mesh=setup.mesh,
+        loader=pipeline.Loader.from_config(config.data.loader))
+    logging.info("%s step %d: smoothing %s, AU thresholds %s", workdir, step,
+                 dict(post.smoothing), post.thresholds)
+    return post.apply(result["preds"], video, frame), post, step
+
+
+def _combine(members: list[dict[str, np.ndarray]], head: str, how: str) -> np.ndarray:
+    if head == "expr" and how == "vote":
+        return np.mean([np.eye(p.shape[-1])[np.argmax(p, -1)] for p in members], 0)
+    return np.mean(members, 0)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | Path, which: str = "best") -> Path:
+    """Writes `<workdir>/predict/test-<step or ensemble>/<head>/<video>.txt` and returns the
+    folder. Members: `workdir` and the workdirs in `config.predict.ensemble`."""
+    workdir = Path(workdir)
+    task = tasks.get(config.task)
+    if config.task == "mtl":
+        raise NotImplementedError("multi-task submission files are not written yet (issue #5)")
+    data_dir = cache.records_for(config.data, config.task, test=True)
+    videos, video, frame = records.read_frame_index(data_dir, "test")
+    lengths = records.read_video_frames(data_dir, "test")
+    empty = [v for i, v in enumerate(videos) if not np.any(video == i)]
+    if empty:
+        raise affwild2.DataError(f"{data_dir}: test videos with no frame to predict: {empty}")
+    extra = [Path(p) for p in config.get("predict", {}).get("ensemble", [])]
+    members, posts, steps = [], [], []
+    for i, member in enumerate([workdir, *extra]):
+        member_config = _member_config(member, config if i == 0 else None)
+        if member_config.task != config.task:
+            raise ValueError(f"{member}: a checkpoint of task {member_config.task!r}, not "
+                             f"{config.task!r}")
+        preds, post, step = _predict_member(member, member_config, which, data_dir, video, frame)
+        members.append(preds)
+        posts.append(post)
+        steps.append(step)
+    how = config.get("predict", {}).get("combine", "mean")
+    out = workdir / "predict" / (f"test-step{steps[0]}" if not extra else "test-ensemble")
+    if jax.process_index() == 0:
+        _write(out, task.heads, members, posts, how, videos, video, frame, lengths)
+        (out / "members.json").write_text(json.dumps(
+            {"members": [str(m) for m in [workdir, *extra]], "steps": steps, "combine": how,
+             "data": str(data_dir)}, indent=1))
+        logging.info("submission files in %s (checked: %d videos)", out, len(videos))
+    parallel.barrier("predict-written")
+    return out
+
+
+def _write(out: Path, heads, members, posts, how, videos, video, frame, lengths) -> None:
+    for h in heads:
+        values = _combine([m[h] for m in members], h, how)
+        thresholds = (np.mean([p.thresholds for p in posts], 0)
+                      if h == "au" and all(p.thresholds is not None for p in posts) else 0.5)
+        submission.write_videos(out / h, h, videos, video, frame, values, lengths, thresholds)
+        errors = submission.check(out / h, h, lengths)
+        if errors:
+            raise AssertionError(f"{out / h}: the written submission is invalid:\n"
+                                 + "\n".join(errors[:20]))
