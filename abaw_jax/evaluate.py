@@ -21,19 +21,26 @@ LABELS = ("va", "expr", "au", "va_mask", "expr_mask", "au_mask")
 
 
 def predict_split(predict_step: Callable, params, rest, data_dir: Path, split: str, *,
-                  batch_size: int, image_size: int, mesh, loader: pipeline.Loader
-                  ) -> dict[str, Any]:
+                  batch_size: int, image_size: int, mesh, loader: pipeline.Loader,
+                  clip_length: int = 0, clip_stride: int = 1) -> dict[str, Any]:
     """{"preds": {head: (n, ...)}, "labels": {...}} in record order for all n records.
 
-    Each process reads its block of the split; predictions and labels are all-gathered, placed
-    by record index, and every index must be filled exactly once.
+    Each process reads its block of the split; predictions and labels are all-gathered and
+    placed by record index. Frames: every index must be filled exactly once. Clips
+    (`clip_length` > 0, windows every `clip_stride` frames): a frame's prediction is the mean
+    over every window that holds it, and every frame must be in at least one.
     """
     n = len(records.RecordSource(data_dir, split))
     local_batch = parallel.check_batch_size(batch_size, mesh)
-    stream = pipeline.eval_dataset(data_dir, split, batch_size=local_batch, size=image_size,
-                                   shard=pipeline.Shard(jax.process_index(),
-                                                        jax.process_count()), loader=loader)
-    preds: dict[str, np.ndarray] = {}
+    shard = pipeline.Shard(jax.process_index(), jax.process_count())
+    if clip_length:
+        stream = pipeline.clip_eval_dataset(data_dir, split, length=clip_length,
+                                            stride=clip_stride, batch_size=local_batch,
+                                            size=image_size, shard=shard, loader=loader)
+    else:
+        stream = pipeline.eval_dataset(data_dir, split, batch_size=local_batch, size=image_size,
+                                       shard=shard, loader=loader)
+    sums: dict[str, np.ndarray] = {}
     labels = {k: None for k in LABELS}
     seen = np.zeros(n, np.int32)
     try:
@@ -41,20 +48,28 @@ def predict_split(predict_step: Callable, params, rest, data_dir: Path, split: s
             images = parallel.to_global({"image": batch["image"]}, mesh)["image"]
             out = parallel.to_host(predict_step(params, rest, images))
             meta = parallel.to_host({k: np.asarray(batch[k]) for k in ("index", "mask", *LABELS)})
-            rows, index = meta["mask"], meta["index"][meta["mask"]]
-            seen[index] += 1
+            rows = meta["mask"]
+            if meta["index"].ndim == 2:  # clips: the frames of valid clips that have a record
+                rows = rows[:, None] & (meta["index"] >= 0)
+            index = meta["index"][rows]
+            np.add.at(seen, index, 1)
             for k, v in out.items():
-                preds.setdefault(k, np.zeros((n, *v.shape[1:]), v.dtype))[index] = v[rows]
+                np.add.at(sums.setdefault(k, np.zeros((n, *v.shape[rows.ndim:]), np.float64)),
+                          index, v[rows])
             for k in LABELS:
                 v = meta[k]
                 if labels[k] is None:
-                    labels[k] = np.zeros((n, *v.shape[1:]), v.dtype)
+                    labels[k] = np.zeros((n, *v.shape[rows.ndim:]), v.dtype)
                 labels[k][index] = v[rows]
     finally:
         stream.close()
-    if not np.all(seen == 1):
+    covered = seen >= 1 if clip_length else seen == 1
+    if not np.all(covered):
         raise AssertionError(f"evaluation covered {np.sum(seen > 0)} of {n} records, "
                              f"{np.sum(seen > 1)} more than once")
+    divisor = np.maximum(seen, 1)
+    preds = {k: (v / divisor.reshape(-1, *[1] * (v.ndim - 1))).astype(np.float32)
+             for k, v in sums.items()}
     return {"preds": preds, "labels": labels}
 
 
@@ -63,7 +78,15 @@ def _predict_eval_split(params, rest, predict_step: Callable, setup, records: Pa
     """`predict_split` over the config's eval split with its eval batch size and loader."""
     return predict_split(predict_step, params, rest, records, config.data.eval_split,
                          batch_size=config.eval_batch_size, image_size=setup.image_size,
-                         mesh=setup.mesh, loader=pipeline.Loader.from_config(config.data.loader))
+                         mesh=setup.mesh, loader=pipeline.Loader.from_config(config.data.loader),
+                         **clip_options(config))
+
+
+def clip_options(config: ml_collections.ConfigDict) -> dict[str, int]:
+    """The clip length and stride of a temporal model's config (none for a frame model)."""
+    length = int(config.data.get("clip_length", 0) or 0)
+    return {"clip_length": length, "clip_stride": int(config.data.get("clip_stride", 1) or 1)
+            } if length else {}
 
 
 def evaluate_split(params, rest, *, predict_step: Callable, setup, records: Path,

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -70,11 +71,49 @@ def frozen_labels(params, patterns: Sequence[str]) -> Any:
                         else "train", param_paths(params))
 
 
+def group_labels(params, groups: Mapping[str, Mapping[str, Any]]) -> Any:
+    """Each parameter's group: the first group (in config order) whose `pattern` regex matches
+    its path, else "default"."""
+    compiled = [(name, re.compile(g["pattern"])) for name, g in groups.items()]
+    return jax.tree.map(lambda path: next((n for n, c in compiled if c.search(path)), "default"),
+                        param_paths(params))
+
+
+_SCHEDULE_KEYS = ("lr", "schedule", "warmup_steps", "end_lr", "decay", "decay_steps")
+
+
+def _group(cfg: Mapping[str, Any], group: Mapping[str, Any], params, total_steps: int
+           ) -> optax.GradientTransformation:
+    """A group's optimizer: the main settings with the group's schedule keys; with
+    `start_step`, frozen before it (zero gradients, zero learning rate: Adam's moments stay
+    empty) and its schedule, warm-up included, starting there."""
+    gcfg = {**cfg, **{k: v for k, v in group.items() if k in _SCHEDULE_KEYS}}
+    start = int(group.get("start_step", 0))
+    main = schedule(gcfg, max(total_steps - start, 1))
+    if not start:
+        return _base(gcfg, main, params)
+
+    def delayed(step):
+        return jnp.where(step < start, 0.0, main(jnp.maximum(step - start, 0)))
+
+    gate = optax.scale_by_schedule(lambda step: (step >= start).astype(jnp.float32))
+    return optax.chain(gate, _base(gcfg, delayed, params))
+
+
 def build(cfg: Mapping[str, Any], params, total_steps: int
           ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """(optimizer, learning-rate schedule) for `params` from the config's optim block."""
+    """(optimizer, learning-rate schedule of the default group) for `params` from the config's
+    optim block. `groups` ({name: {pattern, lr, start_step, ...}}) give parameter groups their
+    own learning rates and start steps (two-stage fine-tuning); `freeze` zeroes updates."""
     lr = schedule(cfg, total_steps)
-    tx = _base(cfg, lr, params)
+    groups = {k: dict(v) for k, v in (cfg.get("groups") or {}).items()}
+    if groups:
+        labels = group_labels(params, groups)
+        txs = {name: _group(cfg, g, params, total_steps) for name, g in groups.items()}
+        txs["default"] = _base(cfg, lr, params)
+        tx = optax.multi_transform(txs, labels)
+    else:
+        tx = _base(cfg, lr, params)
     if cfg.get("grad_clip"):
         tx = optax.chain(optax.clip_by_global_norm(cfg["grad_clip"]), tx)
     patterns = list(cfg.get("freeze", ()) or ())

@@ -51,7 +51,7 @@ def _predict_member(workdir: Path, config: ml_collections.ConfigDict, which: str
     result = evaluate.predict_split(
         train.make_predict_step(setup), state.params, state.rest, data_dir, "test",
         batch_size=config.eval_batch_size, image_size=setup.image_size, mesh=setup.mesh,
-        loader=pipeline.Loader.from_config(config.data.loader))
+        loader=pipeline.Loader.from_config(config.data.loader), **evaluate.clip_options(config))
     logging.info("%s step %d: smoothing %s, AU thresholds %s", workdir, step,
                  dict(post.smoothing), post.thresholds)
     return post.apply(result["preds"], video, frame), post, step

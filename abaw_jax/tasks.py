@@ -33,6 +33,7 @@ def _au_loss(out, batch, opts):
                                        opts.get("pos_weight"))
 
 
+_LABEL_KEYS = ("va", "expr", "au", "va_mask", "expr_mask", "au_mask")
 _LABEL_LOSSES = {"va": _va_loss, "expr": _expr_loss, "au": _au_loss}
 _ACTIVATIONS = {"va": jnp.tanh, "expr": jax.nn.softmax, "au": jax.nn.sigmoid}
 
@@ -51,15 +52,22 @@ class Task:
         return {h: {"va": 2, "expr": 8, "au": 12}[h] for h in self.heads}
 
     def loss(self, out: Mapping[str, jax.Array], batch: Mapping[str, jax.Array],
-             opts: LossOptions) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Total loss and its parts: label losses (weighted for multi-task) + head diversity."""
+             opts: LossOptions, step: jax.Array | int = 0
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Total loss and its parts: label losses (weighted for multi-task) + head diversity
+        (from step `head_start_step` on: stage 2 of a two-stage fine-tuning)."""
+        if out[self.heads[0]].ndim == 3:  # clips (B, T, size): a loss over their frames
+            out = {**out, **{h: out[h].reshape(-1, out[h].shape[-1]) for h in self.heads}}
+            batch = {k: v.reshape(-1, *v.shape[2:]) for k, v in batch.items()
+                     if k in _LABEL_KEYS}
         weights = opts.get("task_weights") or {}
         parts = {h: _LABEL_LOSSES[h](out, batch, opts) for h in self.heads}
         total = sum(weights.get(h, 1.0) * parts[h] for h in self.heads)
         head_weight = opts.get("head_weight", 0.0)
         if head_weight and "heads" in out:
             parts["heads"] = losses.head_diversity(out["heads"])
-            total = total + head_weight * parts["heads"]
+            on = jnp.asarray(step) >= opts.get("head_start_step", 0)
+            total = total + jnp.where(on, head_weight, 0.0) * parts["heads"]
         return total, {f"loss_{k}": v for k, v in parts.items()}
 
     def predict(self, out: Mapping[str, jax.Array]) -> dict[str, jax.Array]:

@@ -113,7 +113,7 @@ def load_pretrained(state: TrainState, setup: Setup, path: str) -> TrainState:
     from abaw_jax.convert import ddamfn as convert_ddamfn
 
     model = nnx.merge(setup.graphdef, jax.device_get(state.params), jax.device_get(state.rest))
-    convert_ddamfn.load_into(model, path)
+    convert_ddamfn.load_into(getattr(model, "backbone", model), path)  # temporal: its backbone
     _, params, rest = nnx.split(model, nnx.Param, ...)
     sharding = parallel.replicated(setup.mesh)
     params, rest = jax.device_put((params, rest), sharding)
@@ -151,7 +151,7 @@ def make_train_step(config: ml_collections.ConfigDict, setup: Setup, sharding,
             model = nnx.merge(setup.graphdef, cast, jax.tree.map(lambda x: x, rest))
             out = model(normalize(batch["image"], dtype))
             out = jax.tree.map(lambda x: x.astype(jnp.float32), out)
-            loss, parts = setup.task.loss(out, batch, loss_opts)
+            loss, parts = setup.task.loss(out, batch, loss_opts, state.step)
             _, _, new_rest = nnx.split(model, nnx.Param, ...)
             new_rest = jax.tree.map(lambda new, old: new.astype(old.dtype), new_rest, rest)
             return loss, (parts, new_rest)
@@ -211,10 +211,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                                                   just_logging=jax.process_index() > 0)
     ckpt = checkpoint.Checkpoints(workdir / "checkpoints", keep=config.keep_checkpoints)
     shard = pipeline.Shard(jax.process_index(), jax.process_count())
-    stream = pipeline.train_dataset(
-        records, config.data.train_split, batch_size=local_batch, seed=config.seed,
-        augment_cfg=augment.AugmentConfig.from_config(config.augment, config.image_size),
-        shard=shard, loader=pipeline.Loader.from_config(config.data.loader))
+    stream = _train_stream(config, records, local_batch, shard)
     state = init_state(config, setup)
     restored = ckpt.restore_latest(abstract_state(config, setup), data=stream)
     if restored is not None:
@@ -272,6 +269,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     if not metrics and start >= config.total_steps:
         logging.warning("%s already trained to step %d", workdir, start)
     return metrics
+
+
+def _train_stream(config: ml_collections.ConfigDict, records: Path, local_batch: int,
+                  shard: pipeline.Shard) -> pipeline.Stream:
+    """Frames, or for a temporal model (`data.clip_length`) clips of consecutive frames;
+    `batch_size` counts clips then."""
+    common = dict(batch_size=local_batch, seed=config.seed, shard=shard,
+                  augment_cfg=augment.AugmentConfig.from_config(config.augment,
+                                                                config.image_size),
+                  loader=pipeline.Loader.from_config(config.data.loader))
+    clips = evaluate.clip_options(config)
+    if clips:
+        return pipeline.clip_train_dataset(records, config.data.train_split,
+                                           length=clips["clip_length"],
+                                           stride=clips["clip_stride"], **common)
+    return pipeline.train_dataset(records, config.data.train_split, **common)
 
 
 def _check_finite(stats: Mapping[str, jax.Array], step: int, ckpt: checkpoint.Checkpoints

@@ -32,6 +32,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Without root/records: the synthetic Aff-Wild2 (SyntheticSpec fields), cached.
     c.data.synthetic = ml_collections.ConfigDict(
         {"num_videos": 24, "frames_per_video": 300, "seed": 0})
+    # Temporal models: clips of clip_length consecutive frames, windows every clip_stride frames
+    # (evaluation averages the overlapping windows back onto every frame); 0: single frames.
+    c.data.clip_length = 0
+    c.data.clip_stride = 1
     c.data.loader = ml_collections.ConfigDict(
         {"num_workers": 0, "read_threads": 1, "worker_buffer": 2})
 
@@ -46,10 +50,15 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.warmup_steps = 20
     c.optim.weight_decay = 0.0
     c.optim.grad_clip = 0.0  # global-norm clipping; 0 = off
-    c.optim.freeze = []  # regexes over parameter paths, e.g. ["^features/"]
+    c.optim.freeze = ()  # regexes over parameter paths, e.g. ("^features/",)
+    # Parameter groups, {name: {pattern, lr, start_step, schedule keys...}}: the first group whose
+    # regex matches a parameter path owns it (others: the settings above). A group with
+    # start_step stays frozen until then (two-stage fine-tuning, see configs/mtl.py).
+    c.optim.groups = ml_collections.ConfigDict()
 
     c.loss = ml_collections.ConfigDict()
     c.loss.head_weight = 0.1  # DDAMFN attention-head diversity loss
+    c.loss.head_start_step = 0  # ... added from this step on (stage 2 of a two-stage run)
     c.loss.class_weights = config_dict.placeholder(list)  # EXPR cross-entropy weights
     c.loss.pos_weight = config_dict.placeholder(list)  # AU BCE positive weights
     # Fill class_weights / pos_weight (where not given) from the train split's label counts:
@@ -58,7 +67,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # --mode=predict: more workdirs of the same task to average with this one (an ensemble),
     # and how EXPR members combine: "mean" of probabilities or "vote".
-    c.predict = ml_collections.ConfigDict({"ensemble": [], "combine": "mean"})
+    c.predict = ml_collections.ConfigDict({"ensemble": (), "combine": "mean"})
     return c
 
 
@@ -73,6 +82,22 @@ def experiment(task: str, arg: str = "") -> ml_collections.ConfigDict:
         real_data(c)
     elif arg:
         raise ValueError(f"unknown config variant {arg!r}; expected '' or 'real'")
+    return c
+
+
+def temporal(task: str, arg: str = "") -> ml_collections.ConfigDict:
+    """DDAMFN+LSTM over clips (configs/*_lstm.py): the backbone per frame, an LSTM over the
+    per-frame embeddings, per-frame task layers; `batch_size` counts clips."""
+    c = experiment(task, arg)
+    real = arg == "real"
+    c.model.name = "ddamfn_lstm" if real else "ddamfn_tiny_lstm"
+    c.model.hidden = 256 if real else 64
+    c.model.layers = 1
+    c.model.bidirectional = False
+    c.data.clip_length = 32 if real else 8
+    c.data.clip_stride = 16 if real else 4  # half-overlapping windows
+    c.batch_size = 16 if real else 4
+    c.eval_batch_size = 32 if real else 8
     return c
 
 

@@ -4,6 +4,8 @@ Synthetic Aff-Wild2, tiny DDAMFN, ~5 minutes on a 2-core CPU:
   python -m abaw_jax.main --config=configs/expr.py --workdir=workdirs/expr
 Evaluate the best checkpoint (metrics.json, per-video predictions, plots):
   python -m abaw_jax.main --config=configs/expr.py --workdir=workdirs/expr --mode=eval
+ABAW submission files for the test list (post-processing chosen on validation):
+  python -m abaw_jax.main --config=configs/expr.py --workdir=workdirs/expr --mode=predict
 Real Aff-Wild2 at the papers' scale, from the official DDAMFN weights:
   python -m abaw_jax.main --config=configs/expr.py:real --workdir=workdirs/expr_real \
     --config.data.root=/data/affwild2 --config.init_from=/data/ddamfn_affectnet8

@@ -56,3 +56,30 @@ def test_gradient_clipping_bounds_the_update():
     updates, _ = tx.update(big, tx.init(PARAMS), PARAMS)
     assert float(optax.tree.norm(updates)) == pytest.approx(1.0, rel=1e-5)
     assert np.isfinite(float(optax.tree.norm(updates)))
+
+
+def test_groups_have_their_own_rates_and_a_later_group_waits_for_its_start():
+    cfg = {"name": "sgd", "momentum": 0.0, "lr": 1.0, "schedule": "constant",
+           "groups": {"tasks": {"pattern": "^tasks/", "lr": 0.5},
+                      "backbone": {"pattern": ".", "lr": 0.1, "start_step": 2}}}
+    tx, _ = optim.build(cfg, PARAMS, total_steps=10)
+    state, params, moved = tx.init(PARAMS), PARAMS, []
+    for _ in range(4):
+        updates, state = tx.update(GRADS, state, params)
+        params = optax.apply_updates(params, updates)
+        moved.append({"tasks": float(-updates["tasks"]["va"]["bias"][0]),
+                      "backbone": float(-updates["features"]["0"]["bn"]["bias"][0])})
+    assert [m["tasks"] for m in moved] == pytest.approx([0.5] * 4)
+    assert [m["backbone"] for m in moved] == pytest.approx([0, 0, 0.1, 0.1])  # stage 2 from step 2
+
+
+def test_head_loss_starts_at_its_step():
+    from abaw_jax import tasks
+
+    heads = jnp.stack([jnp.ones((4, 3)), jnp.zeros((4, 3))], 1)  # (batch, heads, features)
+    out = {"va": jnp.zeros((4, 2)), "heads": heads}
+    batch = {"va": jnp.zeros((4, 2)), "va_mask": jnp.ones(4, bool)}
+    opts = {"head_weight": 0.1, "head_start_step": 5}
+    before, parts = tasks.get("va").loss(out, batch, opts, step=4)
+    after, _ = tasks.get("va").loss(out, batch, opts, step=5)
+    assert float(after - before) == pytest.approx(0.1 * float(parts["loss_heads"]))

@@ -109,8 +109,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_records, tmp_pat
     task = train.tasks.get("va")
     original = task.loss
 
-    def poisoned(out, batch, opts):
-        loss, parts = original(out, batch, opts)
+    def poisoned(out, batch, opts, step):
+        loss, parts = original(out, batch, opts, step)
         return loss + jax.numpy.where(batch["index"][0] >= 0, np.nan, 0.0), parts
 
     workdir = tmp_path / "nan"
@@ -178,13 +178,13 @@ def test_predict_writes_checked_submissions_for_the_test_list(tiny_tree, tmp_pat
     ckpt.close()
     assert len(stored["post/au/thresholds"]) == 12 and "post/au/method" in stored
     # An ensemble of the run with itself gives the same files; another task's run is refused.
-    config.predict.ensemble = [str(workdir)]
+    config.predict.ensemble = (str(workdir),)
     ensemble = predict.run(config, workdir)
     for f in (out / "au").glob("*.txt"):
         assert (ensemble / "au" / f.name).read_text() == f.read_text()
     other = tmp_path / "va"
     other.mkdir()
     (other / "config.json").write_text(tiny_config(None, task="va").to_json())
-    config.predict.ensemble = [str(other)]
+    config.predict.ensemble = (str(other),)
     with pytest.raises(ValueError, match="a checkpoint of task 'va', not 'au'"):
         predict.run(config, workdir)

@@ -6,11 +6,13 @@ from collections.abc import Callable
 
 from flax import nnx
 
-from abaw_jax.models import ddamfn
+from abaw_jax.models import ddamfn, temporal
 
 MODELS: dict[str, Callable[..., nnx.Module]] = {
     "ddamfn": ddamfn.ddamfn,
     "ddamfn_tiny": ddamfn.ddamfn_tiny,
+    "ddamfn_lstm": temporal.ddamfn_lstm,  # per-frame outputs of clips (B, T, ...)
+    "ddamfn_tiny_lstm": temporal.ddamfn_tiny_lstm,
 }
 
 
