@@ -22,18 +22,27 @@ LABELS = ("va", "expr", "au", "va_mask", "expr_mask", "au_mask")
 
 def predict_split(predict_step: Callable, params, rest, data_dir: Path, split: str, *,
                   batch_size: int, image_size: int, mesh, loader: pipeline.Loader,
-                  clip_length: int = 0, clip_stride: int = 1) -> dict[str, Any]:
+                  clip_length: int = 0, clip_stride: int = 1,
+                  features_dir: str | Path | None = None) -> dict[str, Any]:
     """{"preds": {head: (n, ...)}, "labels": {...}} in record order for all n records.
 
     Each process reads its block of the split; predictions and labels are all-gathered and
     placed by record index. Frames: every index must be filled exactly once. Clips
     (`clip_length` > 0, windows every `clip_stride` frames): a frame's prediction is the mean
-    over every window that holds it, and every frame must be in at least one.
+    over every window that holds it, and every frame must be in at least one. With
+    `features_dir` the clips are of cached embeddings (`predict_step` takes them) instead of
+    images.
     """
     n = len(records.RecordSource(data_dir, split))
     local_batch = parallel.check_batch_size(batch_size, mesh)
     shard = pipeline.Shard(jax.process_index(), jax.process_count())
-    if clip_length:
+    inputs = "image"
+    if features_dir:
+        inputs = "features"
+        stream = pipeline.feature_clip_eval_dataset(features_dir, split, length=clip_length,
+                                                    stride=clip_stride, batch_size=local_batch,
+                                                    shard=shard, loader=loader)
+    elif clip_length:
         stream = pipeline.clip_eval_dataset(data_dir, split, length=clip_length,
                                             stride=clip_stride, batch_size=local_batch,
                                             size=image_size, shard=shard, loader=loader)
@@ -45,8 +54,8 @@ def predict_split(predict_step: Callable, params, rest, data_dir: Path, split: s
     seen = np.zeros(n, np.int32)
     try:
         for batch in stream:
-            images = parallel.to_global({"image": batch["image"]}, mesh)["image"]
-            out = parallel.to_host(predict_step(params, rest, images))
+            x = parallel.to_global({inputs: batch[inputs]}, mesh)[inputs]
+            out = parallel.to_host(predict_step(params, rest, x))
             meta = parallel.to_host({k: np.asarray(batch[k]) for k in ("index", "mask", *LABELS)})
             rows = meta["mask"]
             if meta["index"].ndim == 2:  # clips: the frames of valid clips that have a record
@@ -82,11 +91,16 @@ def _predict_eval_split(params, rest, predict_step: Callable, setup, records: Pa
                          **clip_options(config))
 
 
-def clip_options(config: ml_collections.ConfigDict) -> dict[str, int]:
-    """The clip length and stride of a temporal model's config (none for a frame model)."""
+def clip_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The clip length and stride of a temporal model's config (none for a frame model), and
+    the feature cache it trains from (`data.features`), if any."""
     length = int(config.data.get("clip_length", 0) or 0)
-    return {"clip_length": length, "clip_stride": int(config.data.get("clip_stride", 1) or 1)
-            } if length else {}
+    if not length:
+        return {}
+    out = {"clip_length": length, "clip_stride": int(config.data.get("clip_stride", 1) or 1)}
+    if config.data.get("features"):
+        out["features_dir"] = config.data.features
+    return out
 
 
 def evaluate_split(params, rest, *, predict_step: Callable, setup, records: Path,
@@ -119,8 +133,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, which: str = "be
         ckpt.close()
     data_dir = cache.records_for(config.data, config.task)
     split = config.data.eval_split
-    result = _predict_eval_split(state.params, state.rest, train.make_predict_step(setup), setup,
-                                 data_dir, config)
+    predict_step = train.make_predict_step(setup, features=bool(config.data.get("features")))
+    result = _predict_eval_split(state.params, state.rest, predict_step, setup, data_dir, config)
     metrics = _metrics(setup.task, result, data_dir, split)
     metrics["step"] = step
     out = workdir / "eval" / f"{split}-step{step}"

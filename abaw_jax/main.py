@@ -10,17 +10,18 @@ import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from abaw_jax import evaluate, parallel, predict, train  # noqa: E402
+from abaw_jax import evaluate, extract, parallel, predict, train  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Run folder: checkpoints, logs, eval outputs "
                     "(default: workdirs/<config task>).")
-flags.DEFINE_enum("mode", "train", ["train", "eval", "predict"],
-                  "train (resumes by itself), eval (validation metrics, files, plots) or predict "
-                  "(ABAW submission files for the test list).")
-flags.DEFINE_string("checkpoint", "best", "eval/predict: 'best', 'latest' or a step number.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "extract"],
+                  "train (resumes by itself), eval (validation metrics, files, plots), predict "
+                  "(ABAW submission files for the test list) or extract (per-frame backbone "
+                  "embeddings of every split into <workdir>/features).")
+flags.DEFINE_string("checkpoint", "best", "eval/predict/extract: 'best', 'latest' or a step.")
 flags.mark_flags_as_required(["config"])
 
 _CHATTY = ("/orbax/", "/grain/", "/jax/_src/")
@@ -42,8 +43,9 @@ def main(argv):
     if jax.process_index() > 0:  # the processes log the same lines: keep process 0's
         logging.set_verbosity(logging.WARNING)
     workdir = FLAGS.workdir or f"workdirs/{FLAGS.config.task}"
-    if FLAGS.mode == "predict":
-        predict.run(FLAGS.config, workdir, FLAGS.checkpoint)
+    if FLAGS.mode in ("predict", "extract"):
+        {"predict": predict.run, "extract": extract.run}[FLAGS.mode](
+            FLAGS.config, workdir, FLAGS.checkpoint)
         return
     if FLAGS.mode == "train":
         metrics = train.train_and_evaluate(FLAGS.config, workdir)

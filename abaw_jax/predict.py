@@ -49,7 +49,8 @@ def _predict_member(workdir: Path, config: ml_collections.ConfigDict, which: str
         ckpt.close()
     post = postprocess.Post.from_metrics(stored, setup.task.heads)
     result = evaluate.predict_split(
-        train.make_predict_step(setup), state.params, state.rest, data_dir, "test",
+        train.make_predict_step(setup, features=bool(config.data.get("features"))),
+        state.params, state.rest, data_dir, "test",
         batch_size=config.eval_batch_size, image_size=setup.image_size, mesh=setup.mesh,
         loader=pipeline.Loader.from_config(config.data.loader), **evaluate.clip_options(config))
     logging.info("%s step %d: smoothing %s, AU thresholds %s", workdir, step,

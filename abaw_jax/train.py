@@ -25,7 +25,7 @@ from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
 from flax import nnx, struct
 
-from abaw_jax import checkpoint, evaluate, models, optim, parallel, tasks
+from abaw_jax import checkpoint, evaluate, extract, models, optim, parallel, tasks
 from abaw_jax import preemption as preemption_lib
 from abaw_jax.data import augment, cache, pipeline
 
@@ -149,7 +149,10 @@ def make_train_step(config: ml_collections.ConfigDict, setup: Setup, sharding,
             # Fresh Variables in this trace: BatchNorm updates its statistics in place, and NNX
             # refuses to mutate Variables created at the outer (jit) trace level.
             model = nnx.merge(setup.graphdef, cast, jax.tree.map(lambda x: x, rest))
-            out = model(normalize(batch["image"], dtype))
+            if "features" in batch:  # clips of cached embeddings: the temporal head only
+                out = model(batch["features"].astype(dtype), features=True)
+            else:
+                out = model(normalize(batch["image"], dtype))
             out = jax.tree.map(lambda x: x.astype(jnp.float32), out)
             loss, parts = setup.task.loss(out, batch, loss_opts, state.step)
             _, _, new_rest = nnx.split(model, nnx.Param, ...)
@@ -170,12 +173,14 @@ def make_train_step(config: ml_collections.ConfigDict, setup: Setup, sharding,
                    out_shardings=(sharding, parallel.replicated(setup.mesh)))
 
 
-def make_predict_step(setup: Setup) -> Callable:
-    """Eval-mode forward -> the task's per-frame predictions."""
+def make_predict_step(setup: Setup, features: bool = False) -> Callable:
+    """Eval-mode forward -> the task's per-frame predictions; of uint8 images, or with
+    `features` of cached embeddings (a temporal model's head only)."""
 
-    def predict_step(params, rest, images):
+    def predict_step(params, rest, x):
         model = nnx.merge(setup.eval_graphdef, params, rest)
-        return setup.task.predict(model(normalize(images)))
+        out = model(x, features=True) if features else model(normalize(x))
+        return setup.task.predict(out)
 
     return jax.jit(predict_step)
 
@@ -219,13 +224,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         logging.warning("resumed from %s step %d", ckpt.directory, start)
     else:
         start = 0
-        if config.init_from:
+        if config.data.get("features"):  # the backbone that extracted the cached embeddings
+            state = extract.load_backbone(state, setup, config.data.features)
+        elif config.init_from:
             state = load_pretrained(state, setup, config.init_from)
     if start == 0:
         logging.info("parameters:\n%s", parameter_overview.get_parameter_overview(
             nnx.to_pure_dict(state.params), include_stats=False))
     train_step = make_train_step(config, setup, state_sharding(setup, state), records)
-    predict_step = make_predict_step(setup)
+    predict_step = make_predict_step(setup, features=bool(config.data.get("features")))
     report = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer,
                                              every_steps=config.log_every_steps)
     evaluator = functools.partial(evaluate.evaluate_split, predict_step=predict_step,
@@ -280,6 +287,11 @@ def _train_stream(config: ml_collections.ConfigDict, records: Path, local_batch:
                                                                 config.image_size),
                   loader=pipeline.Loader.from_config(config.data.loader))
     clips = evaluate.clip_options(config)
+    if "features_dir" in clips:
+        del common["augment_cfg"]  # embeddings of the un-augmented frames
+        return pipeline.feature_clip_train_dataset(
+            clips["features_dir"], config.data.train_split, length=clips["clip_length"],
+            stride=clips["clip_stride"], **common)
     if clips:
         return pipeline.clip_train_dataset(records, config.data.train_split,
                                            length=clips["clip_length"],

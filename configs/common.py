@@ -36,6 +36,8 @@ def get_config() -> ml_collections.ConfigDict:
     # (evaluation averages the overlapping windows back onto every frame); 0: single frames.
     c.data.clip_length = 0
     c.data.clip_stride = 1
+    # A temporal model's head trained from cached embeddings: a `--mode=extract` output folder.
+    c.data.features = config_dict.placeholder(str)
     c.data.loader = ml_collections.ConfigDict(
         {"num_workers": 0, "read_threads": 1, "worker_buffer": 2})
 

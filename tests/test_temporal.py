@@ -1,5 +1,6 @@
 """DDAMFN+LSTM: clips in, per-frame outputs; overlapping windows averaged back onto frames."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from abaw_jax import evaluate, models, parallel, train
+from abaw_jax import checkpoint, evaluate, extract, models, parallel, train
 from abaw_jax.data import pipeline, records
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "configs"))
@@ -46,12 +47,50 @@ def test_lstm_model_takes_frames_or_cached_embeddings():
     np.testing.assert_allclose(cached["au"], out["au"], atol=1e-6)
 
 
-def test_lstm_config_trains_and_evaluates_every_frame(tiny_records, tmp_path):
+def _lstm_config(tiny_records, **overrides):
     c = common.temporal("va")
     c.data.records = str(tiny_records)
     c.total_steps, c.batch_size, c.eval_batch_size = 2, 8, 8
     c.log_every_steps = c.eval_every_steps = c.checkpoint_every_steps = 2
     c.model.hidden = 16
-    metrics = train.train_and_evaluate(c, tmp_path / "lstm")
-    assert metrics["va/frames"] == len(records.RecordSource(tiny_records, "validation"))
-    assert np.isfinite(metrics["va/ccc_mean"])
+    c.update_from_flattened_dict(overrides)
+    return c
+
+
+def _restore(config, workdir):
+    setup = train.make_setup(config, parallel.make_mesh())
+    ckpt = checkpoint.Checkpoints(workdir / "checkpoints", read_only=True)
+    state = ckpt.restore(ckpt.latest_step(), train.abstract_state(config, setup))
+    ckpt.close()
+    return setup, state
+
+
+def test_lstm_trains_end_to_end_and_from_its_feature_cache(tiny_records, tmp_path):
+    n = len(records.RecordSource(tiny_records, "validation"))
+    config = _lstm_config(tiny_records)
+    metrics = train.train_and_evaluate(config, tmp_path / "e2e")
+    assert metrics["va/frames"] == n and np.isfinite(metrics["va/ccc_mean"])
+    # --mode=extract: the run's backbone over every split, in record order.
+    out = extract.run(config, tmp_path / "e2e")
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["splits"] == {"train": len(records.RecordSource(tiny_records, "train")),
+                              "validation": n}
+    # Same weights: the cached path gives the end-to-end outputs.
+    setup, state = _restore(config, tmp_path / "e2e")
+    args = dict(batch_size=8, image_size=112, mesh=setup.mesh, loader=pipeline.Loader(),
+                clip_length=8, clip_stride=4)
+    e2e = evaluate.predict_split(train.make_predict_step(setup), state.params, state.rest,
+                                 tiny_records, "validation", **args)
+    cached = evaluate.predict_split(train.make_predict_step(setup, features=True), state.params,
+                                    state.rest, tiny_records, "validation", **args,
+                                    features_dir=out)
+    np.testing.assert_allclose(cached["preds"]["va"], e2e["preds"]["va"], atol=1e-5)
+    np.testing.assert_array_equal(cached["labels"]["va_mask"], e2e["labels"]["va_mask"])
+    # A head trained from the cache starts from (and keeps) the extracting backbone.
+    head = _lstm_config(tiny_records, **{"data.features": str(out)})
+    metrics = train.train_and_evaluate(head, tmp_path / "head")
+    assert metrics["va/frames"] == n
+    _, trained = _restore(head, tmp_path / "head")
+    for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(trained.params)["backbone"]),
+                    jax.tree.leaves(nnx.to_pure_dict(state.params)["backbone"]), strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -345,3 +345,39 @@ def _eval_clip(source, clips, size, length, c, rng=None):
         pad = _pad_example(size)
         return {k: np.stack([v] * length) for k, v in pad.items()} | {"mask": np.False_}
     return _clip(source, clips, size, None, int(c))
+
+
+# ----------------------------------------------------------------------------------------------
+# Clips of cached backbone embeddings (data/features.py): no image is decoded
+
+
+def _feature_clips(features_dir, split: str, length: int, stride: int):
+    from abaw_jax.data import features
+
+    source = features.FeatureSource(features_dir, split)
+    return source, clip_index(source.video, source.frame, length, stride, source.videos)
+
+
+def _feature_clip(source, clips, length, c, rng=None):
+    rows = clips[c] if c >= 0 else np.full(length, -1, np.int64)
+    return {**source.clip(rows), "mask": np.bool_(c >= 0)}
+
+
+def feature_clip_train_dataset(features_dir: str | os.PathLike, split: str, *, length: int,
+                               stride: int, batch_size: int, seed: int, shard: Shard = Shard(),
+                               loader: Loader = Loader()) -> Stream:
+    """Endless shuffled clips of cached embeddings: `features` (B, T, D) and per-frame labels."""
+    source, clips = _feature_clips(features_dir, split, length, stride)
+    element = functools.partial(_feature_clip, source, clips, length)
+    return _finish(_GlobalOrder(len(clips), seed, batch_size, shard), batch_size, loader,
+                   element, seed + 1, split=split, seed=seed, clips=len(clips), length=length,
+                   stride=stride, global_batch=batch_size * shard.count, features=True)
+
+
+def feature_clip_eval_dataset(features_dir: str | os.PathLike, split: str, *, length: int,
+                              stride: int, batch_size: int, shard: Shard = Shard(),
+                              loader: Loader = Loader()) -> Stream:
+    """Every clip of cached embeddings once over all processes, padded like `eval_dataset`."""
+    source, clips = _feature_clips(features_dir, split, length, stride)
+    return _finish(_Indices(_host_indices(len(clips), batch_size, shard), batch_size),
+                   batch_size, loader, functools.partial(_feature_clip, source, clips, length))
