@@ -124,6 +124,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, which: str = "be
     from abaw_jax import train  # train imports this module
 
     workdir = Path(workdir)
+    train.check_workdir(config, workdir)
     ckpt = checkpoint.Checkpoints(workdir / "checkpoints", read_only=True)
     try:
         step = ckpt.resolve(which)

@@ -52,6 +52,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, which: str = "la
     from abaw_jax import train
 
     workdir = Path(workdir)
+    train.check_workdir(config, workdir)
     setup, state, source = _source_state(config, workdir, which)
 
     def embed(params, rest, images):

@@ -6,6 +6,9 @@ latest, checkpoint) or from a converted DDAMFN folder (`python -m abaw_jax.conve
     out = predict(faces)          # faces: uint8 RGB (N, H, W, 3), any H, W
     out["va"]                     # (N, 2) valence, arousal in [-1, 1]
     out = predict(faces, features=True)   # + "features" (N, 7, 7, 512) and "heads"
+
+A DDAMFN+LSTM run takes the N faces as one clip (consecutive frames of one video, in order)
+and gives per-frame outputs; with features=True its per-frame "embedding".
 """
 
 from __future__ import annotations
@@ -36,11 +39,18 @@ class Predictor:
         self.image_size, self.thresholds = image_size, thresholds
         graphdef, state = nnx.split(model)
 
+        # A temporal (DDAMFN+LSTM) model takes the N images as one clip, in order.
+        self.temporal = hasattr(model, "rnn")
+
         @jax.jit
         def forward(state, images):
             from abaw_jax.train import normalize
 
-            out = nnx.merge(graphdef, state)(normalize(images))
+            model = nnx.merge(graphdef, state)
+            if self.temporal:
+                out = jax.tree.map(lambda v: v[0], model(normalize(images)[None]))
+                return head_fn(out), {"embedding": out["embedding"], "heads": out["heads"]}
+            out = model(normalize(images))
             return head_fn(out), {"features": out["features"], "heads": out["heads"]}
 
         self._state, self._forward = state, forward
@@ -53,8 +63,8 @@ class Predictor:
         batch = np.stack([augment.resize(im, self.image_size) for im in images])
         heads, extra = jax.device_get(self._forward(self._state, batch))
         out = {k: np.asarray(v) for k, v in heads.items()}
-        if features:
-            out["features"] = np.asarray(extra["features"])
+        if features:  # a temporal model gives its per-frame embeddings instead of maps
+            out.update({k: np.asarray(v) for k, v in extra.items() if k != "heads"})
             out["heads"] = [np.asarray(h) for h in extra["heads"]]
         return out
 

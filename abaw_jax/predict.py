@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from abaw_jax import checkpoint, evaluate, parallel, postprocess, submission, tasks
+from abaw_jax import checkpoint, evaluate, parallel, postprocess, submission, tasks, train
 from abaw_jax.data import affwild2, cache, pipeline, records
 
 
@@ -37,8 +37,6 @@ def _member_config(workdir: Path, config: ml_collections.ConfigDict | None
 def _predict_member(workdir: Path, config: ml_collections.ConfigDict, which: str,
                     data_dir: Path, video: np.ndarray, frame: np.ndarray
                     ) -> tuple[dict[str, np.ndarray], postprocess.Post, int]:
-    from abaw_jax import train  # train imports evaluate, which is imported here
-
     ckpt = checkpoint.Checkpoints(workdir / "checkpoints", read_only=True)
     try:
         step = ckpt.resolve(which)
@@ -81,6 +79,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, which: str = "be
     members, posts, steps = [], [], []
     for i, member in enumerate([workdir, *extra]):
         member_config = _member_config(member, config if i == 0 else None)
+        if i == 0:
+            train.check_workdir(config, member)
         if member_config.task != config.task:
             raise ValueError(f"{member}: a checkpoint of task {member_config.task!r}, not "
                              f"{config.task!r}")

@@ -185,6 +185,17 @@ def make_predict_step(setup: Setup, features: bool = False) -> Callable:
     return jax.jit(predict_step)
 
 
+def check_workdir(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
+    """A workdir holds one task's run: refuse to resume, evaluate or predict another task's
+    checkpoints with this config (Orbax would fail later on mismatched arrays)."""
+    saved = Path(workdir) / "config.json"
+    if saved.is_file():
+        task = json.loads(saved.read_text()).get("task")
+        if task != config.task:
+            raise ValueError(f"{workdir} holds a run of task {task!r}, this config is task "
+                             f"{config.task!r}: use another --workdir")
+
+
 def _write_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -205,6 +216,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     """Trains `config` in `workdir` (resuming from its latest checkpoint) and returns the final
     validation metrics."""
     workdir = Path(workdir)
+    check_workdir(config, workdir)
     _write_config(config, workdir)
     if jax.process_index() == 0:
         (workdir / PREEMPTED).unlink(missing_ok=True)

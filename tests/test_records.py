@@ -167,3 +167,14 @@ def test_broken_records_folder_errors(tiny_records, tmp_path):
     idx.write_bytes(idx.read_bytes()[:-8])
     with pytest.raises(DataError, match=r"\.idx: index of .* does not match the shard"):
         records.RecordSource(copy, "train")
+
+
+def test_a_test_list_naming_a_video_without_frames_is_an_error(tiny_tree, tmp_path):
+    root, _ = tiny_tree
+    layout = affwild2.Layout.discover(root)
+    lists = tmp_path / "test_lists"
+    lists.mkdir()
+    (lists / "VA_Estimation_Challenge_test_set_release.txt").write_text("video2\nno_such_video\n")
+    moved = affwild2.Layout(layout.annotations, layout.image_roots, tmp_path)
+    with pytest.raises(affwild2.DataError, match="test video 'no_such_video' has no crops"):
+        affwild2.curate(moved, "va", "test")

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from abaw_jax import checkpoint, evaluate, extract, models, parallel, train
+from abaw_jax import checkpoint, evaluate, extract, inference, models, parallel, train
 from abaw_jax.data import pipeline, records
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "configs"))
@@ -86,6 +86,10 @@ def test_lstm_trains_end_to_end_and_from_its_feature_cache(tiny_records, tmp_pat
                                     features_dir=out)
     np.testing.assert_allclose(cached["preds"]["va"], e2e["preds"]["va"], atol=1e-5)
     np.testing.assert_array_equal(cached["labels"]["va_mask"], e2e["labels"]["va_mask"])
+    # inference.load takes a run's frames as one clip.
+    faces = np.random.default_rng(0).integers(0, 255, (5, 90, 90, 3), np.uint8)
+    got = inference.load(tmp_path / "e2e", "latest")(faces, features=True)
+    assert got["va"].shape == (5, 2) and got["embedding"].shape == (5, 128)
     # A head trained from the cache starts from (and keeps) the extracting backbone.
     head = _lstm_config(tiny_records, **{"data.features": str(out)})
     metrics = train.train_and_evaluate(head, tmp_path / "head")

@@ -61,6 +61,9 @@ def test_train_checkpoint_resume_and_eval(tiny_records, tmp_path):
         assert lines[0] == "image_location,valence,arousal"
         assert len(lines) == 1 + lengths[f.stem]  # every frame, crops or not
     assert (out / "va_over_time.png").stat().st_size > 10_000
+    # Another task's config on this workdir is refused, naming both tasks.
+    with pytest.raises(ValueError, match="holds a run of task 'va', this config is task 'au'"):
+        evaluate.run(tiny_config(tiny_records, task="au"), workdir, "latest")
     # inference.load gives the same outputs from raw crops of any size.
     predict = inference.load(workdir, "latest")
     source = evaluate.records.RecordSource(tiny_records, "validation")
