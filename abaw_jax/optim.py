@@ -72,11 +72,18 @@ def frozen_labels(params, patterns: Sequence[str]) -> Any:
 
 
 def group_labels(params, groups: Mapping[str, Mapping[str, Any]]) -> Any:
-    """Each parameter's group: the first group (in config order) whose `pattern` regex matches
-    its path, else "default"."""
+    """Each parameter's group: the group whose `pattern` regex matches its path (searched), else
+    "default". A path matched by two groups is an error (config dicts have no order to break
+    the tie)."""
     compiled = [(name, re.compile(g["pattern"])) for name, g in groups.items()]
-    return jax.tree.map(lambda path: next((n for n, c in compiled if c.search(path)), "default"),
-                        param_paths(params))
+
+    def label(path: str) -> str:
+        hits = [n for n, c in compiled if c.search(path)]
+        if len(hits) > 1:
+            raise ValueError(f"parameter {path} matches the patterns of groups {hits}")
+        return hits[0] if hits else "default"
+
+    return jax.tree.map(label, param_paths(params))
 
 
 _SCHEDULE_KEYS = ("lr", "schedule", "warmup_steps", "end_lr", "decay", "decay_steps")

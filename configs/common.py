@@ -53,9 +53,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.weight_decay = 0.0
     c.optim.grad_clip = 0.0  # global-norm clipping; 0 = off
     c.optim.freeze = ()  # regexes over parameter paths, e.g. ("^features/",)
-    # Parameter groups, {name: {pattern, lr, start_step, schedule keys...}}: the first group whose
-    # regex matches a parameter path owns it (others: the settings above). A group with
-    # start_step stays frozen until then (two-stage fine-tuning, see configs/mtl.py).
+    # Parameter groups, {name: {pattern, lr, start_step, schedule keys...}}: the group whose
+    # regex matches a parameter path owns it (none: the settings above; two: an error). A group
+    # with start_step stays frozen until then (two-stage fine-tuning, see configs/mtl.py).
     c.optim.groups = ml_collections.ConfigDict()
 
     c.loss = ml_collections.ConfigDict()

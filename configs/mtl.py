@@ -34,7 +34,8 @@ def get_config(arg: str = ""):
     stage2 = c.total_steps // 3
     c.optim.groups = ml_collections.ConfigDict({
         "tasks": {"pattern": "^tasks/", "lr": c.optim.lr * 3},
-        "backbone": {"pattern": ".", "lr": c.optim.lr, "start_step": stage2},
+        "backbone": {"pattern": "^(features|heads|gdconv)/", "lr": c.optim.lr,
+                     "start_step": stage2},
     })
     c.loss.head_start_step = stage2
     return c

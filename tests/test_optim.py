@@ -61,7 +61,7 @@ def test_gradient_clipping_bounds_the_update():
 def test_groups_have_their_own_rates_and_a_later_group_waits_for_its_start():
     cfg = {"name": "sgd", "momentum": 0.0, "lr": 1.0, "schedule": "constant",
            "groups": {"tasks": {"pattern": "^tasks/", "lr": 0.5},
-                      "backbone": {"pattern": ".", "lr": 0.1, "start_step": 2}}}
+                      "backbone": {"pattern": "^features/", "lr": 0.1, "start_step": 2}}}
     tx, _ = optim.build(cfg, PARAMS, total_steps=10)
     state, params, moved = tx.init(PARAMS), PARAMS, []
     for _ in range(4):
@@ -83,3 +83,9 @@ def test_head_loss_starts_at_its_step():
     before, parts = tasks.get("va").loss(out, batch, opts, step=4)
     after, _ = tasks.get("va").loss(out, batch, opts, step=5)
     assert float(after - before) == pytest.approx(0.1 * float(parts["loss_heads"]))
+
+
+def test_a_parameter_in_two_groups_is_an_error():
+    groups = {"a": {"pattern": "^tasks/"}, "b": {"pattern": "kernel"}}
+    with pytest.raises(ValueError, match="tasks/va/kernel matches the patterns of groups"):
+        optim.group_labels(PARAMS, groups)

@@ -8,9 +8,10 @@ import cv2
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from abaw_jax import checkpoint, evaluate, inference, parallel, predict, submission, train
-from abaw_jax.data import augment, cache
+from abaw_jax.data import affwild2, augment, cache, prepare
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "configs"))
 import common  # noqa: E402
@@ -191,3 +192,30 @@ def test_predict_writes_checked_submissions_for_the_test_list(tiny_tree, tmp_pat
     config.predict.ensemble = (str(other),)
     with pytest.raises(ValueError, match="a checkpoint of task 'va', not 'au'"):
         predict.run(config, workdir)
+
+
+def test_multitask_two_stage_run_reports_p_and_holds_the_backbone_in_stage_1(tiny_tree,
+                                                                            tmp_path):
+    import mtl  # configs/, on the path since the top of this file
+
+    root, _ = tiny_tree
+    records = tmp_path / "mtl"
+    prepare.prepare(affwild2.Layout.discover(root), "mtl", records, workers=1, progress=False)
+    config = mtl.get_config()
+    config.data.records = str(records)
+    config.total_steps, config.batch_size, config.eval_batch_size = 2, 8, 16
+    config.log_every_steps = config.eval_every_steps = config.checkpoint_every_steps = 2
+    config.optim.groups.backbone.start_step = 3  # the run ends inside stage 1
+    setup = train.make_setup(config, parallel.make_mesh())
+    before = jax.device_get(train.init_state(config, setup).params)
+    metrics = train.train_and_evaluate(config, tmp_path / "run")
+    assert metrics["p_score"] == pytest.approx(
+        metrics["va/ccc_mean"] + metrics["expr/f1_macro"] + metrics["au/f1_mean"])
+    ckpt = checkpoint.Checkpoints(tmp_path / "run" / "checkpoints", read_only=True)
+    after = ckpt.restore(2, train.abstract_state(config, setup)).params
+    ckpt.close()
+    before, after = nnx.to_pure_dict(before), nnx.to_pure_dict(jax.device_get(after))
+    for a, b in zip(jax.tree.leaves(before["features"]), jax.tree.leaves(after["features"]),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)  # stage 1: the backbone is frozen
+    assert not np.allclose(before["tasks"]["au"]["kernel"], after["tasks"]["au"]["kernel"])
