@@ -7,12 +7,12 @@ asynchronous (training continues while arrays are written).
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from pathlib import Path
 from typing import Any
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
@@ -66,10 +66,15 @@ class Checkpoints:
                                              handler_registry=_handlers())
 
     def save(self, step: int, state: Any, data: Any = None, metrics: dict | None = None) -> None:
-        """Saves state (a pytree of arrays) and, when given, the data stream's position."""
+        """Saves state (a pytree of arrays) and, when given, the data stream's position.
+
+        The position is the same on every process (`pipeline.Stream`), so it is one JSON item
+        (written by process 0) rather than grain's file per process: any process count can
+        resume from it.
+        """
         items = {"state": ocp.args.PyTreeSave(state)}
         if data is not None:
-            items["data"] = grain.checkpoint.CheckpointSave(data)
+            items["data"] = ocp.args.JsonSave(json.loads(data.get_state()))
         # {} rather than None: a checkpoint without an evaluation ranks last for "best".
         self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics or {},
                           force=True)
@@ -114,29 +119,48 @@ class Checkpoints:
         items = {"state": ocp.args.PyTreeRestore(
             abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(
                 abstract_state))}
+        state = self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
         if data is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data)
-        return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+            self.restore_data(step, data)
+        return state
+
+    def restore_data(self, step: int, data: Any) -> None:
+        """Moves the data stream `data` to the position saved at `step`."""
+        saved = self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))
+        data.set_state(json.dumps(saved["data"]).encode())
 
     def restore_latest(self, abstract_state: Any, data: Any = None) -> tuple[int, Any] | None:
-        """(step, state) of the newest checkpoint that restores, or None when there is none.
+        """(step, state) of the newest checkpoint whose state restores, or None when there is
+        none.
 
-        A checkpoint that fails to restore (corrupt, or half-written by a killed run) is moved
-        aside to `corrupt-<step>` and the previous one is tried, with a warning saying so. All
-        processes take the same decision.
+        A newest checkpoint that fails to restore (corrupt, or half-written by a killed run) is
+        moved aside to `corrupt-<step>`, with a warning, once an older one has restored; when
+        none restores (e.g. the model changed) the first error is raised and nothing is moved.
+        The data stream's position is restored after the state, and its errors (another seed or
+        batch size) are raised as they are. All processes take the same decisions.
         """
+        failed: list[tuple[int, Exception | None]] = []
         for step in sorted(self.steps(), reverse=True):
             try:
-                state, error = self.restore(step, abstract_state, data), None
-            except Exception as e:  # noqa: BLE001 - whatever the reason, this step is unusable
+                state, error = self.restore(step, abstract_state), None
+            except Exception as e:  # noqa: BLE001 - judged below, against the older steps
                 state, error = None, e
-            if parallel.all_processes(error is None):
-                return step, state
-            logging.warning("checkpoint step %d in %s cannot be restored (%s); moving it to "
-                            "%s and falling back to the previous checkpoint", step,
-                            self.directory, error or "failed on another process",
-                            self.directory / f"corrupt-{step}")
-            self._set_aside(step)
+            if not parallel.all_processes(error is None):
+                failed.append((step, error))
+                continue
+            for bad, bad_error in failed:
+                logging.warning("checkpoint step %d in %s cannot be restored (%s); moved to %s, "
+                                "falling back to step %d", bad, self.directory,
+                                bad_error or "failed on another process",
+                                self.directory / f"corrupt-{bad}", step)
+                self._set_aside(bad)
+            if data is not None:
+                self.restore_data(step, data)
+            return step, state
+        if failed:
+            step, error = failed[0]
+            raise RuntimeError(f"no checkpoint in {self.directory} restores; step {step}: "
+                               f"{error or 'failed on another process'}") from error
         return None
 
     def _set_aside(self, step: int) -> None:

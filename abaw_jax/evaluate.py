@@ -15,7 +15,7 @@ import numpy as np
 from absl import logging
 
 from abaw_jax import checkpoint, parallel, plots, postprocess, submission
-from abaw_jax.data import cache, pipeline, records
+from abaw_jax.data import cache, features, pipeline, records
 
 LABELS = ("va", "expr", "au", "va_mask", "expr_mask", "au_mask")
 
@@ -39,6 +39,7 @@ def predict_split(predict_step: Callable, params, rest, data_dir: Path, split: s
     inputs = "image"
     if features_dir:
         inputs = "features"
+        features.check_matches(features_dir, split, *records.read_frame_index(data_dir, split))
         stream = pipeline.feature_clip_eval_dataset(features_dir, split, length=clip_length,
                                                     stride=clip_stride, batch_size=local_batch,
                                                     shard=shard, loader=loader)
@@ -56,7 +57,10 @@ def predict_split(predict_step: Callable, params, rest, data_dir: Path, split: s
         for batch in stream:
             x = parallel.to_global({inputs: batch[inputs]}, mesh)[inputs]
             out = parallel.to_host(predict_step(params, rest, x))
-            meta = parallel.to_host({k: np.asarray(batch[k]) for k in ("index", "mask", *LABELS)})
+            # Through the same global arrays as the predictions: a TPU mesh may order a
+            # process's devices non-contiguously, and rows must stay matched to their outputs.
+            meta = parallel.to_host(parallel.to_global(
+                {k: np.asarray(batch[k]) for k in ("index", "mask", *LABELS)}, mesh))
             rows = meta["mask"]
             if meta["index"].ndim == 2:  # clips: the frames of valid clips that have a record
                 rows = rows[:, None] & (meta["index"] >= 0)

@@ -10,6 +10,7 @@ and predict end to end as well as from the cache.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -73,18 +74,17 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, which: str = "la
             step, state.params, state.rest, data_dir, split, batch_size=config.eval_batch_size,
             image_size=setup.image_size, mesh=setup.mesh,
             loader=pipeline.Loader.from_config(config.data.loader))
-        if jax.process_index() == 0:
-            videos, video, frame = records.read_frame_index(data_dir, split)
-            features.write_split(out, split, result["preds"]["embedding"], result["labels"],
-                                 videos, video, frame)
+        write = functools.partial(features.write_split, out, split,
+                                  result["preds"]["embedding"], result["labels"],
+                                  *records.read_frame_index(data_dir, split))
+        parallel.on_process_0(write, f"writing the {split} features")
         sizes[split] = len(result["preds"]["embedding"])
         logging.info("extracted %d %s frames into %s", sizes[split], split, out / split)
     size = setup.image_size
     pad = step(state.params, state.rest, np.zeros((1, size, size, 3), np.uint8))["embedding"]
-    if jax.process_index() == 0:
-        features.write_meta(out, {"source": source, "model": config.model.name,
-                                  "task": config.task, "splits": sizes}, np.asarray(pad)[0])
-    parallel.barrier("features-written")
+    parallel.on_process_0(lambda: features.write_meta(
+        out, {"source": source, "model": config.model.name, "task": config.task,
+              "splits": sizes}, np.asarray(pad)[0]), "writing the features' metadata")
     return out
 
 

@@ -92,19 +92,30 @@ _SCHEDULE_KEYS = ("lr", "schedule", "warmup_steps", "end_lr", "decay", "decay_st
 def _group(cfg: Mapping[str, Any], group: Mapping[str, Any], params, total_steps: int
            ) -> optax.GradientTransformation:
     """A group's optimizer: the main settings with the group's schedule keys; with
-    `start_step`, frozen before it (zero gradients, zero learning rate: Adam's moments stay
-    empty) and its schedule, warm-up included, starting there."""
+    `start_step`, frozen before it and started there as a fresh optimizer (its schedule,
+    warm-up included, and Adam's step count begin at the start)."""
     gcfg = {**cfg, **{k: v for k, v in group.items() if k in _SCHEDULE_KEYS}}
     start = int(group.get("start_step", 0))
-    main = schedule(gcfg, max(total_steps - start, 1))
-    if not start:
-        return _base(gcfg, main, params)
+    tx = _base(gcfg, schedule(gcfg, max(total_steps - start, 1)), params)
+    return _from_step(tx, start) if start else tx
 
-    def delayed(step):
-        return jnp.where(step < start, 0.0, main(jnp.maximum(step - start, 0)))
 
-    gate = optax.scale_by_schedule(lambda step: (step >= start).astype(jnp.float32))
-    return optax.chain(gate, _base(gcfg, delayed, params))
+def _from_step(tx: optax.GradientTransformation, start: int) -> optax.GradientTransformation:
+    """`tx` held back until `start` steps have passed: zero updates, and its state (moments,
+    step count) left untouched, so it starts exactly as a fresh optimizer would."""
+
+    def init(params):
+        return jnp.zeros([], jnp.int32), tx.init(params)
+
+    def update(updates, state, params=None):
+        count, inner = state
+        new_updates, new_inner = tx.update(updates, inner, params)
+        on = count >= start
+        new_updates = jax.tree.map(lambda u: jnp.where(on, u, jnp.zeros_like(u)), new_updates)
+        inner = jax.tree.map(lambda new, old: jnp.where(on, new, old), new_inner, inner)
+        return new_updates, (count + 1, inner)
+
+    return optax.GradientTransformation(init, update)
 
 
 def build(cfg: Mapping[str, Any], params, total_steps: int

@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -71,6 +72,21 @@ def all_processes(ok: bool) -> bool:
     return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
 
 
+def on_process_0(fn: Callable[[], Any], what: str) -> None:
+    """Runs `fn` (file writing) on process 0 only; every process returns when it is done, and
+    raises if it failed (rather than the others waiting for it forever)."""
+    error = None
+    if jax.process_index() == 0:
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - re-raised below, after telling the others
+            error = e
+    if not all_processes(error is None):
+        if error is not None:
+            raise error
+        raise RuntimeError(f"process 0 failed {what}; see its log")
+
+
 def barrier(name: str) -> None:
     """Waits until every process gets here (for file operations done by process 0)."""
     if jax.process_count() > 1:
@@ -85,8 +101,8 @@ def initialize(timeout_s: int | None = None) -> None:
     """Starts JAX's multi-process runtime when the environment describes several processes.
 
     - Explicitly: JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES,
-      JAX_PROCESS_ID and optionally JAX_LOCAL_DEVICE_IDS (comma-separated), as `launch/local.sh`
-      and `launch/slurm.sbatch` set them.
+      JAX_PROCESS_ID and optionally JAX_LOCAL_DEVICE_IDS (comma-separated), as
+      `launch/local.sh` sets them.
     - Auto-detected by JAX under SLURM with several tasks and on multi-worker TPU VMs. Under
       SLURM with one task per node, all of the node's GPUs are used (JAX would otherwise give
       each task one GPU); JAX_LOCAL_DEVICE_IDS overrides.
@@ -109,13 +125,11 @@ def initialize(timeout_s: int | None = None) -> None:
             return
         logging.info("process %d of %d: joining the coordinator at %s (timeout %d s)", index,
                      count, address, timeout_s)
-        start = time.monotonic()
         if index != 0:  # process 0 hosts the coordinator; the others check they can reach it
             _wait_for(address, timeout_s, index, count)
         jax.distributed.initialize(
             coordinator_address=address, num_processes=count, process_id=index,
-            local_device_ids=local_ids,
-            initialization_timeout=max(1, int(timeout_s - (time.monotonic() - start))))
+            local_device_ids=local_ids, initialization_timeout=timeout_s)
     elif int(env.get("SLURM_NTASKS", "1")) > 1:
         if local_ids is None and _slurm_tasks_per_node(env) == 1 and env.get("SLURM_GPUS_ON_NODE"):
             local_ids = list(range(int(env["SLURM_GPUS_ON_NODE"])))

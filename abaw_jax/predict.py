@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import jax
 import ml_collections
 import numpy as np
 from absl import logging
@@ -90,13 +89,14 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, which: str = "be
         steps.append(step)
     how = config.get("predict", {}).get("combine", "mean")
     out = workdir / "predict" / (f"test-step{steps[0]}" if not extra else "test-ensemble")
-    if jax.process_index() == 0:
+    def write():
         _write(out, task.heads, members, posts, how, videos, video, frame, lengths)
         (out / "members.json").write_text(json.dumps(
             {"members": [str(m) for m in [workdir, *extra]], "steps": steps, "combine": how,
              "data": str(data_dir)}, indent=1))
         logging.info("submission files in %s (checked: %d videos)", out, len(videos))
-    parallel.barrier("predict-written")
+
+    parallel.on_process_0(write, "writing the submission")
     return out
 
 

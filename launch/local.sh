@@ -7,8 +7,8 @@
 #
 # Each process gets JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID (read by
 # abaw_jax.parallel.initialize) and LOCAL_DEVICES fake CPU devices (default 2). Output lines are
-# prefixed with [pI]. SIGTERM / SIGINT are forwarded to every process (as SLURM does on
-# preemption); the exit status is the first non-zero status of the processes, else 0.
+# prefixed with [pI]. SIGTERM and Ctrl-C are forwarded to every process as SIGTERM (as SLURM does
+# on preemption); the exit status is the first non-zero status of the processes, else 0.
 set -u -o pipefail
 
 if [[ $# -lt 2 || ! "$1" =~ ^[1-9][0-9]*$ ]]; then
@@ -35,8 +35,9 @@ forward() {
   echo "local.sh: forwarding SIG$1 to ${pids[*]}" >&2
   kill -"$1" "${pids[@]}" 2>/dev/null
 }
-trap 'forward TERM' TERM
-trap 'forward INT' INT
+# Ctrl-C becomes SIGTERM for the processes: background jobs of a script ignore SIGINT, and
+# SIGTERM is what makes them save a checkpoint at an agreed step and exit 0.
+trap 'forward TERM' TERM INT
 
 status=0
 for pid in "${pids[@]}"; do

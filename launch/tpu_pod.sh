@@ -40,13 +40,15 @@ case $action in
     [[ $# -ge 2 ]] || usage
     config=$1 workdir=$2
     shift 2
-    args=$(printf ' %q' "$@")
+    args=""
+    if [[ $# -gt 0 ]]; then args=$(printf ' %q' "$@"); fi
     # Every worker also appends its output to ~/abaw_jax_run.log.
     main="python -m abaw_jax.main --config=$(printf %q "$config") --workdir=$(printf %q "$workdir")"
-    ssh_all "cd $remote_dir && JAX_PLATFORMS=tpu $main$args 2>&1 | tee -a \$HOME/abaw_jax_run.log"
+    ssh_all "set -o pipefail; cd $remote_dir && JAX_PLATFORMS=tpu $main$args 2>&1 | tee -a \$HOME/abaw_jax_run.log"
     ;;
   stop)
-    ssh_all "pkill -TERM -f 'python -m abaw_jax.main' || true"
+    # Anchored: the remote shell running this command line must not match.
+    ssh_all "pkill -TERM -f '^python -m abaw_jax[.]main' || true"
     ;;
   *)
     usage

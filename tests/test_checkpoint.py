@@ -55,3 +55,13 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, da
     ckpt.wait()
     assert ckpt.restore_latest(ABSTRACT)[0] == 6
     ckpt.close()
+
+
+def test_when_no_checkpoint_restores_nothing_is_moved(tmp_path):
+    _saved(tmp_path, [2, 4])
+    ckpt = checkpoint.Checkpoints(tmp_path)
+    other_model = {**ABSTRACT, "new_layer": jax.ShapeDtypeStruct((3,), jnp.float32)}
+    with pytest.raises(RuntimeError, match="no checkpoint .* restores; step 4"):
+        ckpt.restore_latest(other_model)
+    assert ckpt.steps() == [2, 4] and not list(tmp_path.glob("corrupt-*"))
+    ckpt.close()

@@ -34,10 +34,11 @@ def test_slurm_script_runs_one_task_per_node_and_requeues_after_preemption(tmp_p
     scontrol = _fake(tmp_path, "scontrol")
     proc = _run(["bash", "launch/slurm.sbatch", "configs/va.py:real", str(workdir),
                  "--config.batch_size=512"], tmp_path, SLURM_JOB_ID="42",
-                SLURM_SUBMIT_DIR=str(ROOT))
+                SLURM_SUBMIT_DIR=str(ROOT), SLURM_CPUS_PER_TASK="32")
     assert proc.returncode == 0, proc.stderr
     assert srun.read_text().split() == [
-        "--kill-on-bad-exit=1", "--ntasks-per-node=1", "python", "-m", "abaw_jax.main",
+        "--kill-on-bad-exit=1", "--ntasks-per-node=1", "--cpus-per-task=32", "python", "-m",
+        "abaw_jax.main",
         "--config=configs/va.py:real", f"--workdir={workdir}", "--config.batch_size=512"]
     if preempted:
         assert scontrol.read_text() == "requeue 42\n" and "preempted at step 7" in proc.stdout
@@ -54,9 +55,14 @@ def test_tpu_script_runs_the_same_command_on_every_worker(tmp_path):
     assert call.startswith("compute tpus tpu-vm ssh my-tpu --zone=us-central2-b --worker=all")
     assert ("python -m abaw_jax.main --config=configs/au.py --workdir=/mnt/runs/au "
             "--config.seed=3") in call
+    # Without overrides: no empty argument reaches main ('' would be an unexpected argument).
+    proc = _run(["bash", "launch/tpu_pod.sh", "run", "my-tpu", "z", "configs/au.py", "/w"],
+                tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "--workdir=/w 2>&1" in gcloud.read_text().splitlines()[-1]
     proc = _run(["bash", "launch/tpu_pod.sh", "setup", "my-tpu", "us-central2-b"], tmp_path)
     assert proc.returncode == 0, proc.stderr
-    scp, ssh = gcloud.read_text().splitlines()[1:]
+    scp, ssh = gcloud.read_text().splitlines()[2:]
     assert scp.startswith("compute tpus tpu-vm scp") and "--worker=all" in scp
     assert "pip install" in ssh and "-e ." in ssh
 

@@ -89,3 +89,16 @@ def test_a_parameter_in_two_groups_is_an_error():
     groups = {"a": {"pattern": "^tasks/"}, "b": {"pattern": "kernel"}}
     with pytest.raises(ValueError, match="tasks/va/kernel matches the patterns of groups"):
         optim.group_labels(PARAMS, groups)
+
+
+def test_a_late_group_starts_as_a_fresh_adam():
+    # Adam's first step moves each parameter by lr (m_hat / sqrt(v_hat) = sign(g)); a group
+    # started at step 3 must do exactly that then, not carry a step count from stage 1.
+    cfg = {"name": "adam", "lr": 1.0, "schedule": "constant",
+           "groups": {"late": {"pattern": "^features/", "lr": 0.1, "start_step": 3}}}
+    tx, _ = optim.build(cfg, PARAMS, total_steps=10)
+    state, moved = tx.init(PARAMS), []
+    for _ in range(4):
+        updates, state = tx.update(GRADS, state, PARAMS)
+        moved.append(float(-updates["features"]["0"]["bn"]["bias"][0]))
+    assert moved == pytest.approx([0, 0, 0, 0.1], rel=1e-5)

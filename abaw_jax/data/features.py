@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,9 @@ def write_split(out: str | os.PathLike, split: str, embedding: np.ndarray,
                 labels: Mapping[str, np.ndarray], videos: list[str], video: np.ndarray,
                 frame: np.ndarray, shard_rows: int = 65_536) -> None:
     folder = Path(out) / split
-    folder.mkdir(parents=True, exist_ok=True)
+    if folder.exists():  # a re-extraction: no stale shards of another shard count
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
     n = len(embedding)
     count = max(1, -(-n // shard_rows))
     for s in range(count):
@@ -43,12 +46,27 @@ def write_meta(out: str | os.PathLike, meta: Mapping[str, Any], pad: np.ndarray)
     (Path(out) / "meta.json").write_text(json.dumps(meta, indent=1))
 
 
+def check_matches(directory: str | os.PathLike, split: str, videos: list[str],
+                  video: np.ndarray, frame: np.ndarray) -> None:
+    """The cache must hold exactly these records' frames, in this order (e.g. not a cache of
+    strictly filtered records used with per-task masks)."""
+    with np.load(Path(directory) / split / "frames.npz") as z:
+        same = (z["videos"].tolist() == list(videos) and np.array_equal(z["video"], video)
+                and np.array_equal(z["frame"], frame))
+    if not same:
+        raise DataError(f"{directory}/{split}: the cached features are of other frames than "
+                        "the records of this config; extract them again from these records")
+
+
 class FeatureSource:
     """Random access to one split's cached embeddings and labels by record index."""
 
     def __init__(self, directory: str | os.PathLike, split: str):
         folder = Path(directory) / split
         shards = sorted(folder.glob("embedding-*-of-*.npy"))
+        if shards and len(shards) != int(shards[0].stem.rsplit("-of-", 1)[1]):
+            raise DataError(f"{folder}: {len(shards)} embedding shards, their names say "
+                            f"{shards[0].stem.rsplit('-of-', 1)[1]}")
         if not shards or not (folder / "frames.npz").is_file():
             raise DataError(f"{folder}: no cached features of split {split!r}; write them with "
                             "`python -m abaw_jax.main --mode=extract ...`")
