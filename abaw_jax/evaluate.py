@@ -86,10 +86,12 @@ def predict_split(predict_step: Callable, params, rest, data_dir: Path, split: s
     return {"preds": preds, "labels": labels}
 
 
-def _predict_eval_split(params, rest, predict_step: Callable, setup, records: Path,
-                        config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """`predict_split` over the config's eval split with its eval batch size and loader."""
-    return predict_split(predict_step, params, rest, records, config.data.eval_split,
+def predict_config_split(params, rest, predict_step: Callable, setup, records: Path,
+                         config: ml_collections.ConfigDict, split: str | None = None
+                         ) -> dict[str, Any]:
+    """`predict_split` of a split (the config's eval split by default) with the config's eval
+    batch size, loader and clip options."""
+    return predict_split(predict_step, params, rest, records, split or config.data.eval_split,
                          batch_size=config.eval_batch_size, image_size=setup.image_size,
                          mesh=setup.mesh, loader=pipeline.Loader.from_config(config.data.loader),
                          **clip_options(config))
@@ -111,7 +113,7 @@ def evaluate_split(params, rest, *, predict_step: Callable, setup, records: Path
                    config: ml_collections.ConfigDict) -> dict:
     """Task metrics over the config's whole eval split, with the post-processing chosen on it
     (`post/...`: smoothing per head, AU thresholds after smoothing, scores before and after)."""
-    result = _predict_eval_split(params, rest, predict_step, setup, records, config)
+    result = predict_config_split(params, rest, predict_step, setup, records, config)
     return _metrics(setup.task, result, records, config.data.eval_split)
 
 
@@ -139,7 +141,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, which: str = "be
     data_dir = cache.records_for(config.data, config.task)
     split = config.data.eval_split
     predict_step = train.make_predict_step(setup, features=bool(config.data.get("features")))
-    result = _predict_eval_split(state.params, state.rest, predict_step, setup, data_dir, config)
+    result = predict_config_split(state.params, state.rest, predict_step, setup, data_dir,
+                                  config)
     metrics = _metrics(setup.task, result, data_dir, split)
     metrics["step"] = step
     out = workdir / "eval" / f"{split}-step{step}"

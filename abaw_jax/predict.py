@@ -20,7 +20,7 @@ import numpy as np
 from absl import logging
 
 from abaw_jax import checkpoint, evaluate, parallel, postprocess, submission, tasks, train
-from abaw_jax.data import affwild2, cache, pipeline, records
+from abaw_jax.data import affwild2, cache, records
 
 
 def _member_config(workdir: Path, config: ml_collections.ConfigDict | None
@@ -45,11 +45,9 @@ def _predict_member(workdir: Path, config: ml_collections.ConfigDict, which: str
     finally:
         ckpt.close()
     post = postprocess.Post.from_metrics(stored, setup.task.heads)
-    result = evaluate.predict_split(
-        train.make_predict_step(setup, features=bool(config.data.get("features"))),
-        state.params, state.rest, data_dir, "test",
-        batch_size=config.eval_batch_size, image_size=setup.image_size, mesh=setup.mesh,
-        loader=pipeline.Loader.from_config(config.data.loader), **evaluate.clip_options(config))
+    predict_step = train.make_predict_step(setup, features=bool(config.data.get("features")))
+    result = evaluate.predict_config_split(state.params, state.rest, predict_step, setup,
+                                           data_dir, config, "test")
     logging.info("%s step %d: smoothing %s, AU thresholds %s", workdir, step,
                  dict(post.smoothing), post.thresholds)
     return post.apply(result["preds"], video, frame), post, step
