@@ -441,6 +441,41 @@ def test_depthwise_impl_choice():
         layers.depthwise_conv(jnp.zeros((1, 3, 3, 1)), jnp.zeros((3, 3, 1, 1)), impl="fft")
 
 
+# --- BatchNorm ------------------------------------------------------------------------------------
+
+def test_batch_norm_matches_nnx():
+    """The custom-VJP training BatchNorm against nnx.BatchNorm: output, running statistics,
+    gradients of input, scale and bias (also through a loss that uses the output twice), and
+    eval mode; an off-centre input (|mean| >> std) checks the cancellation-prone parts."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(3.0, 0.5, size=(4, 6, 5, 7)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+    ours = layers.batch_norm(7, nnx.Rngs(0))
+    ref = nnx.BatchNorm(7, momentum=layers.BN_MOMENTUM, epsilon=layers.BN_EPSILON,
+                        rngs=nnx.Rngs(0))
+    assert isinstance(ours, nnx.BatchNorm) and type(ours) is not nnx.BatchNorm
+    for m in (ours, ref):
+        m.scale[...] = jnp.linspace(0.5, 2.0, 7)
+        m.bias[...] = jnp.linspace(-1.0, 1.0, 7)
+
+    def loss(m, x):
+        y = m(x)
+        return jnp.sum(jnp.sin(y) * w) + jnp.sum(y * y)
+
+    (l_ours, g_ours), (l_ref, g_ref) = (nnx.value_and_grad(loss, argnums=(0, 1))(m, x)
+                                        for m in (ours, ref))
+    np.testing.assert_allclose(l_ours, l_ref, rtol=1e-5)
+    np.testing.assert_allclose(g_ours[1], g_ref[1], atol=1e-4, rtol=1e-4)
+    for name in ("scale", "bias"):
+        np.testing.assert_allclose(g_ours[0][name][...], g_ref[0][name][...], atol=1e-3,
+                                   rtol=1e-4)
+    for name in ("mean", "var"):  # running statistics after one training call
+        np.testing.assert_allclose(getattr(ours, name)[...], getattr(ref, name)[...],
+                                   rtol=1e-5, atol=1e-6)
+    ours.eval(), ref.eval()
+    np.testing.assert_allclose(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
 # --- Training ------------------------------------------------------------------------------------
 
 def test_tiny_train_step_on_a_sharded_batch_uses_global_statistics():

@@ -75,8 +75,9 @@ def _shift_fwd(x, kernel, stride, padding):
 
 def _shift_bwd(stride, padding, residuals, g):
     x, kernel = residuals
-    return (_shift_input_grad(g, kernel, x.shape, stride, padding),
-            _shift_kernel_grad(x, g, kernel.shape, stride, padding))
+    gp = _pad_for_transpose(g, kernel.shape[:2], x.shape, stride, padding)
+    return (_shift_conv(gp, kernel[::-1, ::-1], (1, 1), (0, 0)),
+            _shift_kernel_grad(x, g, gp, kernel.shape, stride, padding))
 
 
 _depthwise_shift.defvjp(_shift_fwd, _shift_bwd)
@@ -107,24 +108,42 @@ def _shift_conv(x, kernel, stride, padding):
     return functools.reduce(jnp.add, terms)
 
 
-def _shift_input_grad(g, kernel, x_shape, stride, padding):
-    """Transposed conv: dilate g by the stride, pad by k - 1 - p (the high side also covers rows
-    the forward's floor division dropped; negative pads crop), stride-1 conv, flipped kernel."""
-    (kh, kw), (sh, sw), (ph, pw) = kernel.shape[:2], stride, padding
+def _pad_for_transpose(g, kernel_hw, x_shape, stride, padding):
+    """g dilated by the stride and padded by k - 1 - p (the high side also covers rows the
+    forward's floor division dropped; negative pads crop): (N, H + kh - 1, W + kw - 1, C).
+    The input gradient is the stride-1 conv of this with the flipped kernel."""
+    (kh, kw), (sh, sw), (ph, pw) = kernel_hw, stride, padding
     (oh, ow), hp, wp = g.shape[1:3], x_shape[1] + 2 * ph, x_shape[2] + 2 * pw
-    gp = lax.pad(g, jnp.zeros((), g.dtype), [
+    return lax.pad(g, jnp.zeros((), g.dtype), [
         (0, 0, 0), (kh - 1 - ph, hp - (oh - 1) * sh - 1 - ph, sh - 1),
         (kw - 1 - pw, wp - (ow - 1) * sw - 1 - pw, sw - 1), (0, 0, 0)])
-    return _shift_conv(gp, kernel[::-1, ::-1], (1, 1), (0, 0))
 
 
-def _shift_kernel_grad(x, g, kernel_shape, stride, padding):
-    """d kernel[i, j] = sum over (N, oh, ow) of window_ij * g, all taps in one reduction."""
-    xp, out_hw = _pad_and_out_hw(x, kernel_shape[:2], stride, padding)
-    products = [window * g for window in _windows(xp, kernel_shape[:2], out_hw, stride)]
-    sums = lax.reduce(products, [jnp.zeros((), g.dtype)] * len(products),
-                      lambda a, b: [u + v for u, v in zip(a, b, strict=True)], (0, 1, 2))
-    return jnp.stack(sums).reshape(kernel_shape)
+def _tap_sums(products):
+    """Per-channel sums of each (N, H, W, C) product, all in one variadic reduction."""
+    zero = jnp.zeros((), products[0].dtype)
+    return jnp.stack(lax.reduce(products, [zero] * len(products),
+                                lambda a, b: [u + v for u, v in zip(a, b, strict=True)],
+                                (0, 1, 2)))
+
+
+def _shift_kernel_grad(x, g, gp, kernel_shape, stride, padding):
+    """d kernel[i, j] = sum over (N, oh, ow) of (padded x window (i, j)) * g.
+
+    At stride 1 the taps shift the padded gradient `gp` instead, over (N, H, W):
+    d kernel[kh-1-i, kw-1-j] = sum of x * (gp window (i, j)). Each shifted operand is read kh*kw
+    times, which makes XLA keep it materialised and fuse the other operand's producers into the
+    reduction once; shifting x had the gradient's producers (BatchNorm, attention backward)
+    recomputed inside the reduction (the train step was ~8% slower). At stride > 1 gp is dilated,
+    mostly zeros, so the x windows are cheaper.
+    """
+    kernel_hw = kernel_shape[:2]
+    if stride == (1, 1):
+        windows = _windows(gp, kernel_hw, x.shape[1:3], (1, 1))
+        return _tap_sums([x * window for window in windows]).reshape(kernel_shape)[::-1, ::-1]
+    xp, out_hw = _pad_and_out_hw(x, kernel_hw, stride, padding)
+    windows = _windows(xp, kernel_hw, out_hw, stride)
+    return _tap_sums([window * g for window in windows]).reshape(kernel_shape)
 
 
 def h_swish(x: jax.Array) -> jax.Array:
@@ -132,8 +151,85 @@ def h_swish(x: jax.Array) -> jax.Array:
     return x * jax.nn.relu6(x + 3.0) / 6.0
 
 
-def batch_norm(features: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
-    return nnx.BatchNorm(features, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, rngs=rngs)
+def batch_norm(features: int, rngs: nnx.Rngs) -> BatchNorm:
+    return BatchNorm(features, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, rngs=rngs)
+
+
+class BatchNorm(nnx.BatchNorm):
+    """`nnx.BatchNorm` (same variables, statistics and results) whose training-mode forward and
+    backward over the last axis are one custom VJP.
+
+    Autodiff of nnx.BatchNorm materialises x - mean in the forward as a residual (a full extra
+    pass per layer) and spreads its backward over several fusions. Here the forward keeps only
+    the input and the per-channel statistics, and the backward needs two sums over the batch;
+    XLA fuses the scale-and-shift into its consumers. Eval mode and other axes are nnx's own.
+    """
+
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None, *,
+                 mask: jax.Array | None = None) -> jax.Array:
+        running = self.use_running_average if use_running_average is None else use_running_average
+        if running or mask is not None or self.axis not in (-1, x.ndim - 1) or \
+                self.scale is None or self.bias is None or not self.use_fast_variance or \
+                self.axis_name is not None:
+            return super().__call__(x, use_running_average, mask=mask)
+        dtype = self.dtype or jnp.result_type(x, self.scale[...], self.bias[...])
+        y, mean, var = _batch_norm_train(x.astype(dtype), self.scale[...].astype(dtype),
+                                         self.bias[...].astype(dtype), self.epsilon)
+        m = self.momentum
+        self.mean[...] = lax.stop_gradient(m * self.mean[...] + (1 - m) * mean)
+        self.var[...] = lax.stop_gradient(m * self.var[...] + (1 - m) * var)
+        return y
+
+
+def _bn_stats(x):
+    """Batch mean and biased variance over all but the last axis, as nnx's fast variance."""
+    axes = tuple(range(x.ndim - 1))
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    mean, mean2 = xf.mean(axes), jnp.square(xf).mean(axes)
+    raw = mean2 - jnp.square(mean)
+    return mean, jnp.maximum(raw, 0.0), raw > 0
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _batch_norm_train(x, scale, bias, epsilon):
+    """(normalised x * scale + bias, batch mean, batch variance)."""
+    return _bn_fwd(x, scale, bias, epsilon)[0]
+
+
+def _bn_fwd(x, scale, bias, epsilon):
+    mean, var, positive = _bn_stats(x)
+    rstd = lax.rsqrt(var + epsilon)
+    # (x - mean) * a + bias as nnx computes it: x * a + (bias - mean * a) cancels digits when
+    # |mean| >> std.
+    y = (x - mean.astype(x.dtype)) * (scale * rstd).astype(x.dtype) + bias.astype(x.dtype)
+    return (y, mean, var), (x, scale, mean, rstd, positive)
+
+
+def _bn_bwd(epsilon, residuals, cotangents):
+    """With xhat = (x - mean) * rstd and M values per channel:
+    dbias = sum(gy); dscale = sum(gy * xhat) = rstd * (sum(gy * x) - mean * sum(gy));
+    dx = scale * rstd * (gy - dbias / M - xhat * dscale / M), plus the (normally zero)
+    cotangents of the returned mean (1 / M) and variance (2 (x - mean) / M).
+
+    sum(gy * x) and sum(gy) are plain products of arrays, which XLA:CPU gives to YNNPACK's
+    blocked reduction. sum(gy * (x - mean)) became a loop reduction whose float32 running sum
+    made 1-device and 8-device results differ ~100x more (tests/test_train.py)."""
+    del epsilon
+    x, scale, mean, rstd, positive = residuals
+    gy, g_mean, g_var = cotangents
+    axes = tuple(range(x.ndim - 1))
+    count = x.size // x.shape[-1]
+    gyf, xf = gy.astype(mean.dtype), x.astype(mean.dtype)
+    sum_gy = gyf.sum(axes)
+    dscale = rstd * ((gyf * xf).sum(axes) - mean * sum_gy)
+    a = scale * rstd
+    c1 = -a * rstd * dscale / count + 2.0 * jnp.where(positive, g_var, 0.0) / count
+    c0 = -a * sum_gy / count + g_mean / count
+    dx = gyf * a + (xf - mean) * c1 + c0
+    return dx.astype(x.dtype), dscale.astype(scale.dtype), sum_gy.astype(scale.dtype)
+
+
+_batch_norm_train.defvjp(_bn_fwd, _bn_bwd)
 
 
 class Pointwise(nnx.Module):
@@ -150,7 +246,11 @@ class Pointwise(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((out_features,))) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = x @ self.kernel[0, 0]
+        # As a 2-D product: autodiff of the N-D `x @ kernel` gave XLA:CPU a kernel gradient that
+        # first transposed the whole output gradient (4.7x slower for a 128 -> 1024 conv at
+        # 14x14, batch 32); the 2-D one feeds both gradients untransposed.
+        kernel = self.kernel[0, 0]
+        y = (x.reshape(-1, x.shape[-1]) @ kernel).reshape(*x.shape[:-1], kernel.shape[-1])
         return y if self.bias is None else y + self.bias[...]
 
 
