@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from torch import nn
 
-from abaw_jax import convert, models
+from abaw_jax import convert, models, parallel
 from abaw_jax.convert import ddamfn as conv
 from abaw_jax.models import ddamfn, layers
 
@@ -432,6 +432,47 @@ def test_depthwise_shift_matches_xla(stride):
         np.testing.assert_allclose(y_s, y_x, atol=1e-5, rtol=1e-5)
         for a, b in zip(g_s, g_x, strict=True):
             np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_depthwise_kernel_grad_by_image_groups(monkeypatch):
+    """The kernel gradient summed per group of images, then over the groups (as a large batch
+    is on CPU), equals XLA's: the stride-1 (shifted gradient) and strided (input window)
+    forms, and more taps than one reduction takes."""
+    monkeypatch.setattr(layers, "_GROUP_BYTES", 6000)  # 2 images of the 3x3 case's operands
+    assert layers._group_size(16, (9 * 7 + 11 * 9) * 4 * 4) == 2
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(16, 8, 7, 4)), jnp.float32)
+    for kernel, stride, padding in (((3, 3), 1, (1, 1)), ((7, 7), 1, (3, 3)),
+                                    ((5, 5), 2, (2, 2))):
+        w = jnp.asarray(rng.normal(size=(*kernel, 1, 4)), jnp.float32)
+
+        def loss(w, impl, stride=stride, padding=padding):
+            return jnp.sum(jnp.sin(layers.depthwise_conv(x, w, stride, padding, impl=impl)))
+
+        shift, xla = (jax.jit(jax.grad(loss), static_argnums=1)(w, impl)
+                      for impl in ("shift", "xla"))
+        np.testing.assert_allclose(shift, xla, atol=1e-4, rtol=1e-4)
+
+
+def test_group_size_fits_the_budget_and_leaves_eight_groups(monkeypatch):
+    monkeypatch.setattr(layers, "_GROUP_BYTES", 100)
+    assert [layers._group_size(n, 30) for n in (1, 6, 8, 32, 48)] == [1, 1, 1, 2, 3]
+    assert layers._group_size(32, 1000) == 1  # one image over the budget: groups of one
+    monkeypatch.setattr(layers, "_GROUP_BYTES", 1000)
+    assert layers._group_size(64, 30) == 8  # at least 8 groups
+
+
+def test_sharded_depthwise_kernel_grad_is_one_all_reduce():
+    """Over a batch sharded on 8 devices the kernel gradient of a 3x3 conv needs one
+    all-reduce (of the per-group partial sums), not a collective per tap."""
+    mesh = parallel.make_mesh()
+    x = jax.device_put(jnp.ones((8, 6, 6, 4)), parallel.batch_sharding(mesh))
+    w = jax.device_put(jnp.ones((3, 3, 1, 4)), parallel.replicated(mesh))
+    grad = jax.jit(jax.grad(lambda w, x: jnp.sum(layers.depthwise_conv(x, w, 1, 1,
+                                                                       impl="shift") ** 2)))
+    hlo = grad.lower(w, x).compile().as_text()
+    assert hlo.count(" all-gather(") + hlo.count(" all-gather-start(") == 0
+    assert hlo.count(" all-reduce(") + hlo.count(" all-reduce-start(") == 1
 
 
 def test_depthwise_impl_choice():
