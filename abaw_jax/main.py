@@ -40,6 +40,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_LibraryInfoFilter())
     parallel.initialize()
+    parallel.check_host_allocator()
     if jax.process_index() > 0:  # the processes log the same lines: keep process 0's
         logging.set_verbosity(logging.WARNING)
     workdir = FLAGS.workdir or f"workdirs/{FLAGS.config.task}"

@@ -8,7 +8,9 @@ forward, an MSE loss on the 8 logits, backward and an Adam step; then the eval-m
 under `torch.no_grad()`, both on random inputs at --batch (median of --steps runs after one
 warm-up). Prints `train_step: <x> images/s` and `inference: <x> images/s` like
 benchmarks/train_step.py, so the two can be run back to back: this CPU's speed drifts by 10-30 %
-over a day, which moves both.
+over a day, which moves both. The allocator matters to both (PyTorch trains ~25 % faster on
+tcmalloc too): compare like with like, `LD_PRELOAD=libtcmalloc_minimal.so.4` on both or neither;
+the first line says which malloc ran.
 """
 
 import statistics
@@ -18,6 +20,8 @@ from pathlib import Path
 
 import torch
 from absl import app, flags
+
+from abaw_jax import parallel
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 from test_ddamfn import RefDDAMNet  # noqa: E402
@@ -63,7 +67,8 @@ def main(argv):
     model.eval()
     t_infer = _median_seconds(inference, FLAGS.steps)
     n = FLAGS.batch
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {n}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {n}, "
+          f"{parallel.host_allocator()} malloc")
     print(f"train_step: {n / t_train:.1f} images/s ({t_train * 1000:.0f} ms/step)")
     print(f"inference: {n / t_infer:.1f} images/s ({t_infer * 1000:.0f} ms/batch)")
 

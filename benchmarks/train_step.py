@@ -7,8 +7,11 @@ r"""Train-step and inference throughput of a model on the current devices.
 Times the trainer's own jitted, donated train step (forward, loss, backward, Adam update,
 BatchNorm statistics) and the eval-mode forward on random uint8 images, after compilation
 (median of --steps runs). Prints `train_step: <x> images/s` and `inference: <x> images/s`.
-Reference on the project's 2-core CPU: the official PyTorch DDAMFN trains at ~5.5 images/s and
-infers at ~30-36 images/s at batch 32. `--allreduce` also times an all-reduce (sum over the
+On CPU preload tcmalloc (`LD_PRELOAD=libtcmalloc_minimal.so.4 python benchmarks/...`): glibc
+malloc maps XLA's temporaries afresh at every step (README, "Speed on CPU"); the first line
+names the malloc. Reference on the project's 2-core CPU: the issue quotes the official PyTorch
+DDAMFN at ~5.5 images/s training and ~30-36 inference at batch 32; benchmarks/torch_ddamfn.py
+times the parity tests' PyTorch DDAMFN on the same machine. `--allreduce` also times an all-reduce (sum over the
 devices of all processes) of a gradient-sized float32 vector, printed as `allreduce: <ms>`.
 Under several processes `--batch` is the global batch and process 0 prints.
 """
@@ -94,7 +97,8 @@ def main(argv):
         return
     print(f"devices: {jax.device_count()} x {jax.devices()[0].platform} in "
           f"{jax.process_count()} process(es); model {FLAGS.model} ({params / 1e6:.2f}M "
-          f"parameters), batch {n}, depthwise {FLAGS.depthwise}")
+          f"parameters), batch {n}, depthwise {FLAGS.depthwise}, "
+          f"{parallel.host_allocator()} malloc")
     print(f"train_step: {n / t_train:.1f} images/s ({t_train * 1000:.0f} ms/step)")
     print(f"inference: {n / t_infer:.1f} images/s ({t_infer * 1000:.0f} ms/batch)")
     if FLAGS.allreduce:

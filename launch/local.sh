@@ -17,6 +17,11 @@ if [[ $# -lt 2 || ! "$1" =~ ^[1-9][0-9]*$ ]]; then
 fi
 n=$1
 shift
+# XLA:CPU trains ~25 % faster on tcmalloc than on glibc malloc (README, "Speed on CPU"): preload
+# it when installed, unless LD_PRELOAD is set (an empty LD_PRELOAD= keeps glibc malloc).
+if [[ -z "${LD_PRELOAD+set}" ]] && ldconfig -p 2>/dev/null | grep -q libtcmalloc_minimal.so.4; then
+  export LD_PRELOAD=libtcmalloc_minimal.so.4
+fi
 port=${COORDINATOR_PORT:-$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 devices=${LOCAL_DEVICES:-2}
 

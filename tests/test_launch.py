@@ -91,3 +91,29 @@ def test_slurm_environment_gives_each_task_its_gpus(monkeypatch, env, want):
     monkeypatch.setattr(parallel.jax.distributed, "initialize", lambda **kw: calls.append(kw))
     parallel.initialize(timeout_s=5)
     assert calls == [{"local_device_ids": want, "initialization_timeout": 5}]
+
+
+def _allocator(cmd, **env):
+    base = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    out = subprocess.run([*cmd, "python", "-c", "from abaw_jax import parallel; "
+                          "print(parallel.host_allocator())"], cwd=ROOT, env={**base, **env},
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    return out.split()[-1]
+
+
+def test_host_allocator_names_the_malloc_and_local_sh_preloads_tcmalloc():
+    has_tcmalloc = subprocess.run("ldconfig -p | grep -q libtcmalloc_minimal.so.4",
+                                  shell=True).returncode == 0
+    assert _allocator([]) == "glibc"
+    assert _allocator(["launch/local.sh", "1"], LD_PRELOAD="") == "glibc"
+    assert _allocator(["launch/local.sh", "1"]) == ("tcmalloc" if has_tcmalloc else "glibc")
+    if has_tcmalloc:
+        assert _allocator([], LD_PRELOAD=parallel.TCMALLOC) == "tcmalloc"
+
+
+def test_cpu_backend_on_glibc_malloc_warns_with_the_command(monkeypatch, caplog):
+    for name, warns in (("glibc", True), ("tcmalloc", False)):
+        caplog.clear()
+        monkeypatch.setattr(parallel, "host_allocator", lambda name=name: name)
+        parallel.check_host_allocator()
+        assert (f"LD_PRELOAD={parallel.TCMALLOC}" in caplog.text) == warns
