@@ -192,7 +192,7 @@ def check_host_allocator() -> None:
     if jax.default_backend() != "cpu" or host_allocator() == "tcmalloc":
         return
     logging.warning(
-        "CPU backend on %s malloc: the train step runs ~25%% slower than with tcmalloc, since "
+        "CPU backend on %s malloc: a train step takes ~1.4x as long as with tcmalloc, since "
         "XLA's temporaries are mapped afresh at every step. Preload it: LD_PRELOAD=%s python "
         "-m abaw_jax.main ... (Debian/Ubuntu: apt-get install libtcmalloc-minimal4; README, "
         "'Speed on CPU').", host_allocator(), TCMALLOC)

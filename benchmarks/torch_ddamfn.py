@@ -68,7 +68,7 @@ def main(argv):
     t_infer = _median_seconds(inference, FLAGS.steps)
     n = FLAGS.batch
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {n}, "
-          f"{parallel.host_allocator()} malloc")
+          f"malloc {parallel.host_allocator()}")
     print(f"train_step: {n / t_train:.1f} images/s ({t_train * 1000:.0f} ms/step)")
     print(f"inference: {n / t_infer:.1f} images/s ({t_infer * 1000:.0f} ms/batch)")
 

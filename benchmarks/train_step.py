@@ -98,7 +98,7 @@ def main(argv):
     print(f"devices: {jax.device_count()} x {jax.devices()[0].platform} in "
           f"{jax.process_count()} process(es); model {FLAGS.model} ({params / 1e6:.2f}M "
           f"parameters), batch {n}, depthwise {FLAGS.depthwise}, "
-          f"{parallel.host_allocator()} malloc")
+          f"malloc {parallel.host_allocator()}")
     print(f"train_step: {n / t_train:.1f} images/s ({t_train * 1000:.0f} ms/step)")
     print(f"inference: {n / t_infer:.1f} images/s ({t_infer * 1000:.0f} ms/batch)")
     if FLAGS.allreduce:
