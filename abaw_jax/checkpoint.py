@@ -21,6 +21,10 @@ from orbax.checkpoint import checkpoint_managers as policies
 from abaw_jax import parallel
 
 
+class NoCheckpointError(FileNotFoundError):
+    """The checkpoints folder holds no checkpoint (or does not exist)."""
+
+
 def _score(metrics: dict | None) -> float:
     value = (metrics or {}).get("score", float("nan"))
     return -math.inf if value is None or math.isnan(value) else float(value)
@@ -92,10 +96,10 @@ class Checkpoints:
 
     def resolve(self, which: str | int) -> int:
         """'latest', 'best' (the latest when none was evaluated) or a step number -> an existing
-        step (ValueError naming what exists)."""
+        step (ValueError naming what exists; NoCheckpointError when there is none)."""
         steps = self.steps()
         if not steps:
-            raise FileNotFoundError(f"no checkpoints in {self.directory}")
+            raise NoCheckpointError(f"no checkpoints in {self.directory}")
         if which == "latest":
             return max(steps)
         if which == "best":

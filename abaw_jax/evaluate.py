@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from abaw_jax import checkpoint, parallel, plots, postprocess, submission
+from abaw_jax import parallel, plots, postprocess, submission
 from abaw_jax.data import cache, features, pipeline, records
 
 LABELS = ("va", "expr", "au", "va_mask", "expr_mask", "au_mask")
@@ -131,13 +131,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, which: str = "be
 
     workdir = Path(workdir)
     train.check_workdir(config, workdir)
-    ckpt = checkpoint.Checkpoints(workdir / "checkpoints", read_only=True)
-    try:
-        step = ckpt.resolve(which)
-        setup = train.make_setup(config, parallel.make_mesh())
-        state = ckpt.restore(step, train.abstract_state(config, setup))
-    finally:
-        ckpt.close()
+    restored = train.restore_run(config, workdir, which)
+    setup, state, step = restored.setup, restored.state, restored.step
     data_dir = cache.records_for(config.data, config.task)
     split = config.data.eval_split
     predict_step = train.make_predict_step(setup, features=bool(config.data.get("features")))

@@ -32,18 +32,15 @@ def _source_state(config, workdir: Path, which: str):
     """(setup, state, provenance) of the extracting model."""
     from abaw_jax import train
 
-    setup = train.make_setup(config, parallel.make_mesh())
-    ckpt = checkpoint.Checkpoints(workdir / "checkpoints", read_only=True)
     try:
-        if ckpt.steps():
-            step = ckpt.resolve(which)
-            state = ckpt.restore(step, train.abstract_state(config, setup))
-            return setup, state, {"workdir": str(workdir.absolute()), "step": step}
-    finally:
-        ckpt.close()
+        run = train.restore_run(config, workdir, which)
+        return run.setup, run.state, {"workdir": str(workdir.absolute()), "step": run.step}
+    except checkpoint.NoCheckpointError:
+        pass  # extract from the converted weights of init_from
     if not config.init_from:
         raise FileNotFoundError(f"{workdir}: no checkpoint to extract features with, and no "
                                 "config.init_from")
+    setup = train.make_setup(config, parallel.make_mesh())
     state = train.load_pretrained(train.init_state(config, setup), setup, config.init_from)
     return setup, state, {"init_from": str(Path(config.init_from).absolute())}
 
@@ -99,8 +96,7 @@ def load_backbone(state, setup, features_dir: str | Path):
         return train.load_pretrained(state, setup, source["init_from"])
     workdir = Path(source["workdir"])
     src_config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-    src_setup, src_state, _ = _source_state(src_config, workdir, str(source["step"]))
-    del src_setup
+    src_state = train.restore_run(src_config, workdir, source["step"]).state
     params, rest = nnx.to_pure_dict(state.params), nnx.to_pure_dict(state.rest)
     for target, src in ((params, src_state.params), (rest, src_state.rest)):
         src = nnx.to_pure_dict(src)

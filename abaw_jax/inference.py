@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from abaw_jax import checkpoint, parallel, tasks
+from abaw_jax import parallel, tasks
 from abaw_jax.data import augment
 
 
@@ -85,15 +85,10 @@ def _from_workdir(workdir: Path, which: str) -> Predictor:
     from abaw_jax import train
 
     config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-    ckpt = checkpoint.Checkpoints(workdir / "checkpoints", read_only=True)
-    try:
-        step = ckpt.resolve(which)
-        setup = train.make_setup(config, parallel.make_mesh(jax.local_devices()[:1]))
-        state = ckpt.restore(step, train.abstract_state(config, setup))
-        thresholds = (ckpt.metrics(step) or {}).get("au/thresholds")
-    finally:
-        ckpt.close()
-    model = nnx.merge(setup.eval_graphdef, state.params, state.rest)
+    mesh = parallel.make_mesh(jax.local_devices()[:1])
+    restored = train.restore_run(config, workdir, which, mesh)
+    thresholds = restored.metrics.get("au/thresholds")
+    model = nnx.merge(restored.setup.eval_graphdef, restored.state.params, restored.state.rest)
     task = tasks.get(config.task)
     return Predictor(model, config.image_size, task.predict,
                      None if thresholds is None else np.asarray(thresholds))

@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from abaw_jax import checkpoint, evaluate, parallel, postprocess, submission, tasks, train
+from abaw_jax import evaluate, parallel, postprocess, submission, tasks, train
 from abaw_jax.data import affwild2, cache, records
 
 
@@ -36,15 +36,9 @@ def _member_config(workdir: Path, config: ml_collections.ConfigDict | None
 def _predict_member(workdir: Path, config: ml_collections.ConfigDict, which: str,
                     data_dir: Path, video: np.ndarray, frame: np.ndarray
                     ) -> tuple[dict[str, np.ndarray], postprocess.Post, int]:
-    ckpt = checkpoint.Checkpoints(workdir / "checkpoints", read_only=True)
-    try:
-        step = ckpt.resolve(which)
-        setup = train.make_setup(config, parallel.make_mesh())
-        state = ckpt.restore(step, train.abstract_state(config, setup))
-        stored = ckpt.metrics(step)
-    finally:
-        ckpt.close()
-    post = postprocess.Post.from_metrics(stored, setup.task.heads)
+    restored = train.restore_run(config, workdir, which)
+    setup, state, step = restored.setup, restored.state, restored.step
+    post = postprocess.Post.from_metrics(restored.metrics, setup.task.heads)
     predict_step = train.make_predict_step(setup, features=bool(config.data.get("features")))
     result = evaluate.predict_config_split(state.params, state.rest, predict_step, setup,
                                            data_dir, config, "test")

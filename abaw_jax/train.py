@@ -107,6 +107,30 @@ def abstract_state(config: ml_collections.ConfigDict, setup: Setup) -> Any:
                         shapes, state_sharding(setup, shapes))
 
 
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    """A checkpoint of a run restored for evaluation, prediction, extraction or inference."""
+
+    setup: Setup
+    state: TrainState
+    step: int
+    metrics: dict  # stored beside the checkpoint at its evaluation ({} when none)
+
+
+def restore_run(config: ml_collections.ConfigDict, workdir: str | Path, which: str | int,
+                mesh: jax.sharding.Mesh | None = None) -> Restored:
+    """The checkpoint `which` ('best', 'latest' or a step) of `workdir`, restored onto `mesh`
+    (default: every device), read-only. checkpoint.NoCheckpointError when there is none."""
+    setup = make_setup(config, mesh or parallel.make_mesh())
+    ckpt = checkpoint.Checkpoints(Path(workdir) / "checkpoints", read_only=True)
+    try:
+        step = ckpt.resolve(which)
+        state = ckpt.restore(step, abstract_state(config, setup))
+        return Restored(setup, state, step, ckpt.metrics(step) or {})
+    finally:
+        ckpt.close()
+
+
 def load_pretrained(state: TrainState, setup: Setup, path: str) -> TrainState:
     """Replaces the backbone (and any matching layers) with converted weights from `path`; new
     task layers keep their initialisation, the optimiser state is rebuilt."""

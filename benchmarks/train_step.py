@@ -11,8 +11,9 @@ On CPU preload tcmalloc (`LD_PRELOAD=libtcmalloc_minimal.so.4 python benchmarks/
 malloc maps XLA's temporaries afresh at every step (README, "Speed on CPU"); the first line
 names the malloc. Reference on the project's 2-core CPU: the issue quotes the official PyTorch
 DDAMFN at ~5.5 images/s training and ~30-36 inference at batch 32; benchmarks/torch_ddamfn.py
-times the parity tests' PyTorch DDAMFN on the same machine. `--allreduce` also times an all-reduce (sum over the
-devices of all processes) of a gradient-sized float32 vector, printed as `allreduce: <ms>`.
+times the parity tests' PyTorch DDAMFN on the same machine. `--allreduce` also times an
+all-reduce (sum over the devices of all processes) of a gradient-sized float32 vector, printed
+as `allreduce: <ms>`.
 Under several processes `--batch` is the global batch and process 0 prints.
 """
 

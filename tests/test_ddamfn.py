@@ -7,6 +7,7 @@ numbers: concrete initialisation costs one XLA compile per parameter shape (~20 
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import jax
@@ -19,9 +20,13 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from torch import nn
 
-from abaw_jax import convert, models, parallel
+from abaw_jax import convert, extract, models, parallel
 from abaw_jax.convert import ddamfn as conv
+from abaw_jax.data import records
 from abaw_jax.models import ddamfn, layers
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "configs"))
+import common  # noqa: E402
 
 KEYS_FILE = Path(__file__).resolve().parents[2] / "shared/specs/ddamfn_state_dict_keys.txt"
 TOL = 1e-4  # max abs error relative to the reference's max abs value
@@ -383,6 +388,21 @@ def test_load_into_keeps_new_task_layers(converted_tiny, ref_tiny):
                                   sd["features.7.model.0.CA.conv1.bias"].numpy())
     np.testing.assert_array_equal(model.heads[1].bn1.var[...],
                                   sd["cat_head1.CoordAtt.bn1.running_var"].numpy())
+
+
+def test_extract_without_checkpoints_uses_init_from(converted_tiny, tiny_records, tmp_path):
+    """--mode=extract on a workdir without checkpoints embeds with the converted weights of
+    init_from, and says so; with neither it is an error naming the workdir."""
+    config = common.experiment("va")
+    config.model.name, config.data.records = "ddamfn_tiny", str(tiny_records)
+    config.eval_batch_size = 8
+    with pytest.raises(FileNotFoundError, match="no checkpoint to extract"):
+        extract.run(config, tmp_path / "none")
+    config.init_from = str(converted_tiny)
+    meta = json.loads((extract.run(config, tmp_path / "wd") / "meta.json").read_text())
+    assert meta["source"] == {"init_from": str(converted_tiny.absolute())}
+    assert meta["splits"] == {split: len(records.RecordSource(tiny_records, split))
+                              for split in ("train", "validation")}
 
 
 def test_load_into_mismatches_name_the_path(converted_tiny):

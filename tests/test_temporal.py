@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from abaw_jax import checkpoint, evaluate, extract, inference, models, parallel, train
+from abaw_jax import evaluate, extract, inference, models, parallel, train
 from abaw_jax.data import pipeline, records
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "configs"))
@@ -58,11 +58,8 @@ def _lstm_config(tiny_records, **overrides):
 
 
 def _restore(config, workdir):
-    setup = train.make_setup(config, parallel.make_mesh())
-    ckpt = checkpoint.Checkpoints(workdir / "checkpoints", read_only=True)
-    state = ckpt.restore(ckpt.latest_step(), train.abstract_state(config, setup))
-    ckpt.close()
-    return setup, state
+    restored = train.restore_run(config, workdir, "latest")
+    return restored.setup, restored.state
 
 
 def test_lstm_trains_end_to_end_and_from_its_feature_cache(tiny_records, tmp_path):
