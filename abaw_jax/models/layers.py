@@ -144,7 +144,8 @@ def _pad_for_transpose(g, kernel_hw, x_hw, stride, padding, extra_rows=0):
 # operands along the whole reduced extent: once the operands outgrow the cache every output
 # element re-reads them from memory. Summing per group of images whose operands fit in
 # _GROUP_BYTES (a share of a core's L2), then over the groups, made the DDAMFN kernel-gradient
-# reductions 1.3-4x faster (benchmarks/depthwise.py --layers).
+# reductions 1.3-4x faster (one core, batch 32: 28x28, 96 channels, 3x3: 27 -> 6.5 ms; 56x56, 64
+# channels: 109 -> 40 ms; all of the train step's: 1,400 -> 410 ms).
 _GROUP_BYTES = 1 << 20
 # Taps per variadic reduction: with more accumulators per output element (7x7 and 9x9 kernels)
 # the loop runs slower than two or three reductions of a share of the taps each (9x9, 256
