@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from abaw_jax import checkpoint, evaluate, parallel, train
+from abaw_jax import checkpoint, evaluate, train
 from abaw_jax.data import records
 
 ROOT = Path(__file__).parents[1]
@@ -69,13 +69,7 @@ def _launch(processes: int, devices: int, records_dir: Path, workdir: Path,
 
 
 def _params(config, workdir: Path, step: int | None = None):
-    setup = train.make_setup(config, parallel.make_mesh())
-    ckpt = checkpoint.Checkpoints(workdir / "checkpoints", read_only=True)
-    try:
-        state = ckpt.restore(step or ckpt.latest_step(), train.abstract_state(config, setup))
-    finally:
-        ckpt.close()
-    return jax.device_get(state.params)
+    return jax.device_get(train.restore_run(config, workdir, step or "latest").state.params)
 
 
 def _steps(workdir: Path) -> list[int]:

@@ -211,9 +211,7 @@ def test_multitask_two_stage_run_reports_p_and_holds_the_backbone_in_stage_1(tin
     metrics = train.train_and_evaluate(config, tmp_path / "run")
     assert metrics["p_score"] == pytest.approx(
         metrics["va/ccc_mean"] + metrics["expr/f1_macro"] + metrics["au/f1_mean"])
-    ckpt = checkpoint.Checkpoints(tmp_path / "run" / "checkpoints", read_only=True)
-    after = ckpt.restore(2, train.abstract_state(config, setup)).params
-    ckpt.close()
+    after = train.restore_run(config, tmp_path / "run", 2).state.params
     before, after = nnx.to_pure_dict(before), nnx.to_pure_dict(jax.device_get(after))
     for a, b in zip(jax.tree.leaves(before["features"]), jax.tree.leaves(after["features"]),
                     strict=True):
