@@ -189,10 +189,11 @@ def host_allocator() -> str:
 
 def check_host_allocator() -> None:
     """On the CPU backend, warns once when tcmalloc is not preloaded, with the command."""
-    if jax.default_backend() != "cpu" or host_allocator() == "tcmalloc":
+    allocator = host_allocator()
+    if jax.default_backend() != "cpu" or allocator == "tcmalloc":
         return
     logging.warning(
         "CPU backend on %s malloc: a train step takes ~1.4x as long as with tcmalloc, since "
         "XLA's temporaries are mapped afresh at every step. Preload it: LD_PRELOAD=%s python "
         "-m abaw_jax.main ... (Debian/Ubuntu: apt-get install libtcmalloc-minimal4; README, "
-        "'Speed on CPU').", host_allocator(), TCMALLOC)
+        "'Speed on CPU').", allocator, TCMALLOC)
