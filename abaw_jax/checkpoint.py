@@ -25,6 +25,16 @@ class NoCheckpointError(FileNotFoundError):
     """The checkpoints folder holds no checkpoint (or does not exist)."""
 
 
+class IncompatibleCheckpointError(ValueError):
+    """A checkpoint written by an abaw_jax whose train state has another layout."""
+
+
+# The layout of the saved train state (`state.TrainState`), stored with every checkpoint as the
+# "layout" item. 2: step, rng, params, frozen, rest, opt_state (trained and frozen parameters
+# apart). Checkpoints without the item were written before it (step, params, rest, opt_state).
+LAYOUT = 2
+
+
 def _score(metrics: dict | None) -> float:
     value = (metrics or {}).get("score", float("nan"))
     return -math.inf if value is None or math.isnan(value) else float(value)
@@ -76,7 +86,8 @@ class Checkpoints:
         (written by process 0) rather than grain's file per process: any process count can
         resume from it.
         """
-        items = {"state": ocp.args.PyTreeSave(state)}
+        items = {"state": ocp.args.PyTreeSave(state),
+                 "layout": ocp.args.JsonSave({"state": LAYOUT})}
         if data is not None:
             items["data"] = ocp.args.JsonSave(json.loads(data.get_state()))
         # {} rather than None: a checkpoint without an evaluation ranks last for "best".
@@ -120,6 +131,7 @@ class Checkpoints:
     def restore(self, step: int, abstract_state: Any, data: Any = None) -> Any:
         """Restores the state onto the shardings of `abstract_state` (any device count) and,
         when given, the data stream's position in place."""
+        self.check_layout(step)
         items = {"state": ocp.args.PyTreeRestore(
             abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(
                 abstract_state))}
@@ -127,6 +139,23 @@ class Checkpoints:
         if data is not None:
             self.restore_data(step, data)
         return state
+
+    def check_layout(self, step: int) -> None:
+        """IncompatibleCheckpointError when `step` was saved with another state layout."""
+        layout = 1
+        if (self.directory / str(step) / "layout").exists():
+            try:
+                saved = self.manager.restore(step, args=ocp.args.Composite(
+                    layout=ocp.args.JsonRestore()))
+                layout = saved["layout"]["state"]
+            except Exception:  # noqa: BLE001 - a damaged item: the state's restore judges it
+                return
+        if layout != LAYOUT:
+            raise IncompatibleCheckpointError(
+                f"{self.directory / str(step)} holds a train state of layout {layout}, written "
+                f"by another abaw_jax version; this one reads layout {LAYOUT} (trained and "
+                "frozen parameters apart, a random key). Train again in a new workdir, or "
+                "evaluate it with the abaw_jax commit that wrote it")
 
     def restore_data(self, step: int, data: Any) -> None:
         """Moves the data stream `data` to the position saved at `step`."""
@@ -145,6 +174,8 @@ class Checkpoints:
         """
         failed: list[tuple[int, Exception | None]] = []
         for step in sorted(self.steps(), reverse=True):
+            if step == max(self.steps()):  # another version's run: nothing to fall back on
+                self.check_layout(step)
             try:
                 state, error = self.restore(step, abstract_state), None
             except Exception as e:  # noqa: BLE001 - judged below, against the older steps

@@ -1,105 +1,114 @@
 """`load(path)`: a predictor for notebooks and scripts, from a training workdir (its best, or
-latest, checkpoint) or from a converted DDAMFN folder (`python -m abaw_jax.convert ddamfn`).
+latest, checkpoint) or from a converted folder (`python -m abaw_jax.convert <family>`).
 
     from abaw_jax import inference
     predict = inference.load("workdirs/va")
     out = predict(faces)          # faces: uint8 RGB (N, H, W, 3), any H, W
     out["va"]                     # (N, 2) valence, arousal in [-1, 1]
-    out = predict(faces, features=True)   # + "features" (N, 7, 7, 512) and "heads"
+    out = predict(faces, embedding=True)   # + the model's other outputs ("embedding", ...)
 
-A DDAMFN+LSTM run takes the N faces as one clip (consecutive frames of one video, in order)
-and gives per-frame outputs; with features=True its per-frame "embedding".
+A temporal (clip) model takes the N faces as one clip (consecutive frames of one video, in
+order) and gives per-frame outputs. A model that takes more named inputs gets them as keyword
+arrays, e.g. `predict(faces, features=vectors)` with one row per face.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import jax
-import ml_collections
 import numpy as np
 from flax import nnx
 
-from abaw_jax import parallel, tasks
+from abaw_jax import convert, models, parallel
+from abaw_jax import state as state_lib
 from abaw_jax.data import augment
 
 
 class Predictor:
-    """Applies the model's own preprocessing (resize, ImageNet normalisation) and returns numpy.
+    """Applies the model's own preprocessing (resize, normalisation) and returns numpy.
 
     Outputs per task head: VA in [-1, 1], EXPR class probabilities, AU probabilities; for a
-    converted DDAMFN kept with `--keep_fc`, the raw 8-class `logits`.
+    converted model kept with its classifier (DDAMFN `--keep_fc`), the raw `logits`.
     """
 
-    def __init__(self, model: nnx.Module, image_size: int, head_fn: Callable[[dict], dict],
-                 thresholds: np.ndarray | None = None):
+    def __init__(self, model: nnx.Module, family: models.Family, inputs: tuple[str, ...],
+                 head_fn: Callable[[dict], dict], thresholds: np.ndarray | None = None):
         model.eval()
-        self.image_size, self.thresholds = image_size, thresholds
+        self.family, self.inputs, self.thresholds = family, inputs, thresholds
+        self.preprocess = family.image_preprocess(model)
         graphdef, state = nnx.split(model)
-
-        # A temporal (DDAMFN+LSTM) model takes the N images as one clip, in order.
-        self.temporal = hasattr(model, "rnn")
+        clips = family.clips
 
         @jax.jit
-        def forward(state, images):
-            from abaw_jax.train import normalize
-
+        def forward(state, batch):
             model = nnx.merge(graphdef, state)
-            if self.temporal:
-                out = jax.tree.map(lambda v: v[0], model(normalize(images)[None]))
-                return head_fn(out), {"embedding": out["embedding"], "heads": out["heads"]}
-            out = model(normalize(images))
-            return head_fn(out), {"features": out["features"], "heads": out["heads"]}
+            if clips:  # the N frames as one clip
+                batch = {k: v[None] for k, v in batch.items()}
+            out = model(models.prepare_inputs(self.preprocess, batch, inputs))
+            out.pop("losses", None)
+            if clips:
+                out = jax.tree.map(lambda v: v[0], out)
+            return head_fn(out), out
 
         self._state, self._forward = state, forward
 
-    def __call__(self, images: np.ndarray, features: bool = False) -> dict[str, np.ndarray]:
-        images = np.asarray(images)
-        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-            raise ValueError(f"expected uint8 RGB images (N, H, W, 3), got {images.dtype} "
-                             f"{images.shape}")
-        batch = np.stack([augment.resize(im, self.image_size) for im in images])
+    def __call__(self, images: np.ndarray | None = None, embedding: bool = False,
+                 **named: np.ndarray) -> dict[str, np.ndarray]:
+        batch = {k: np.asarray(v, np.float32) for k, v in named.items()}
+        missing = [k for k in self.inputs if k not in (*batch, "image", "frame_mask")]
+        if missing:
+            raise ValueError(f"this model also takes {missing} (keyword arrays, a row per face)")
+        if "image" in self.inputs:
+            images = np.asarray(images)
+            if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+                raise ValueError(f"expected uint8 RGB images (N, H, W, 3), got {images.dtype} "
+                                 f"{images.shape}")
+            size = self.preprocess.size
+            batch["image"] = np.stack([augment.resize(im, size) for im in images])
+        n = len(next(iter(batch.values())))
+        batch["index"] = np.arange(n, dtype=np.int32)  # every frame real (frame_mask)
         heads, extra = jax.device_get(self._forward(self._state, batch))
         out = {k: np.asarray(v) for k, v in heads.items()}
-        if features:  # a temporal model gives its per-frame embeddings instead of maps
-            out.update({k: np.asarray(v) for k, v in extra.items() if k != "heads"})
-            out["heads"] = [np.asarray(h) for h in extra["heads"]]
+        if embedding:  # the model's other outputs: embeddings, DDAMFN's maps and heads
+            out.update({k: jax.tree.map(np.asarray, v) for k, v in extra.items()
+                        if k not in out})
         return out
 
 
 def load(path: str | Path, which: str = "best") -> Predictor:
     """A predictor for a training workdir ('best' or 'latest' checkpoint, or a step) or for a
-    converted DDAMFN folder."""
+    converted folder."""
     path = Path(path)
     if (path / "config.json").is_file() and (path / "checkpoints").is_dir():
         return _from_workdir(path, which)
-    if (path / "meta.json").is_file():
+    if (path / convert.META_FILE).is_file():
         return _from_converted(path)
     raise FileNotFoundError(f"{path}: neither a training workdir (config.json + checkpoints/) "
-                            "nor a converted checkpoint (meta.json)")
+                            f"nor a converted folder ({convert.META_FILE})")
 
 
 def _from_workdir(workdir: Path, which: str) -> Predictor:
-    from abaw_jax import train
-
-    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    config = state_lib.read_config(workdir)
     mesh = parallel.make_mesh(jax.local_devices()[:1])
-    restored = train.restore_run(config, workdir, which, mesh)
+    restored = state_lib.restore_run(config, workdir, which, mesh)
+    setup = restored.setup
     thresholds = restored.metrics.get("au/thresholds")
-    model = nnx.merge(restored.setup.eval_graphdef, restored.state.params, restored.state.rest)
-    task = tasks.get(config.task)
-    return Predictor(model, config.image_size, task.predict,
+    model = setup.model(restored.state)
+    return Predictor(model, setup.family, setup.inputs, setup.task.predict,
                      None if thresholds is None else np.asarray(thresholds))
 
 
 def _from_converted(directory: Path) -> Predictor:
-    from abaw_jax import models
-    from abaw_jax.convert import ddamfn as convert_ddamfn
-
-    meta = convert_ddamfn.read_meta(directory)
-    model = models.build(meta["model"], outputs=meta["outputs"] or {}, num_head=meta["num_head"])
-    convert_ddamfn.load_into(model, directory)
+    meta = convert.read_meta(directory)
+    family = models.get(meta["model"])
+    kwargs = meta.get("model_kwargs", {"num_head": meta.get("num_head", 2)})
+    model = family.build(outputs=meta["outputs"] or {}, **kwargs)
+    family.load_into(model, directory)
     names = tuple(meta["outputs"] or {})
-    return Predictor(model, 112, lambda out: {k: out[k] for k in names})
+    return Predictor(model, family, tuple(model.inputs), _pick(names))
+
+
+def _pick(names: tuple[str, ...]) -> Callable[[Mapping], dict]:
+    return lambda out: {k: out[k] for k in names}

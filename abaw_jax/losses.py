@@ -3,7 +3,8 @@ valid frames only; a batch with no valid frame contributes 0 (not NaN)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -63,3 +64,34 @@ def head_diversity(heads: Sequence[jax.Array]) -> jax.Array:
             for i in range(len(heads)) for j in range(i + 1, len(heads))]
     eps = jnp.finfo(jnp.float32).eps
     return len(mses) / (sum(mses) + eps)
+
+
+def _va_ccc(out: jax.Array, batch: Mapping[str, jax.Array], opts: Mapping[str, Any]) -> jax.Array:
+    return ccc_loss(jnp.tanh(out), batch["va"], batch["va_mask"])
+
+
+def _expr_ce(out: jax.Array, batch: Mapping[str, jax.Array], opts: Mapping[str, Any]
+             ) -> jax.Array:
+    return cross_entropy(out, batch["expr"], batch["expr_mask"], opts.get("class_weights"))
+
+
+def _au_bce(out: jax.Array, batch: Mapping[str, jax.Array], opts: Mapping[str, Any]) -> jax.Array:
+    return binary_cross_entropy(out, batch["au"], batch["au_mask"], opts.get("pos_weight"))
+
+
+# The losses a head can train with, picked by `config.loss.<head>`: (head output, batch with the
+# labels and masks, config.loss) -> scalar.
+HEAD_LOSSES: dict[str, dict[str, Callable[..., jax.Array]]] = {
+    "va": {"ccc": _va_ccc},
+    "expr": {"ce": _expr_ce},
+    "au": {"bce": _au_bce},
+}
+
+
+def head_loss(head: str, name: str) -> Callable[..., jax.Array]:
+    """The loss `name` of `head` (KeyError naming the known ones)."""
+    known = HEAD_LOSSES.get(head, {})
+    if name not in known:
+        raise KeyError(f"loss.{head}={name!r} is not a loss of head {head!r}; known: "
+                       f"{sorted(known)}")
+    return known[name]

@@ -10,7 +10,7 @@ import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from abaw_jax import evaluate, extract, parallel, predict, train  # noqa: E402
+from abaw_jax import evaluate, extract, parallel, predict, trainers  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).",
@@ -49,7 +49,7 @@ def main(argv):
             FLAGS.config, workdir, FLAGS.checkpoint)
         return
     if FLAGS.mode == "train":
-        metrics = train.train_and_evaluate(FLAGS.config, workdir)
+        metrics = trainers.train_and_evaluate(FLAGS.config, workdir)
     else:
         metrics = evaluate.run(FLAGS.config, workdir, FLAGS.checkpoint)
     logging.info("final metrics: %s",

@@ -1,5 +1,6 @@
 """ABAW metrics in plain numpy, usable on any prediction file: CCC, macro F1, AU F1, per-AU
-threshold search and the 7th ABAW multi-task score P."""
+threshold search and the 7th ABAW multi-task score P. Which of them a head uses, and its
+constant baseline, is in `heads`."""
 
 from __future__ import annotations
 
@@ -79,20 +80,6 @@ def au_metrics(probs: np.ndarray, target: np.ndarray,
     return {"f1_mean": float(f1_05.mean()), "f1_per_au": f1_05.tolist(),
             "f1_mean_thresholded": float(f1_t.mean()), "f1_per_au_thresholded": f1_t.tolist(),
             "thresholds": np.asarray(thresholds).tolist()}
-
-
-def constant_baseline(head: str, target: np.ndarray) -> float:
-    """The head's score for the best constant prediction on these labels: what a model must
-    clearly beat to have learnt anything (VA: CCC of a constant is 0; EXPR: one class for every
-    frame; AU: per AU the better of all-active and all-inactive)."""
-    if head == "va":
-        return 0.0
-    if head == "expr":
-        return max(float(f1_per_class(np.full(len(target), c), target, 8).mean())
-                   for c in range(8))
-    if head == "au":  # all-inactive scores F1 0, so all-active is the better constant
-        return float(np.mean([binary_f1(np.ones(len(t), bool), t) for t in target.T]))
-    raise KeyError(f"unknown head {head!r}")
 
 
 def p_score(va: dict, expr: dict, au: dict, thresholded: bool = False) -> float:

@@ -1,10 +1,11 @@
-"""The one place that builds optimisers: optax optimiser, schedule, weight-decay mask, clipping,
-and freezing by parameter-path patterns, all from the `config.optim` block."""
+"""The one place that builds optimisers: optax optimiser, schedule, weight-decay mask, clipping
+and parameter groups, all from the `config.optim` block. Frozen parameters (`optim.freeze`) never
+reach it: the run state keeps them apart (state.py), without gradients or optimizer state."""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -64,13 +65,6 @@ def _base(cfg: Mapping[str, Any], lr: optax.Schedule, params) -> optax.GradientT
     raise KeyError(f"unknown optimizer {name!r}; expected adam, adamw, sgd")
 
 
-def frozen_labels(params, patterns: Sequence[str]) -> Any:
-    """'frozen' for parameters whose path matches any regex in `patterns`, else 'train'."""
-    compiled = [re.compile(p) for p in patterns]
-    return jax.tree.map(lambda path: "frozen" if any(c.search(path) for c in compiled)
-                        else "train", param_paths(params))
-
-
 def group_labels(params, groups: Mapping[str, Mapping[str, Any]]) -> Any:
     """Each parameter's group: the group whose `pattern` regex matches its path (searched), else
     "default". A path matched by two groups is an error (config dicts have no order to break
@@ -122,7 +116,7 @@ def build(cfg: Mapping[str, Any], params, total_steps: int
           ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """(optimizer, learning-rate schedule of the default group) for `params` from the config's
     optim block. `groups` ({name: {pattern, lr, start_step, ...}}) give parameter groups their
-    own learning rates and start steps (two-stage fine-tuning); `freeze` zeroes updates."""
+    own learning rates and start steps (two-stage fine-tuning)."""
     lr = schedule(cfg, total_steps)
     groups = {k: dict(v) for k, v in (cfg.get("groups") or {}).items()}
     if groups:
@@ -134,10 +128,4 @@ def build(cfg: Mapping[str, Any], params, total_steps: int
         tx = _base(cfg, lr, params)
     if cfg.get("grad_clip"):
         tx = optax.chain(optax.clip_by_global_norm(cfg["grad_clip"]), tx)
-    patterns = list(cfg.get("freeze", ()) or ())
-    if patterns:
-        labels = frozen_labels(params, patterns)
-        if "train" not in jax.tree.leaves(labels):
-            raise ValueError(f"freeze patterns {patterns} freeze every parameter")
-        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
     return tx, lr

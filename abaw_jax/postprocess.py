@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from abaw_jax import metrics, submission
+from abaw_jax import heads as head_table
+from abaw_jax import submission
 
 SIGMAS = (1.0, 2.0, 4.0, 8.0, 16.0)
 WINDOWS = (3, 5, 9, 17, 33)
@@ -83,16 +84,6 @@ def smooth_rows(values: np.ndarray, video: np.ndarray, frame: np.ndarray, how: S
     return out
 
 
-def head_score(head: str, pred: np.ndarray, target: np.ndarray) -> float:
-    """The validation score that picks the smoothing: CCC mean, macro F1, or mean AU F1 with
-    thresholds searched on these (smoothed) probabilities."""
-    if head == "va":
-        return metrics.va_metrics(pred, target)["ccc_mean"]
-    if head == "expr":
-        return metrics.expr_metrics(pred, target)["f1_macro"]
-    return float(metrics.au_f1(pred, target, metrics.search_thresholds(pred, target)).mean())
-
-
 @dataclasses.dataclass(frozen=True)
 class Post:
     """Per-head smoothing and the AU thresholds that follow it."""
@@ -108,19 +99,22 @@ class Post:
         `post/<head>/score` before and after, the choice."""
         chosen, report, thresholds = {}, {}, None
         for h in heads:
+            head = head_table.get(h)
             valid = np.asarray(labels[f"{h}_mask"], bool)
             target = np.asarray(labels[h])[valid]
             scored = []
             for how in candidates():
                 smoothed = smooth_rows(np.asarray(preds[h]), video, frame, how)[valid]
-                scored.append((head_score(h, smoothed, target), -len(scored), how, smoothed))
+                scored.append((head.selection_score(smoothed, target), -len(scored), how,
+                               smoothed))
             best = max(scored, key=lambda s: s[:2])
             chosen[h] = best[2]
             report.update({f"post/{h}/method": best[2].method, f"post/{h}/width": best[2].width,
                            f"post/{h}/score_raw": scored[0][0], f"post/{h}/score": best[0]})
-            if h == "au":
-                thresholds = metrics.search_thresholds(best[3], target)
-                report["post/au/thresholds"] = thresholds.tolist()
+            searched = head.search_thresholds(best[3], target)
+            if searched is not None:  # AU: thresholds searched on the smoothed probabilities
+                thresholds = searched
+                report[f"post/{h}/thresholds"] = thresholds.tolist()
         return cls(chosen, thresholds), report
 
     @classmethod

@@ -19,29 +19,20 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from abaw_jax import evaluate, parallel, postprocess, submission, tasks, train
+from abaw_jax import parallel, postprocess, submission, tasks
+from abaw_jax import state as state_lib
 from abaw_jax.data import affwild2, cache, records
-
-
-def _member_config(workdir: Path, config: ml_collections.ConfigDict | None
-                   ) -> ml_collections.ConfigDict:
-    if config is not None:
-        return config
-    path = workdir / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{workdir}: not a training workdir (no config.json)")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+from abaw_jax.evaluators import split
 
 
 def _predict_member(workdir: Path, config: ml_collections.ConfigDict, which: str,
                     data_dir: Path, video: np.ndarray, frame: np.ndarray
                     ) -> tuple[dict[str, np.ndarray], postprocess.Post, int]:
-    restored = train.restore_run(config, workdir, which)
-    setup, state, step = restored.setup, restored.state, restored.step
+    restored = state_lib.restore_run(config, workdir, which)
+    setup, step = restored.setup, restored.step
     post = postprocess.Post.from_metrics(restored.metrics, setup.task.heads)
-    predict_step = train.make_predict_step(setup, features=bool(config.data.get("features")))
-    result = evaluate.predict_config_split(state.params, state.rest, predict_step, setup,
-                                           data_dir, config, "test")
+    predict = state_lib.bind(state_lib.predict_fn(setup), restored.state)
+    result = split.predict_run(predict, setup, data_dir, "test")
     logging.info("%s step %d: smoothing %s, AU thresholds %s", workdir, step,
                  dict(post.smoothing), post.thresholds)
     return post.apply(result["preds"], video, frame), post, step
@@ -69,9 +60,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, which: str = "be
     extra = [Path(p) for p in config.get("predict", {}).get("ensemble", [])]
     members, posts, steps = [], [], []
     for i, member in enumerate([workdir, *extra]):
-        member_config = _member_config(member, config if i == 0 else None)
+        member_config = config if i == 0 else state_lib.read_config(member)
         if i == 0:
-            train.check_workdir(config, member)
+            state_lib.check_workdir(config, member)
         if member_config.task != config.task:
             raise ValueError(f"{member}: a checkpoint of task {member_config.task!r}, not "
                              f"{config.task!r}")

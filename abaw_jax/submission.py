@@ -8,13 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from abaw_jax.data.affwild2 import AU_NAMES, EXPR_NAMES
-
-HEADERS = {
-    "va": "image_location,valence,arousal",
-    "expr": "image_location," + ",".join(EXPR_NAMES),
-    "au": "image_location," + ",".join(AU_NAMES),
-}
+from abaw_jax import heads
 
 
 def fill(frames: np.ndarray, values: np.ndarray, num_frames: int, interpolate: bool
@@ -43,23 +37,17 @@ def fill(frames: np.ndarray, values: np.ndarray, num_frames: int, interpolate: b
 def format_lines(head: str, video: str, values: np.ndarray,
                  thresholds: np.ndarray | float = 0.5) -> list[str]:
     """Submission lines for one video's per-frame outputs (VA values, EXPR/AU probabilities)."""
+    record = heads.get(head)
     names = [f"{video}/{i:05d}.jpg" for i in range(1, len(values) + 1)]
-    if head == "va":
-        body = [f"{v:.4f},{a:.4f}" for v, a in np.clip(values, -1, 1)]
-    elif head == "expr":
-        body = [str(int(c)) for c in np.argmax(values, -1)]
-    elif head == "au":
-        active = (values >= np.asarray(thresholds)).astype(int)
-        body = [",".join(map(str, row)) for row in active]
-    else:
-        raise KeyError(f"unknown head {head!r}")
-    return [HEADERS[head], *(f"{n},{b}" for n, b in zip(names, body, strict=True))]
+    body = record.format_values(values, thresholds)
+    return [record.header, *(f"{n},{b}" for n, b in zip(names, body, strict=True))]
 
 
 def write_videos(out_dir: Path, head: str, videos: list[str], video: np.ndarray,
                  frame: np.ndarray, values: np.ndarray, video_frames: Mapping[str, int],
                  thresholds: np.ndarray | float = 0.5) -> list[Path]:
     """Writes `<out_dir>/<video>.txt` for every video with predictions; returns the paths."""
+    interpolate = heads.get(head).interpolate
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, name in enumerate(videos):
@@ -67,7 +55,7 @@ def write_videos(out_dir: Path, head: str, videos: list[str], video: np.ndarray,
         if not len(rows):
             continue
         n = max(int(video_frames.get(name, 0)), int(frame[rows].max()))
-        per_frame = fill(frame[rows], values[rows], n, interpolate=head == "va")
+        per_frame = fill(frame[rows], values[rows], n, interpolate=interpolate)
         path = out_dir / f"{name}.txt"
         path.write_text("\n".join(format_lines(head, name, per_frame, thresholds)) + "\n")
         paths.append(path)
@@ -79,6 +67,7 @@ def check(directory: str | Path, head: str, video_frames: Mapping[str, int]) -> 
     of `video_frames` and no other, the exact header, one line per frame in order
     (`<video>/<frame:05d>.jpg`), values of the right form (VA: two numbers in [-1, 1]; EXPR: one
     class 0-7; AU: 12 values 0/1). The first bad line of each file is reported."""
+    record = heads.get(head)
     directory = Path(directory)
     errors = [f"{p}: not a video of the list" for p in sorted(directory.glob("*.txt"))
               if p.stem not in video_frames]
@@ -88,36 +77,24 @@ def check(directory: str | Path, head: str, video_frames: Mapping[str, int]) -> 
             errors.append(f"{path}: missing")
             continue
         lines = path.read_text().splitlines()
-        if not lines or lines[0] != HEADERS[head]:
+        if not lines or lines[0] != record.header:
             errors.append(f"{path}:1: header {lines[0] if lines else ''!r}, expected "
-                          f"{HEADERS[head]!r}")
+                          f"{record.header!r}")
         if len(lines) - 1 != n:
             errors.append(f"{path}: {len(lines) - 1} frame lines, the video has {n} frames")
         for i, line in enumerate(lines[1:], 1):
-            problem = _line_problem(head, video, i, line)
+            problem = _line_problem(record, video, i, line)
             if problem:
                 errors.append(f"{path}:{i + 1}: {problem}: {line!r}")
                 break
     return errors
 
 
-def _line_problem(head: str, video: str, i: int, line: str) -> str | None:
+def _line_problem(record: heads.Head, video: str, i: int, line: str) -> str | None:
     name, *fields = line.split(",")
     if name != f"{video}/{i:05d}.jpg":
         return f"expected image {video}/{i:05d}.jpg"
-    try:
-        if head == "va":
-            values = [float(f) for f in fields]
-            if len(values) != 2 or not all(-1 <= v <= 1 for v in values):
-                return "expected valence,arousal in [-1, 1]"
-        elif head == "expr":
-            if len(fields) != 1 or int(fields[0]) not in range(len(EXPR_NAMES)):
-                return f"expected one class in 0..{len(EXPR_NAMES) - 1}"
-        elif len(fields) != len(AU_NAMES) or any(int(f) not in (0, 1) for f in fields):
-            return f"expected {len(AU_NAMES)} values 0/1"
-    except ValueError:
-        return "not a number"
-    return None
+    return record.line_problem(fields)
 
 
 def main(argv) -> None:
@@ -142,7 +119,7 @@ if __name__ == "__main__":
     from absl import app, flags
 
     flags.DEFINE_string("dir", None, "Submission folder of one head (<video>.txt files).")
-    flags.DEFINE_enum("head", None, list(HEADERS), "va, expr or au.")
+    flags.DEFINE_enum("head", None, list(heads.HEADS), "va, expr or au.")
     flags.DEFINE_string("records", None, "Records folder with the split's frame index.")
     flags.DEFINE_string("split", "test", "Split whose videos the submission must cover.")
     flags.mark_flags_as_required(["dir", "head", "records"])

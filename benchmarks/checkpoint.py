@@ -12,7 +12,6 @@ first step, compilation aside).
 
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,10 +19,8 @@ from pathlib import Path
 import jax
 from absl import app, flags
 
-from abaw_jax import checkpoint, parallel, train
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "configs"))
-import common  # noqa: E402
+from abaw_jax import checkpoint, config_lib, parallel
+from abaw_jax import state as state_lib
 
 flags.DEFINE_string("model", "ddamfn", "Registered model name.")
 flags.DEFINE_integer("saves", 3, "Timed saves (the first one also pays one-time setup).")
@@ -32,10 +29,10 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    config = common.experiment("va")
+    config = config_lib.experiment("va")
     config.model.name = FLAGS.model
-    setup = train.make_setup(config, parallel.make_mesh())
-    state = train.init_state(config, setup)
+    setup = state_lib.make_setup(config, parallel.make_mesh())
+    state = state_lib.init_state(config, setup)
     n = sum(x.size for x in jax.tree.leaves(state))
     nbytes = sum(x.nbytes for x in jax.tree.leaves(state))
     print(f"devices: {jax.device_count()} x {jax.devices()[0].platform}; model {FLAGS.model}; "
@@ -56,7 +53,7 @@ def main(argv):
         print(f"save (median): blocking {statistics.median(blocking) * 1000:.0f} ms, total "
               f"{statistics.median(total) * 1000:.0f} ms")
         ckpt.close()
-        abstract = train.abstract_state(config, setup)
+        abstract = state_lib.abstract_state(config, setup)
         t0 = time.perf_counter()
         ckpt = checkpoint.Checkpoints(directory, read_only=True)
         step, restored = ckpt.restore_latest(abstract)

@@ -2,7 +2,7 @@ r"""The same DDAMFN train step and inference in PyTorch, for a same-machine, sam
 
   python benchmarks/torch_ddamfn.py [--batch=32] [--steps=5] [--threads=0]
 
-Times the PyTorch DDAMFN that the parity tests are checked against (`tests/test_ddamfn.py`,
+Times the PyTorch DDAMFN that the parity tests are checked against (`tests/reference/ddamfn.py`,
 built from shared/specs/ddamfn.md, same layers as the official `DDAMNet` forward) in train mode:
 forward, an MSE loss on the 8 logits, backward and an Adam step; then the eval-mode forward
 under `torch.no_grad()`, both on random inputs at --batch (median of --steps runs after one
@@ -13,8 +13,8 @@ tcmalloc too): compare like with like, `LD_PRELOAD=libtcmalloc_minimal.so.4` on 
 the first line says which malloc ran.
 """
 
+import importlib.util
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -23,8 +23,12 @@ from absl import app, flags
 
 from abaw_jax import parallel
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
-from test_ddamfn import RefDDAMNet  # noqa: E402
+# The reference lives with the tests (test-only, not part of abaw_jax): load that one file by
+# path, so that neither `tests` on sys.path nor an import of a test module is needed.
+_REF_PATH = Path(__file__).resolve().parents[1] / "tests/reference/ddamfn.py"
+_spec = importlib.util.spec_from_file_location("ddamfn_reference", _REF_PATH)
+ref_ddamfn = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ref_ddamfn)
 
 flags.DEFINE_integer("batch", 32, "Images per batch.")
 flags.DEFINE_integer("steps", 5, "Timed repetitions (after one warm-up).")
@@ -47,7 +51,7 @@ def main(argv):
     if FLAGS.threads:
         torch.set_num_threads(FLAGS.threads)
     torch.manual_seed(0)
-    model = RefDDAMNet()
+    model = ref_ddamfn.RefDDAMNet()
     optimizer = torch.optim.Adam(model.parameters(), 1e-3)
     images = torch.randn(FLAGS.batch, 3, 112, 112)
     targets = torch.randn(FLAGS.batch, 8)

@@ -18,18 +18,15 @@ Under several processes `--batch` is the global batch and process 0 prints.
 """
 
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 from absl import app, flags
 
-from abaw_jax import parallel, train
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "configs"))
-import common  # noqa: E402
+from abaw_jax import config_lib, parallel
+from abaw_jax import state as state_lib
+from abaw_jax.trainers import supervised
 
 flags.DEFINE_string("model", "ddamfn", "Registered model name.")
 flags.DEFINE_string("task", "va", "Task (sets the output layers and the loss).")
@@ -61,19 +58,19 @@ def _allreduce_seconds(mesh, size: int, steps: int) -> float:
 def main(argv):
     del argv
     parallel.initialize()
-    config = common.experiment(FLAGS.task)
+    config = config_lib.experiment(FLAGS.task)
     config.model.name = FLAGS.model
     if FLAGS.depthwise != "auto":
         config.model.depthwise_impl = FLAGS.depthwise
     config.batch_size = FLAGS.batch
     mesh = parallel.make_mesh()
-    setup = train.make_setup(config, mesh)
-    state = train.init_state(config, setup)
-    step = train.make_train_step(config, setup, train.state_sharding(setup, state))
+    setup = state_lib.make_setup(config, mesh)
+    state = state_lib.init_state(config, setup)
+    step = supervised.train_step(config, setup, state_lib.state_sharding(setup, state))
     rng = np.random.default_rng(jax.process_index())
     n = parallel.check_batch_size(FLAGS.batch, mesh)  # this process's rows
     batch = parallel.to_global({
-        "image": rng.integers(0, 256, (n, config.image_size, config.image_size, 3), np.uint8),
+        "image": rng.integers(0, 256, (n, setup.feed.size, setup.feed.size, 3), np.uint8),
         "va": rng.uniform(-1, 1, (n, 2)).astype(np.float32), "expr": rng.integers(0, 8, n),
         "au": rng.integers(0, 2, (n, 12)), "va_mask": np.ones(n, bool),
         "expr_mask": np.ones(n, bool), "au_mask": np.ones(n, bool)}, mesh)
@@ -83,10 +80,10 @@ def main(argv):
         holder[0], stats = step(holder[0], batch)
         return stats["loss"]
 
-    predict = train.make_predict_step(setup)
+    predict = state_lib.predict_fn(setup)
     t_train = _median_seconds(one_step, FLAGS.steps)
-    t_infer = _median_seconds(lambda: predict(holder[0].params, holder[0].rest, batch["image"]),
-                              FLAGS.steps)
+    t_infer = _median_seconds(lambda: state_lib.bind(predict, holder[0])(
+        {"image": batch["image"]}), FLAGS.steps)
     n = FLAGS.batch
     params = sum(x.size for x in jax.tree.leaves(holder[0].params))
     if FLAGS.allreduce:

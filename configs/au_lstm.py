@@ -15,12 +15,8 @@ Real Aff-Wild2, full DDAMFN backbone from the official weights:
     --config.data.root=/data/affwild2 --config.init_from=/data/ddamfn_affectnet8
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).parent))
-import common  # noqa: E402
+from abaw_jax import config_lib
 
 
 def get_config(arg: str = ""):
-    return common.temporal("au", arg)
+    return config_lib.temporal("au", arg)

@@ -18,17 +18,13 @@ Real Aff-Wild2 at the papers' scale, from the official DDAMFN weights:
     --config.data.root=/data/affwild2 --config.init_from=/data/ddamfn_affectnet8
 """
 
-import sys
-from pathlib import Path
-
 import ml_collections
 
-sys.path.insert(0, str(Path(__file__).parent))
-import common  # noqa: E402
+from abaw_jax import config_lib
 
 
 def get_config(arg: str = ""):
-    c = common.experiment("mtl", arg)
+    c = config_lib.experiment("mtl", arg)
     c.loss.balance = True  # per-AU positive weights and EXPR class weights from the train split
     c.loss.task_weights = ml_collections.ConfigDict({"va": 1.0, "expr": 1.0, "au": 1.0})
     stage2 = c.total_steps // 3

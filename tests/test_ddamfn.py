@@ -7,7 +7,6 @@ numbers: concrete initialisation costs one XLA compile per parameter shape (~20 
 
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
 import jax
@@ -15,192 +14,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from torch import nn
+from reference import ddamfn as ref_ddamfn
 
-from abaw_jax import convert, extract, models, parallel
+from abaw_jax import config_lib, convert, extract, models, parallel
 from abaw_jax.convert import ddamfn as conv
 from abaw_jax.data import records
 from abaw_jax.models import ddamfn, layers
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "configs"))
-import common  # noqa: E402
-
-KEYS_FILE = Path(__file__).resolve().parents[2] / "shared/specs/ddamfn_state_dict_keys.txt"
+# The official checkpoint's state_dict keys and shapes.
+KEYS_FILE = Path(__file__).parent / "reference/ddamfn_state_dict_keys.txt"
 TOL = 1e-4  # max abs error relative to the reference's max abs value
-
-# --- Independent PyTorch reference (shared/specs/ddamfn.md), NCHW --------------------------------
-
-# The spec's stage table: (width, (G, kernels, splits) of the stride-2 block, residual blocks,
-# (G, kernels, splits) of the residual blocks).
-OFFICIAL_TABLE = (64, 512, [
-    (64, (128, [3, 5, 7], [64, 32, 32]), 9, (128, [3, 5], [96, 32])),
-    (128, (256, [3, 5, 7], [128, 64, 64]), 16, (256, [3, 5], [192, 64])),
-    (256, (1024, [3, 5, 7, 9], [256] * 4), 6, (512, [3, 5, 7], [172, 170, 170])),
-])
-
-
-def _table(trunk: ddamfn.Trunk):
-    def mix(m):
-        return m.groups, list(m.kernels), list(m.splits)
-    return trunk.stem, trunk.width, [(lv.width, mix(lv.down), lv.blocks, mix(lv.residual))
-                                     for lv in trunk.levels]
-
-
-def h_swish(x):
-    return x * F.relu6(x + 3) / 6
-
-
-class RefBlock(nn.Module):
-    """conv -> BN (-> PReLU when act): the reference's Conv_block / Linear_block."""
-
-    def __init__(self, cin, cout, kernel=1, stride=1, padding=0, groups=1, act=True):
-        super().__init__()
-        self.conv = nn.Conv2d(cin, cout, kernel, stride, padding, groups=groups, bias=False)
-        self.bn = nn.BatchNorm2d(cout)
-        self.act = act
-        if act:
-            self.prelu = nn.PReLU(cout)
-
-    def forward(self, x):
-        x = self.bn(self.conv(x))
-        return self.prelu(x) if self.act else x
-
-
-class RefCoordTail(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        mip = max(8, c // 32)
-        self.conv1 = nn.Conv2d(c, mip, 1)
-        self.bn1 = nn.BatchNorm2d(mip)
-        self.conv2 = nn.Conv2d(mip, c, 1)
-        self.conv3 = nn.Conv2d(mip, c, 1)
-
-    def maps(self, x_h, x_w):  # (n, c, h, 1), (n, c, 1, w)
-        h = x_h.shape[2]
-        y = h_swish(self.bn1(self.conv1(torch.cat([x_h, x_w.permute(0, 1, 3, 2)], dim=2))))
-        y_h, y_w = torch.split(y, [h, y.shape[2] - h], dim=2)
-        return self.conv2(y_h).sigmoid(), self.conv3(y_w.permute(0, 1, 3, 2)).sigmoid()
-
-
-class RefCA(RefCoordTail):
-    def forward(self, x):
-        a_h, a_w = self.maps(x.mean(3, keepdim=True), x.mean(2, keepdim=True))
-        return x * a_w * a_h
-
-
-class RefMDConv(nn.Module):
-    def __init__(self, c, kernels, splits, stride):
-        super().__init__()
-        self.splits = splits
-        self.mixed_depthwise_conv = nn.ModuleList(
-            nn.Conv2d(s, s, k, stride, k // 2, groups=s, bias=False)
-            for k, s in zip(kernels, splits, strict=True))
-        self.bn = nn.BatchNorm2d(c)  # never applied
-        self.prelu = nn.PReLU(c)  # never applied
-
-    def forward(self, x):
-        parts = torch.split(x, self.splits, dim=1)
-        return torch.cat([f(p) for f, p in zip(self.mixed_depthwise_conv, parts, strict=True)], 1)
-
-
-class RefMix(nn.Module):
-    def __init__(self, cin, cout, mix, stride, residual):
-        super().__init__()
-        groups, kernels, splits = mix
-        self.conv = RefBlock(cin, groups)
-        self.conv_dw = RefMDConv(groups, kernels, splits, stride)
-        self.CA = RefCA(groups)
-        self.project = RefBlock(groups, cout, act=False)
-        self.residual = residual
-
-    def forward(self, x):
-        y = self.project(self.CA(self.conv_dw(self.conv(x))))
-        return x + y if self.residual else y
-
-
-class RefResidual(nn.Module):
-    def __init__(self, c, mix, blocks):
-        super().__init__()
-        self.model = nn.Sequential(*[RefMix(c, c, mix, 1, True) for _ in range(blocks)])
-
-    def forward(self, x):
-        return self.model(x)
-
-
-class RefHeadAtt(RefCoordTail):
-    def __init__(self, c, s):
-        super().__init__(c)
-        self.Linear_h = RefBlock(c, c, (1, s), groups=c, act=False)
-        self.Linear_w = RefBlock(c, c, (s, 1), groups=c, act=False)
-        self.Linear = RefBlock(c, c, s, groups=c, act=False)  # never applied
-
-    def forward(self, x):
-        a_h, a_w = self.maps(self.Linear_h(x), self.Linear_w(x))
-        return a_w.expand_as(x) * a_h.expand_as(x)
-
-
-class RefHead(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.CoordAtt = RefHeadAtt(c, 7)
-
-    def forward(self, x):
-        return self.CoordAtt(x)
-
-
-class RefDDAMNet(nn.Module):
-    def __init__(self, table=OFFICIAL_TABLE, num_class=8, num_head=2):
-        super().__init__()
-        stem, width, levels = table
-        feats = [RefBlock(3, stem, 3, 2, 1), RefBlock(stem, stem, 3, 1, 1, groups=stem)]
-        c = stem
-        for out, down, blocks, res in levels:
-            feats += [RefMix(c, out, down, 2, False), RefResidual(out, res, blocks)]
-            c = out
-        feats.append(RefBlock(c, width))
-        self.features = nn.Sequential(*feats)
-        self.num_head = num_head
-        for i in range(num_head):
-            setattr(self, f"cat_head{i}", RefHead(width))
-        self.Linear = RefBlock(width, width, 7, groups=width, act=False)
-        self.fc = nn.Linear(width, num_class)
-        self.bn = nn.BatchNorm1d(num_class)  # never applied
-
-    def forward(self, x):
-        x = self.features(x)
-        heads = [getattr(self, f"cat_head{i}")(x) for i in range(self.num_head)]
-        y = heads[0]
-        for h in heads[1:]:
-            y = torch.max(y, h)
-        embedding = self.Linear(x * y).flatten(1)
-        return self.fc(embedding), x, heads, embedding
-
-
-def _reference(table, seed):
-    """Eval-mode reference with random BatchNorm affine + statistics and PReLU slopes."""
-    torch.manual_seed(seed)
-    ref = RefDDAMNet(table)
-    with torch.no_grad():
-        for m in ref.modules():
-            if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.1)
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-            elif isinstance(m, nn.PReLU):
-                m.weight.uniform_(0.0, 0.5)
-    return ref.eval()
-
 
 # --- Fixtures ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def official_keys():
-    if not KEYS_FILE.exists():
-        pytest.skip(f"reference key list not found: {KEYS_FILE}")
     rows = [line.split("\t") for line in KEYS_FILE.read_text().splitlines()
             if line and not line.startswith("#")]
     return {k: tuple(int(d) for d in shape.strip("()").split(",") if d) for k, shape in rows}
@@ -208,12 +38,12 @@ def official_keys():
 
 @pytest.fixture(scope="module")
 def ref_full():
-    return _reference(OFFICIAL_TABLE, seed=0)
+    return ref_ddamfn.reference(ref_ddamfn.OFFICIAL_TABLE, seed=0)
 
 
 @pytest.fixture(scope="module")
 def ref_tiny():
-    return _reference(_table(ddamfn.TINY_TRUNK), seed=1)
+    return ref_ddamfn.reference(ref_ddamfn.table(ddamfn.TINY_TRUNK), seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -268,7 +98,7 @@ def _random_model(name, seed=0, **kwargs):
 
 def _loaded(name, directory, **kwargs):
     model = _abstract(name, **kwargs)
-    conv.load_into(model, directory)
+    convert.load_into(model, directory)
     return model
 
 
@@ -276,7 +106,7 @@ def _torch_outputs(ref, images):
     with torch.no_grad():
         logits, feats, heads, emb = ref(torch.from_numpy(images).permute(0, 3, 1, 2))
     nhwc = lambda t: t.permute(0, 2, 3, 1).numpy()  # noqa: E731
-    return {"logits": logits.numpy(), "features": nhwc(feats), "embedding": emb.numpy(),
+    return {"logits": logits.numpy(), "feature_map": nhwc(feats), "embedding": emb.numpy(),
             "heads": [nhwc(h) for h in heads]}
 
 
@@ -289,9 +119,9 @@ def _assert_close(ours, ref, name):
 
 def _compare(model, ref, images):
     model.eval()
-    out = nnx.jit(lambda m, x: m(x))(model, jnp.asarray(images))
+    out = nnx.jit(lambda m, x: m({"image": x}))(model, jnp.asarray(images))
     expected = _torch_outputs(ref, images)
-    for name in ("logits", "features", "embedding"):
+    for name in ("logits", "feature_map", "embedding"):
         _assert_close(out[name], expected[name], name)
     assert len(out["heads"]) == len(expected["heads"])
     for i, (ours, theirs) in enumerate(zip(out["heads"], expected["heads"], strict=True)):
@@ -326,7 +156,8 @@ def test_used_parameter_count(full_model):
 
 def test_cli_writes_state_and_meta(converted_full, capsys, tmp_path, ref_full):
     meta = json.loads((converted_full / "meta.json").read_text())
-    assert meta["family"] == "ddamfn" and meta["model"] == "ddamfn" and meta["num_head"] == 2
+    assert meta["family"] == "ddamfn" and meta["model"] == "ddamfn"
+    assert meta["model_kwargs"] == {"num_head": 2}
     assert meta["outputs"] == {"logits": 8} and meta["source"].endswith("ref.pth")
     assert "fc.weight" not in meta["unused_keys"]
     ckpt = _checkpoint(tmp_path / "ref.pth", ref_full)
@@ -381,7 +212,7 @@ def test_bare_and_dataparallel_checkpoints(tmp_path, ref_full, full_state_dict, 
 def test_load_into_keeps_new_task_layers(converted_tiny, ref_tiny):
     model = _random_model("ddamfn_tiny", outputs={"va": 2, "expr": 8})
     va_before = np.asarray(model.tasks["va"].kernel[...])
-    assert conv.load_into(model, converted_tiny) == []
+    assert convert.load_into(model, converted_tiny) == []
     np.testing.assert_array_equal(model.tasks["va"].kernel[...], va_before)
     sd = ref_tiny.state_dict()
     np.testing.assert_array_equal(model.features[7].model[0].CA.conv1.bias[...],
@@ -393,7 +224,7 @@ def test_load_into_keeps_new_task_layers(converted_tiny, ref_tiny):
 def test_extract_without_checkpoints_uses_init_from(converted_tiny, tiny_records, tmp_path):
     """--mode=extract on a workdir without checkpoints embeds with the converted weights of
     init_from, and says so; with neither it is an error naming the workdir."""
-    config = common.experiment("va")
+    config = config_lib.experiment("va")
     config.model.name, config.data.records = "ddamfn_tiny", str(tiny_records)
     config.eval_batch_size = 8
     with pytest.raises(FileNotFoundError, match="no checkpoint to extract"):
@@ -408,15 +239,15 @@ def test_extract_without_checkpoints_uses_init_from(converted_tiny, tiny_records
 def test_load_into_mismatches_name_the_path(converted_tiny):
     narrow = dataclasses.replace(ddamfn.TINY_TRUNK, stem=8)
     with pytest.raises(ValueError, match=r"features\.0\.bn\.bias.*\(16,\).*\(8,\)"):
-        conv.load_into(nnx.eval_shape(lambda: ddamfn.DDAMFN(trunk=narrow)), converted_tiny)
+        convert.load_into(nnx.eval_shape(lambda: ddamfn.DDAMFN(trunk=narrow)), converted_tiny)
     with pytest.raises(ValueError, match=r"tasks\.logits\.(kernel|bias)"):
-        conv.load_into(_abstract("ddamfn_tiny", outputs={"logits": 7}), converted_tiny)
+        convert.load_into(_abstract("ddamfn_tiny", outputs={"logits": 7}), converted_tiny)
     with pytest.raises(KeyError, match=r"heads\.1\."):
-        conv.load_into(_abstract("ddamfn_tiny", num_head=1), converted_tiny)
+        convert.load_into(_abstract("ddamfn_tiny", num_head=1), converted_tiny)
 
 
 def test_registry():
-    assert {"ddamfn", "ddamfn_tiny"} <= set(models.MODELS)
+    assert {"ddamfn", "ddamfn_tiny", "lstm", "transformer"} <= set(models.FAMILIES)
     with pytest.raises(KeyError, match="ddamfn_tiny"):
         models.build("ddamfn_huge")
     with pytest.raises(ValueError, match="reserved"):
@@ -552,7 +383,7 @@ def test_tiny_train_step_on_a_sharded_batch_uses_global_statistics():
         model = nnx.merge(graph, state)
 
         def loss(model):
-            out = model(x)
+            out = model({"image": x})
             ce = -jnp.take_along_axis(jax.nn.log_softmax(out["expr"]), expr[:, None], 1).mean()
             return jnp.mean((out["va"] - va) ** 2) + ce
 

@@ -17,8 +17,10 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from helpers import tiny_config
 
-from abaw_jax import checkpoint, evaluate, train
+from abaw_jax import checkpoint, evaluate
+from abaw_jax import state as state_lib
 from abaw_jax.data import records
 
 ROOT = Path(__file__).parents[1]
@@ -69,7 +71,7 @@ def _launch(processes: int, devices: int, records_dir: Path, workdir: Path,
 
 
 def _params(config, workdir: Path, step: int | None = None):
-    return jax.device_get(train.restore_run(config, workdir, step or "latest").state.params)
+    return jax.device_get(state_lib.restore_run(config, workdir, step or "latest").state.params)
 
 
 def _steps(workdir: Path) -> list[int]:
@@ -99,8 +101,6 @@ def runs(tiny_records, tmp_path_factory):
 
 
 def _config(tiny_records):
-    from test_train import tiny_config
-
     return tiny_config(tiny_records, **OVERRIDES)
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from abaw_jax.data import augment, pipeline, records
+from abaw_jax.data import augment, features, pipeline, records
 from abaw_jax.data.affwild2 import DataError
 
 AUG = augment.AugmentConfig(size=32)
@@ -104,7 +104,7 @@ def test_stream_state_goes_through_grain_orbax_handler(tiny_records, tmp_path):
 
 def test_clips_stay_in_one_video_and_cover_every_frame(tiny_records):
     videos, video, frame = records.read_frame_index(tiny_records, "validation")
-    clips = pipeline.clip_index(video, frame, length=10, stride=4, videos=videos)
+    clips = pipeline.clip_index(video, frame, length=10, stride=4)
     for clip in clips:
         rows = clip[clip >= 0]
         assert len(set(video[rows])) == 1
@@ -115,9 +115,52 @@ def test_clips_stay_in_one_video_and_cover_every_frame(tiny_records):
     assert (clips < 0).any()  # missing crops inside a window are masked, not skipped
 
 
-def test_clip_longer_than_a_video_is_an_error():
-    with pytest.raises(DataError, match=r"video 'short' spans 5 frames, shorter than"):
-        pipeline.clip_index(np.zeros(5, int), np.arange(1, 6), 8, 4, videos=["short"])
+def test_a_video_shorter_than_the_clip_is_one_padded_clip():
+    video, frame = np.array([0, 0, 0, 1, 1]), np.array([1, 2, 4, 1, 2])
+    clips = pipeline.clip_index(video, frame, length=6, stride=2)
+    np.testing.assert_array_equal(clips, [[0, 1, -1, 2, -1, -1], [3, 4, -1, -1, -1, -1]])
+
+
+def _fake_cache(out, data_dir, dim, seed):
+    """A feature cache of the records' train and validation frames (random embeddings)."""
+    rng = np.random.default_rng(seed)
+    for name in ("train", "validation"):
+        index = records.read_frame_index(data_dir, name)
+        source = records.RecordSource(data_dir, name)
+        labels = {k: np.stack([source[i][k] for i in range(len(source))])
+                  for k in pipeline.LABEL_KEYS}
+        features.write_split(out, name, rng.normal(size=(len(index[1]), dim)), labels, *index,
+                             shard_rows=50)
+    features.write_meta(out, {"source": {}}, rng.normal(size=dim))
+    return out
+
+
+def test_frames_of_several_feature_caches_without_images(tiny_records, tmp_path):
+    a = _fake_cache(tmp_path / "a", tiny_records, 4, 0)
+    b = _fake_cache(tmp_path / "b", tiny_records, 3, 1)
+    (batch,) = _take(pipeline.train_dataset(tiny_records, "train", batch_size=8, seed=0,
+                                            augment_cfg=None, features=(a, b)), 1)
+    assert "image" not in batch and batch["features"].shape == (8, 7)
+    source = records.RecordSource(tiny_records, "train")
+    sa, sb = features.FeatureSource(a, "train"), features.FeatureSource(b, "train")
+    for row, i in zip(batch["features"], batch["index"], strict=True):
+        np.testing.assert_allclose(row, np.concatenate([sa.embeddings(i), sb.embeddings(i)]))
+        np.testing.assert_array_equal(batch["va"][list(batch["index"]).index(i)],
+                                      source[int(i)]["va"])
+    ev = list(pipeline.eval_dataset(tiny_records, "validation", batch_size=16, size=32,
+                                    features=(a,)))
+    assert ev[0]["image"].shape == (16, 32, 32, 3) and ev[0]["features"].shape == (16, 4)
+    pad = ev[-1]["index"] < 0  # padding rows: the cache's padding embedding
+    np.testing.assert_allclose(ev[-1]["features"][pad], np.repeat(sa.pad[None], pad.sum(), 0))
+    other = tmp_path / "other"  # a cache of other frames is refused
+    _fake_cache(other, tiny_records, 4, 2)
+    (other / "validation" / "frames.npz").unlink()
+    features.write_split(other, "validation", np.zeros((3, 4)),
+                         {k: v[:3] for k, v in np.load(a / "validation/frames.npz").items()
+                          if k in pipeline.LABEL_KEYS}, ["x"], np.zeros(3, int), np.arange(3))
+    with pytest.raises(DataError, match="cached features are of other frames"):
+        pipeline.eval_dataset(tiny_records, "validation", batch_size=16, size=0,
+                              features=(other,))
 
 
 def test_clip_batches(tiny_records):
@@ -132,12 +175,14 @@ def test_clip_batches(tiny_records):
         pipeline.clip_index(*records.read_frame_index(tiny_records, "validation")[1:], 6, 3))
 
 
-def test_undecodable_image_names_the_record():
+def test_undecodable_image_names_the_record(tiny_records):
     class Broken:
         split = "train"
 
         def __getitem__(self, i):
             return {"image": b"not a jpeg", "video": "vid_left", "frame": np.int32(12)}
 
+    reader = pipeline.FrameReader(tiny_records, "train", size=32)
+    reader.records = Broken()
     with pytest.raises(augment.ImageDecodeError, match=r"train record 0 \(vid_left/00012\.jpg\)"):
-        pipeline._example(Broken(), 0, 32, None, None)
+        reader(0)

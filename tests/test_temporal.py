@@ -1,97 +1,121 @@
-"""DDAMFN+LSTM: clips in, per-frame outputs; overlapping windows averaged back onto frames."""
+"""Temporal heads (LSTM, transformer) over clips and the feature cache: clips in, per-frame
+outputs; overlapping windows averaged back onto frames; heads trained from cached embeddings
+of one or several caches; short videos padded."""
 
 import json
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from helpers import tiny_config
 
-from abaw_jax import evaluate, extract, inference, models, parallel, train
+from abaw_jax import extract, inference, models, parallel, trainers
+from abaw_jax import state as state_lib
 from abaw_jax.data import pipeline, records
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "configs"))
-import common  # noqa: E402
+from abaw_jax.evaluators import split
 
 
-def _pixel_means(params, rest, images):
+def _pixel_means(batch):
     """A stand-in model: each frame's output depends on that frame's pixels only."""
-    x = images.astype(jnp.float32)
+    x = batch["image"].astype(jnp.float32)
     return {"va": jnp.stack([x.mean((-3, -2, -1)), x[..., 0].mean((-2, -1))], -1) / 255}
 
 
 def test_windows_average_back_onto_every_frame_exactly(tiny_records):
     mesh = parallel.make_mesh()
     step = jax.jit(_pixel_means)
-    args = dict(batch_size=8, image_size=32, mesh=mesh, loader=pipeline.Loader())
-    frames = evaluate.predict_split(step, None, None, tiny_records, "validation", **args)
-    clips = evaluate.predict_split(step, None, None, tiny_records, "validation", **args,
-                                   clip_length=8, clip_stride=3)
+    args = dict(batch_size=8, size=32, mesh=mesh, loader=pipeline.Loader())
+    frames = split.predict_split(step, tiny_records, "validation", **args)
+    clips = split.predict_split(step, tiny_records, "validation", **args, length=8, stride=3)
     # Each frame appears in 1-3 windows; averaging identical per-frame outputs must give the
     # frame's own output, at its own record index (predict_split also checks coverage).
     np.testing.assert_allclose(clips["preds"]["va"], frames["preds"]["va"], rtol=1e-6)
     for k in ("va", "va_mask"):
         np.testing.assert_array_equal(clips["labels"][k], frames["labels"][k])
+    # Clips longer than every video: one padded clip per video, every frame still covered.
+    longest = max(np.bincount(records.read_frame_index(tiny_records, "validation")[1]))
+    long = split.predict_split(step, tiny_records, "validation", **args, length=longest + 50,
+                               stride=4)
+    np.testing.assert_allclose(long["preds"]["va"], frames["preds"]["va"], rtol=1e-6)
 
 
-def test_lstm_model_takes_frames_or_cached_embeddings():
-    model = models.build("ddamfn_tiny_lstm", outputs={"au": 12}, hidden=16, layers=2,
-                         bidirectional=True, rngs=nnx.Rngs(0))
-    model.eval()
+def test_short_videos_are_one_padded_clip():
+    video, frame = np.array([0, 0, 0, 1, 1]), np.array([1, 2, 4, 1, 2])
+    clips = pipeline.clip_index(video, frame, length=6, stride=2)
+    np.testing.assert_array_equal(clips, [[0, 1, -1, 2, -1, -1], [3, 4, -1, -1, -1, -1]])
+
+
+def test_temporal_heads_take_frames_or_cached_embeddings():
     clips = jax.random.normal(jax.random.key(0), (2, 3, 112, 112, 3))
-    out = nnx.jit(lambda m, x: m(x))(model, clips)  # jitted: eager NNX runs op by op
-    assert out["au"].shape == (2, 3, 12) and out["embedding"].shape == (2, 3, 128)
-    cached = nnx.jit(lambda m, x: m(x, features=True))(model, out["embedding"])
-    np.testing.assert_allclose(cached["au"], out["au"], atol=1e-6)
+    for name, kwargs in (("lstm", dict(hidden=16, layers=2, bidirectional=True)),
+                         ("transformer", dict(proj=(32, 16), layers=1, heads=2))):
+        model = models.build(name, backbone="ddamfn_tiny", outputs={"au": 12},
+                             rngs=nnx.Rngs(0), **kwargs)
+        model.eval()
+        inputs = {"image": clips, "frame_mask": jnp.ones((2, 3), bool)}
+        out = nnx.jit(lambda m, x: m(x))(model, inputs)  # jitted: eager NNX runs op by op
+        assert out["au"].shape == (2, 3, 12) and out["embedding"].shape == (2, 3, 128)
+        assert set(out["losses"]) == {"head"}  # the backbone's own loss comes through
+        cached = nnx.jit(lambda m, x: m(x))(model, {**inputs, "features": out["embedding"]})
+        np.testing.assert_allclose(cached["au"], out["au"], atol=1e-5)
 
 
-def _lstm_config(tiny_records, **overrides):
-    c = common.temporal("va")
-    c.data.records = str(tiny_records)
-    c.total_steps, c.batch_size, c.eval_batch_size = 2, 8, 8
-    c.log_every_steps = c.eval_every_steps = c.checkpoint_every_steps = 2
-    c.model.hidden = 16
-    c.update_from_flattened_dict(overrides)
-    return c
-
-
-def _restore(config, workdir):
-    restored = train.restore_run(config, workdir, "latest")
-    return restored.setup, restored.state
+def test_transformer_ignores_padded_frames():
+    model = models.build("transformer", outputs={"va": 2}, feature_dim=8, proj=(16,), layers=2,
+                         heads=2, rngs=nnx.Rngs(0))
+    model.eval()
+    x = jax.random.normal(jax.random.key(1), (1, 5, 8))
+    mask = jnp.array([[True, True, True, False, False]])
+    noisy = x.at[:, 3:].set(100.0)
+    a = model({"features": x, "frame_mask": mask})["va"]
+    b = model({"features": noisy, "frame_mask": mask})["va"]
+    np.testing.assert_allclose(a[:, :3], b[:, :3], atol=1e-5)
+    assert not np.allclose(model({"features": noisy})["va"][:, :3], a[:, :3], atol=1e-3)
 
 
 def test_lstm_trains_end_to_end_and_from_its_feature_cache(tiny_records, tmp_path):
     n = len(records.RecordSource(tiny_records, "validation"))
-    config = _lstm_config(tiny_records)
-    metrics = train.train_and_evaluate(config, tmp_path / "e2e")
+    overrides = {"total_steps": 2, "eval_batch_size": 8, "eval_every_steps": 2,
+                 "model.hidden": 16}
+    config = tiny_config(tiny_records, temporal=True, **overrides)
+    metrics = trainers.train_and_evaluate(config, tmp_path / "e2e")
     assert metrics["va/frames"] == n and np.isfinite(metrics["va/ccc_mean"])
     # --mode=extract: the run's backbone over every split, in record order.
     out = extract.run(config, tmp_path / "e2e")
     meta = json.loads((out / "meta.json").read_text())
     assert meta["splits"] == {"train": len(records.RecordSource(tiny_records, "train")),
                               "validation": n}
+    assert meta["dim"] == 128
     # Same weights: the cached path gives the end-to-end outputs.
-    setup, state = _restore(config, tmp_path / "e2e")
-    args = dict(batch_size=8, image_size=112, mesh=setup.mesh, loader=pipeline.Loader(),
-                clip_length=8, clip_stride=4)
-    e2e = evaluate.predict_split(train.make_predict_step(setup), state.params, state.rest,
-                                 tiny_records, "validation", **args)
-    cached = evaluate.predict_split(train.make_predict_step(setup, features=True), state.params,
-                                    state.rest, tiny_records, "validation", **args,
-                                    features_dir=out)
+    run = state_lib.restore_run(config, tmp_path / "e2e", "latest")
+    cached_config = tiny_config(tiny_records, temporal=True, **overrides,
+                                **{"data.features": str(out)})
+    cached_setup = state_lib.make_setup(cached_config, run.setup.mesh)
+    assert cached_setup.inputs == ("features",) and cached_setup.frozen == ("^backbone/",)
+    e2e = split.predict_run(state_lib.bind(state_lib.predict_fn(run.setup), run.state),
+                            run.setup, tiny_records)
+    # (merge takes the variables in any partition: the e2e state has no frozen ones)
+    cached = split.predict_run(state_lib.bind(state_lib.predict_fn(cached_setup), run.state),
+                               cached_setup, tiny_records)
     np.testing.assert_allclose(cached["preds"]["va"], e2e["preds"]["va"], atol=1e-5)
     np.testing.assert_array_equal(cached["labels"]["va_mask"], e2e["labels"]["va_mask"])
     # inference.load takes a run's frames as one clip.
     faces = np.random.default_rng(0).integers(0, 255, (5, 90, 90, 3), np.uint8)
-    got = inference.load(tmp_path / "e2e", "latest")(faces, features=True)
+    got = inference.load(tmp_path / "e2e", "latest")(faces, embedding=True)
     assert got["va"].shape == (5, 2) and got["embedding"].shape == (5, 128)
-    # A head trained from the cache starts from (and keeps) the extracting backbone.
-    head = _lstm_config(tiny_records, **{"data.features": str(out)})
-    metrics = train.train_and_evaluate(head, tmp_path / "head")
+    # A head trained from the cache (AdamW with weight decay) starts from, and keeps bit for
+    # bit, the extracting backbone, which gets no optimizer state.
+    cached_config.optim.name, cached_config.optim.weight_decay = "adamw", 0.05
+    metrics = trainers.train_and_evaluate(cached_config, tmp_path / "head")
     assert metrics["va/frames"] == n
-    _, trained = _restore(head, tmp_path / "head")
-    for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(trained.params)["backbone"]),
-                    jax.tree.leaves(nnx.to_pure_dict(state.params)["backbone"]), strict=True):
+    trained = state_lib.restore_run(cached_config, tmp_path / "head", "latest").state
+    assert "backbone" not in nnx.to_pure_dict(trained.params)
+    for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(trained.frozen)["backbone"]),
+                    jax.tree.leaves(nnx.to_pure_dict(run.state.params)["backbone"]),
+                    strict=True):
         np.testing.assert_array_equal(a, b)
+    n_opt = sum(np.size(x) for x in jax.tree.leaves(trained.opt_state))
+    n_params = sum(np.size(x) for x in jax.tree.leaves(trained.params))
+    assert n_opt < 3 * n_params  # Adam's two moments (and counts) of the trained layers only
+

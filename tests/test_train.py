@@ -1,51 +1,40 @@
 """The trainer end to end on the tiny DDAMFN: train, evaluate, checkpoint, resume, shard."""
 
 import json
-import sys
-from pathlib import Path
 
 import cv2
 import jax
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import load_config, tiny_config
 
-from abaw_jax import checkpoint, evaluate, inference, parallel, predict, submission, train
-from abaw_jax.data import affwild2, augment, cache, prepare
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "configs"))
-import common  # noqa: E402
-
-
-def tiny_config(records, task="va", **overrides):
-    c = common.experiment(task)
-    c.data.records = str(records)
-    c.total_steps = 4
-    c.batch_size = 8
-    c.eval_batch_size = 16
-    c.log_every_steps = 2
-    c.eval_every_steps = 2
-    c.checkpoint_every_steps = 2
-    for key, value in overrides.items():
-        target = c
-        *path, last = key.split(".")
-        for p in path:
-            target = target[p]
-        target[last] = value
-    return c
+from abaw_jax import (
+    checkpoint,
+    config_lib,
+    evaluate,
+    inference,
+    parallel,
+    predict,
+    submission,
+    trainers,
+)
+from abaw_jax import state as state_lib
+from abaw_jax.data import affwild2, augment, cache, prepare, records
+from abaw_jax.trainers import loop, supervised
 
 
 def test_train_checkpoint_resume_and_eval(tiny_records, tmp_path):
     workdir = tmp_path / "run"
-    metrics = train.train_and_evaluate(tiny_config(tiny_records), workdir)
+    metrics = trainers.train_and_evaluate(tiny_config(tiny_records), workdir)
     assert set(metrics) >= {"va/ccc_valence", "va/ccc_arousal", "va/ccc_mean", "score"}
-    assert metrics["va/frames"] == len(evaluate.records.RecordSource(tiny_records, "validation"))
+    assert metrics["va/frames"] == len(records.RecordSource(tiny_records, "validation"))
     ckpt = checkpoint.Checkpoints(workdir / "checkpoints", read_only=True)
     assert ckpt.steps() == [2, 4] and ckpt.metrics(4)["score"] == pytest.approx(metrics["score"])
     ckpt.close()
     assert list(workdir.glob("events.out.tfevents.*"))  # TensorBoard
     # A longer run on the same workdir resumes at step 4 and continues to 6.
-    more = train.train_and_evaluate(tiny_config(tiny_records, total_steps=6), workdir)
+    more = trainers.train_and_evaluate(tiny_config(tiny_records, total_steps=6), workdir)
     ckpt = checkpoint.Checkpoints(workdir / "checkpoints", read_only=True)
     assert 6 in ckpt.steps() and more["va/frames"] == metrics["va/frames"]
     ckpt.close()
@@ -55,7 +44,7 @@ def test_train_checkpoint_resume_and_eval(tiny_records, tmp_path):
     assert json.loads((out / "metrics.json").read_text())["score"] == pytest.approx(
         result["score"])
     files = sorted((out / "predictions" / "va").glob("*.txt"))
-    lengths = evaluate.records.read_video_frames(tiny_records, "validation")
+    lengths = records.read_video_frames(tiny_records, "validation")
     assert len(files) == len(lengths)
     for f in files:
         lines = f.read_text().splitlines()
@@ -67,11 +56,12 @@ def test_train_checkpoint_resume_and_eval(tiny_records, tmp_path):
         evaluate.run(tiny_config(tiny_records, task="au"), workdir, "latest")
     # inference.load gives the same outputs from raw crops of any size.
     predict = inference.load(workdir, "latest")
-    source = evaluate.records.RecordSource(tiny_records, "validation")
+    source = records.RecordSource(tiny_records, "validation")
     examples = [source[i] for i in (0, 5, 9)]
     faces = np.stack([cv2.resize(augment.decode(ex["image"]), (100, 100)) for ex in examples])
-    got = predict(faces, features=True)
-    assert got["va"].shape == (3, 2) and got["features"].shape[:3] == (3, 7, 7)
+    got = predict(faces, embedding=True)
+    assert got["va"].shape == (3, 2) and got["feature_map"].shape[:3] == (3, 7, 7)
+    assert got["embedding"].shape == (3, 128)
     full = predict(np.stack([augment.resize(augment.decode(ex["image"]), 112)
                              for ex in examples]))
     for ex, va in zip(examples, full["va"], strict=True):
@@ -81,9 +71,9 @@ def test_train_checkpoint_resume_and_eval(tiny_records, tmp_path):
 
 
 def _steps(config, mesh, batches):
-    setup = train.make_setup(config, mesh)
-    state = train.init_state(config, setup)
-    step = train.make_train_step(config, setup, train.state_sharding(setup, state))
+    setup = state_lib.make_setup(config, mesh)
+    state = state_lib.init_state(config, setup)
+    step = supervised.train_step(config, setup, state_lib.state_sharding(setup, state))
     for b in batches:
         state, _ = step(state, parallel.to_global(b, mesh))
     return jax.device_get(state.params)
@@ -110,18 +100,18 @@ def test_one_device_and_eight_devices_agree(tiny_records):
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_records, tmp_path,
                                                            monkeypatch):
-    task = train.tasks.get("va")
+    task = state_lib.tasks.get("va")
     original = task.loss
 
-    def poisoned(out, batch, opts, step):
-        loss, parts = original(out, batch, opts, step)
+    def poisoned(out, batch, opts):
+        loss, parts = original(out, batch, opts)
         return loss + jax.numpy.where(batch["index"][0] >= 0, np.nan, 0.0), parts
 
     workdir = tmp_path / "nan"
-    train.train_and_evaluate(tiny_config(tiny_records, total_steps=2), workdir)
+    trainers.train_and_evaluate(tiny_config(tiny_records, total_steps=2), workdir)
     monkeypatch.setattr(type(task), "loss", lambda self, *a: poisoned(*a))
-    with pytest.raises(train.NonFiniteLossError, match=r"loss is nan at step 4.*step 2"):
-        train.train_and_evaluate(tiny_config(tiny_records), workdir)
+    with pytest.raises(loop.NonFiniteLossError, match=r"loss is nan at step 4.*step 2"):
+        trainers.train_and_evaluate(tiny_config(tiny_records), workdir)
     ckpt = checkpoint.Checkpoints(workdir / "checkpoints", read_only=True)
     assert ckpt.steps() == [2]
     ckpt.close()
@@ -135,10 +125,10 @@ def test_bfloat16_compute_keeps_float32_state(tiny_records):
              "au": np.zeros((8, 12), np.int32), "va_mask": np.ones(8, bool),
              "expr_mask": np.zeros(8, bool), "au_mask": np.zeros(8, bool)}
     mesh = parallel.make_mesh()
-    setup = train.make_setup(config, mesh)
-    state = train.init_state(config, setup)
+    setup = state_lib.make_setup(config, mesh)
+    state = state_lib.init_state(config, setup)
     before = jax.device_get(state.params)
-    step = train.make_train_step(config, setup, train.state_sharding(setup, state))
+    step = supervised.train_step(config, setup, state_lib.state_sharding(setup, state))
     state, stats = step(state, parallel.to_global(batch, mesh))
     assert np.isfinite(float(stats["loss"]))
     for leaf in jax.tree.leaves((state.params, state.rest)):
@@ -153,13 +143,13 @@ def test_balanced_loss_weights_from_the_train_split_counts(tmp_path):
         "expr": dict(zip("ABCDEFGH", [40, 10, 10, 10, 10, 10, 5, 5], strict=True)),
         "au_positive": {f"AU{i}": 10 * (i + 1) for i in range(12)}, "au_frames": 200}}}}
     (tmp_path / "stats.json").write_text(json.dumps(stats))
-    config = common.experiment("mtl")
+    config = config_lib.experiment("mtl")
     config.loss.balance = True
-    opts = train.loss_options(config, tmp_path)
+    opts = supervised.loss_options(config, tmp_path)
     np.testing.assert_allclose(opts["class_weights"][:2], [100 / (8 * 40), 100 / (8 * 10)])
     np.testing.assert_allclose(opts["pos_weight"][:2], [190 / 10, 180 / 20])
     config.loss.pos_weight = [1.0] * 12  # given weights win
-    assert train.loss_options(config, tmp_path)["pos_weight"] == [1.0] * 12
+    assert supervised.loss_options(config, tmp_path)["pos_weight"] == [1.0] * 12
 
 
 def test_predict_writes_checked_submissions_for_the_test_list(tiny_tree, tmp_path, monkeypatch):
@@ -168,10 +158,10 @@ def test_predict_writes_checked_submissions_for_the_test_list(tiny_tree, tmp_pat
     config = tiny_config(None, task="au", total_steps=2, **{"data.records": None,
                                                              "data.root": str(root)})
     workdir = tmp_path / "au"
-    train.train_and_evaluate(config, workdir)
+    trainers.train_and_evaluate(config, workdir)
     out = predict.run(config, workdir)
     data = cache.records_for(config.data, "au", test=True)
-    lengths = evaluate.records.read_video_frames(data, "test")
+    lengths = records.read_video_frames(data, "test")
     assert sorted(lengths) == sorted(manifest["test"]["au"])
     assert submission.check(out / "au", "au", lengths) == []
     for video, n in lengths.items():  # every frame of every test video, crop or not
@@ -196,22 +186,20 @@ def test_predict_writes_checked_submissions_for_the_test_list(tiny_tree, tmp_pat
 
 def test_multitask_two_stage_run_reports_p_and_holds_the_backbone_in_stage_1(tiny_tree,
                                                                             tmp_path):
-    import mtl  # configs/, on the path since the top of this file
-
     root, _ = tiny_tree
     records = tmp_path / "mtl"
     prepare.prepare(affwild2.Layout.discover(root), "mtl", records, workers=1, progress=False)
-    config = mtl.get_config()
+    config = load_config("mtl.py")
     config.data.records = str(records)
     config.total_steps, config.batch_size, config.eval_batch_size = 2, 8, 16
     config.log_every_steps = config.eval_every_steps = config.checkpoint_every_steps = 2
     config.optim.groups.backbone.start_step = 3  # the run ends inside stage 1
-    setup = train.make_setup(config, parallel.make_mesh())
-    before = jax.device_get(train.init_state(config, setup).params)
-    metrics = train.train_and_evaluate(config, tmp_path / "run")
+    setup = state_lib.make_setup(config, parallel.make_mesh())
+    before = jax.device_get(state_lib.init_state(config, setup).params)
+    metrics = trainers.train_and_evaluate(config, tmp_path / "run")
     assert metrics["p_score"] == pytest.approx(
         metrics["va/ccc_mean"] + metrics["expr/f1_macro"] + metrics["au/f1_mean"])
-    after = train.restore_run(config, tmp_path / "run", 2).state.params
+    after = state_lib.restore_run(config, tmp_path / "run", 2).state.params
     before, after = nnx.to_pure_dict(before), nnx.to_pure_dict(jax.device_get(after))
     for a, b in zip(jax.tree.leaves(before["features"]), jax.tree.leaves(after["features"]),
                     strict=True):

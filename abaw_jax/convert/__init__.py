@@ -1,17 +1,34 @@
-"""Public checkpoints -> abaw_jax states: `python -m abaw_jax.convert <family> [flags]`.
+"""Public checkpoints -> abaw_jax weights: `python -m abaw_jax.convert <family> [flags]`.
 
-Each family is a module here with `main(argv) -> exit status` and a Python API for the trainer
-(for ddamfn: `convert_state_dict`, `save`, `load_into`).
+Each family's converter is a module here with `main(argv) -> exit status` that maps the public
+checkpoint's keys onto the family's NNX state and writes it with `save`. Every converted folder
+has the same form, so one `load_into` restores any of them (a family's `load_weights`):
+
+  DIR/state       an Orbax StandardCheckpointer pytree: the pure dict of `nnx.state(model)`
+  DIR/meta.json   family, model (registry name), model_kwargs, outputs, source, unused_keys
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
 
 FAMILIES = {"ddamfn": "abaw_jax.convert.ddamfn"}
 
 USAGE = f"usage: python -m abaw_jax.convert {{{','.join(FAMILIES)}}} [flags] (--help per family)"
+
+STATE_DIR = "state"
+META_FILE = "meta.json"
+TASKS = "tasks."  # path prefix of the task layers, which load_into may leave initialised
 
 
 def main(argv: Sequence[str]) -> int:
@@ -21,3 +38,86 @@ def main(argv: Sequence[str]) -> int:
         print(f"{given}{USAGE}")
         return 2
     return importlib.import_module(FAMILIES[argv[0]]).main(argv[1:])
+
+
+def dotted(keypath) -> str:
+    """A pytree key path as 'a.0.b'."""
+    return ".".join(str(k.key) for k in keypath)
+
+
+def flatten(tree) -> dict[str, Any]:
+    return {dotted(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def save(out_dir: str | Path, state: dict, meta: Mapping[str, Any], *,
+         overwrite: bool = False) -> Path:
+    """Write `state` (Orbax, out_dir/state) and `meta` (out_dir/meta.json); returns out_dir."""
+    out = Path(out_dir).resolve()
+    if (out / STATE_DIR).exists() and not overwrite:
+        raise FileExistsError(f"{out / STATE_DIR} exists (--overwrite replaces it)")
+    out.mkdir(parents=True, exist_ok=True)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(out / STATE_DIR, jax.tree.map(np.asarray, state), force=overwrite)
+    checkpointer.wait_until_finished()
+    checkpointer.close()
+    (out / META_FILE).write_text(json.dumps(dict(meta), indent=2) + "\n")
+    return out
+
+
+def read_meta(directory: str | Path, family: str | None = None) -> dict:
+    """meta.json of a converted folder (of `family`, when given)."""
+    path = Path(directory) / META_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory}: not a converted folder (no {META_FILE})")
+    meta = json.loads(path.read_text())
+    if family is not None and meta.get("family") != family:
+        raise ValueError(f"{directory}: a {meta.get('family')!r} conversion, not {family!r}")
+    return meta
+
+
+def _restore(path: Path) -> dict:
+    """The saved pytree as numpy arrays (list indices come back as string keys)."""
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        return checkpointer.restore(path)
+    finally:
+        checkpointer.close()
+
+
+def load_into(model: nnx.Module, directory: str | Path) -> list[str]:
+    """Restore a converted folder into a built model; returns the task layers it restored.
+
+    Every non-task variable must be in the folder with the same shape and vice versa. A task
+    layer is restored when both have it; the model's other task layers stay as initialised.
+    KeyError / ValueError name the path.
+    """
+    directory = Path(directory).resolve()
+    read_meta(directory)
+    restored = flatten(_restore(directory / STATE_DIR))
+    state = nnx.state(model)
+    current = nnx.to_pure_dict(state)
+    model_paths = flatten(current)
+    extra = [p for p in restored if not p.startswith(TASKS) and p not in model_paths]
+    if extra:
+        raise KeyError(f"{directory}: variables the model does not have: {extra}")
+    loaded_tasks = set()
+
+    def pick(keypath, value):
+        path = dotted(keypath)
+        if path not in restored:
+            if path.startswith(TASKS):
+                return value
+            raise KeyError(f"{directory} has no {path!r}")
+        new = restored[path]
+        if new.shape != value.shape:
+            raise ValueError(f"{path!r}: shape {new.shape} in {directory}, {value.shape} in "
+                             f"the model")
+        if path.startswith(TASKS):
+            loaded_tasks.add(path.split(".")[1])
+        if isinstance(value, jax.Array):  # keep the model's placement (e.g. replicated on a mesh)
+            return jax.device_put(np.asarray(new, value.dtype), value.sharding)
+        return jnp.asarray(new, value.dtype)  # an abstract model (nnx.eval_shape)
+
+    nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(pick, current))
+    nnx.update(model, state)
+    return sorted(loaded_tasks)

@@ -6,8 +6,9 @@
 Writes DIR/state, an Orbax StandardCheckpointer pytree: the pure dict of `nnx.state(model)`
 (parameters and BatchNorm statistics, numpy arrays; the trunk under `features`, the attention heads
 under `heads`, GDConv under `gdconv`, and the reference `fc` under `tasks.logits` with --keep_fc),
-and DIR/meta.json (family, model, num_head, outputs, source, unused_keys). `load_into` restores such
-a folder into a built model, e.g. one with new task layers for ABAW.
+and DIR/meta.json (family, model, model_kwargs, outputs, source, unused_keys), the form every
+converter writes (`abaw_jax.convert`); `convert.load_into` restores it into a built model, e.g.
+one with new task layers for ABAW.
 
 The NNX module tree mirrors the reference names, so a parameter's reference key is its NNX path
 with three prefixes renamed (`heads.i.` <- `cat_head{i}.CoordAtt.`, `gdconv.` <- `Linear.`,
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import re
 import sys
 from collections.abc import Mapping, Sequence
@@ -26,17 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
-from abaw_jax import models
+from abaw_jax import convert, models
 
 FAMILY = "ddamfn"
-STATE_DIR = "state"
-META_FILE = "meta.json"
-TASKS = "tasks."  # NNX path prefix of the task layers, which load_into may leave initialised
 
 # NNX leaf name -> reference leaf name (conv/linear kernel, BatchNorm, PReLU slope).
 _TORCH_LEAF = {"kernel": "weight", "bias": "bias", "scale": "weight", "mean": "running_mean",
@@ -68,14 +63,6 @@ def _torch_layout(shape: tuple[int, ...]) -> tuple[int, ...]:
     if len(shape) == 4:
         return (shape[3], shape[2], shape[0], shape[1])
     return shape[::-1] if len(shape) == 2 else shape
-
-
-def _dotted(keypath) -> str:
-    return ".".join(str(k.key) for k in keypath)
-
-
-def _flatten(tree) -> dict[str, Any]:
-    return {_dotted(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 @functools.lru_cache(maxsize=4)
@@ -119,8 +106,8 @@ def convert_state_dict(state_dict: Mapping[str, Any], num_head: int = 2, keep_fc
     target = _target(model, num_head, outputs)
     used = set()
 
-    def convert(keypath, spec):
-        path = _dotted(keypath)
+    def one(keypath, spec):
+        path = convert.dotted(keypath)
         key = torch_key(path)
         if key not in source:
             raise KeyError(f"missing key {key!r} (model path {path}, shape "
@@ -132,7 +119,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], num_head: int = 2, keep_fc
         used.add(key)
         return _to_nnx_layout(value).astype(spec.dtype)
 
-    state = jax.tree_util.tree_map_with_path(convert, target)
+    state = jax.tree_util.tree_map_with_path(one, target)
     unused = [k for k in source if k not in used]
     unexpected = [k for k in unused if not (_NEVER_APPLIED.search(k) or k.startswith("fc."))]
     if unexpected:
@@ -160,76 +147,6 @@ def read_checkpoint(path: str | Path) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy() for k, v in obj.items()}
 
 
-def save(out_dir: str | Path, state: dict, meta: Mapping[str, Any], *,
-         overwrite: bool = False) -> Path:
-    """Write `state` (Orbax, out_dir/state) and `meta` (out_dir/meta.json); returns out_dir."""
-    out = Path(out_dir).resolve()
-    if (out / STATE_DIR).exists() and not overwrite:
-        raise FileExistsError(f"{out / STATE_DIR} exists (--overwrite replaces it)")
-    out.mkdir(parents=True, exist_ok=True)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(out / STATE_DIR, jax.tree.map(np.asarray, state), force=overwrite)
-    checkpointer.wait_until_finished()
-    checkpointer.close()
-    (out / META_FILE).write_text(json.dumps(dict(meta), indent=2) + "\n")
-    return out
-
-
-def read_meta(directory: str | Path) -> dict:
-    meta = json.loads((Path(directory) / META_FILE).read_text())
-    if meta.get("family") != FAMILY:
-        raise ValueError(f"{directory}: a {meta.get('family')!r} conversion, not {FAMILY!r}")
-    return meta
-
-
-def _restore(path: Path) -> dict:
-    """The saved pytree as numpy arrays (list indices come back as string keys)."""
-    checkpointer = ocp.StandardCheckpointer()
-    try:
-        return checkpointer.restore(path)
-    finally:
-        checkpointer.close()
-
-
-def load_into(model: nnx.Module, directory: str | Path) -> list[str]:
-    """Restore a converted folder into a built DDAMFN; returns the task layers it restored.
-
-    Every non-task variable (trunk, heads, GDConv) must be in the checkpoint with the same shape
-    and vice versa. A task layer is restored when both have it (the reference `fc` as `logits`);
-    the model's other task layers stay as initialised. KeyError / ValueError name the path.
-    """
-    directory = Path(directory).resolve()
-    read_meta(directory)
-    restored = _flatten(_restore(directory / STATE_DIR))
-    state = nnx.state(model)
-    current = nnx.to_pure_dict(state)
-    model_paths = _flatten(current)
-    extra = [p for p in restored if not p.startswith(TASKS) and p not in model_paths]
-    if extra:
-        raise KeyError(f"{directory}: variables the model does not have: {extra}")
-    loaded_tasks = set()
-
-    def pick(keypath, value):
-        path = _dotted(keypath)
-        if path not in restored:
-            if path.startswith(TASKS):
-                return value
-            raise KeyError(f"{directory} has no {path!r}")
-        new = restored[path]
-        if new.shape != value.shape:
-            raise ValueError(f"{path!r}: shape {new.shape} in {directory}, {value.shape} in "
-                             f"the model")
-        if path.startswith(TASKS):
-            loaded_tasks.add(path.split(".")[1])
-        if isinstance(value, jax.Array):  # keep the model's placement (e.g. replicated on a mesh)
-            return jax.device_put(np.asarray(new, value.dtype), value.sharding)
-        return jnp.asarray(new, value.dtype)  # an abstract model (nnx.eval_shape)
-
-    nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(pick, current))
-    nnx.update(model, state)
-    return sorted(loaded_tasks)
-
-
 def main(argv: Sequence[str]) -> int:
     """CLI: convert --checkpoint into --out; prints the unused keys. Returns the exit status."""
     parser = argparse.ArgumentParser(prog="python -m abaw_jax.convert ddamfn",
@@ -238,16 +155,17 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--keep_fc", action="store_true", help="keep `fc` as task 'logits'")
     parser.add_argument("--num_head", type=int, default=2, help="attention heads")
-    parser.add_argument("--model", default="ddamfn", choices=sorted(models.MODELS))
+    parser.add_argument("--model", default="ddamfn", choices=("ddamfn", "ddamfn_tiny"))
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = parser.parse_args(argv)
     try:
         state, unused = convert_state_dict(read_checkpoint(args.checkpoint), args.num_head,
                                            args.keep_fc, args.model)
-        meta = {"family": FAMILY, "model": args.model, "num_head": args.num_head,
-                "outputs": _task_sizes(state), "source": str(args.checkpoint),
+        meta = {"family": FAMILY, "model": args.model,
+                "model_kwargs": {"num_head": args.num_head}, "outputs": _task_sizes(state),
+                "source": str(args.checkpoint),
                 "unused_keys": unused}
-        out = save(args.out, state, meta, overwrite=args.overwrite)
+        out = convert.save(args.out, state, meta, overwrite=args.overwrite)
     except (KeyError, ValueError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

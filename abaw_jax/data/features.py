@@ -1,6 +1,7 @@
 """The feature cache: per-frame backbone embeddings of a split (`--mode=extract`), stored in
-record order as sharded .npy files with the frames' video and frame ids and labels, so temporal
-heads train from them without decoding a single image.
+record order as sharded .npy files with the frames' video and frame ids and labels, so heads
+(frame or temporal) train from them without decoding a single image. Several caches of the same
+records are concatenated per frame (`data.features="a,b"`), e.g. visual and audio embeddings.
 
 <dir>/meta.json                         dim, splits and their sizes, provenance
 <dir>/pad.npy                           the embedding of the padding frame (all-zero image) that
@@ -43,7 +44,22 @@ def write_split(out: str | os.PathLike, split: str, embedding: np.ndarray,
 
 def write_meta(out: str | os.PathLike, meta: Mapping[str, Any], pad: np.ndarray) -> None:
     np.save(Path(out) / "pad.npy", np.asarray(pad, np.float32))
-    (Path(out) / "meta.json").write_text(json.dumps(meta, indent=1))
+    (Path(out) / "meta.json").write_text(json.dumps({**meta, "dim": int(np.size(pad))},
+                                                    indent=1))
+
+
+def read_meta(directory: str | os.PathLike) -> dict:
+    """meta.json of a feature cache: where its embeddings came from, its splits, `dim`."""
+    path = Path(directory) / "meta.json"
+    if not path.is_file():
+        raise DataError(f"{directory}: not a feature cache (no meta.json); write one with "
+                        "`python -m abaw_jax.main --mode=extract ...`")
+    return json.loads(path.read_text())
+
+
+def width(directories) -> int:
+    """The width of the per-frame `features` input: the caches' dims added up."""
+    return sum(int(np.load(Path(d) / "pad.npy", mmap_mode="r").size) for d in directories)
 
 
 def check_matches(directory: str | os.PathLike, split: str, videos: list[str],
@@ -85,15 +101,16 @@ class FeatureSource:
     def __len__(self) -> int:
         return len(self.video)
 
-    def clip(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        """Embeddings and labels of record indices `rows` (-1: a padded frame)."""
-        valid = rows >= 0
-        emb = np.repeat(self.pad[None], len(rows), 0)
-        for j in np.flatnonzero(valid):
-            s, r = divmod(int(rows[j]), self.shard_rows)
-            emb[j] = self.shards[s][r]
-        safe = np.where(valid, rows, 0)
-        out = {k: v[safe] for k, v in self.labels.items()}
-        for k in ("va_mask", "expr_mask", "au_mask"):
-            out[k] = out[k] & valid
-        return {"features": emb, **out, "index": rows.astype(np.int32)}
+    def embeddings(self, index: int) -> np.ndarray:
+        """The embedding of record `index` (-1: the padding frame's)."""
+        if index < 0:
+            return self.pad
+        s, r = divmod(int(index), self.shard_rows)
+        return np.asarray(self.shards[s][r])
+
+    def labels_of(self, index: int) -> dict[str, np.ndarray]:
+        """Labels and masks of record `index` (-1: padding, every mask False)."""
+        out = {k: v[max(index, 0)] for k, v in self.labels.items()}
+        if index < 0:
+            out.update({k: np.False_ for k in ("va_mask", "expr_mask", "au_mask")})
+        return out

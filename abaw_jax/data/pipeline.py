@@ -6,8 +6,9 @@ worker processes that decode and augment (`Loader.num_workers`). Each returns a 
 iterator whose checkpoint state is the number of the next batch. Close streams (`close()`) when
 done, or the workers and their shared memory outlive them.
 
-Batches are dicts of numpy arrays: `image` uint8 (B, S, S, 3) (clips: (B, T, S, S, 3)), labels and
-masks of every task, `index` (the record index within the split, -1 for padding) and, for eval
+Batches are dicts of numpy arrays, named as the models' inputs: `image` uint8 (B, S, S, 3) (clips:
+(B, T, S, S, 3)) and/or `features` (B, D) float32 from feature caches, labels and masks of every
+task, `index` (the record index within the split, -1 for padding) and, for eval
 and clip batches, `mask` (False on padding). Map an `index` back to (video, frame) with
 `records.read_frame_index`.
 """
@@ -21,7 +22,7 @@ import math
 import os
 import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grain
@@ -29,6 +30,7 @@ import numpy as np
 from absl import flags
 
 from abaw_jax.data import augment, records
+from abaw_jax.data import features as features_lib
 from abaw_jax.data.affwild2 import AU_NAMES, DataError
 
 LABEL_KEYS = ("va", "expr", "au", "va_mask", "expr_mask", "au_mask")
@@ -59,23 +61,49 @@ class Loader:
         return cls(**dict(cfg or {}))
 
 
-def _pad_example(size: int) -> dict:
-    return {"image": np.zeros((size, size, 3), np.uint8), "va": np.zeros(2, np.float32),
-            "expr": np.int32(0), "au": np.zeros(len(AU_NAMES), np.int32),
-            "va_mask": np.False_, "expr_mask": np.False_, "au_mask": np.False_,
-            "index": np.int32(-1)}
+class FrameReader:
+    """One split's frames by record index, as the named inputs a model takes, with labels.
 
+    `size` > 0: the decoded (and for training augmented) "image" at that size. `features`:
+    feature caches of these records (data/features.py), concatenated per frame into "features";
+    without images the labels come from the first cache and no record is read. Index -1 is a
+    padding frame: a zero image, the caches' padding embedding, every mask False.
+    """
 
-def _example(source: records.RecordSource, index: int, size: int,
-             cfg: augment.AugmentConfig | None, rng: np.random.Generator | None) -> dict:
-    """Record -> decoded (and, for training, augmented) example."""
-    if index < 0:
-        return _pad_example(size)
-    ex = source[int(index)]
-    name = f"{source.split} record {index} ({ex['video']}/{int(ex['frame']):05d}.jpg)"
-    image = augment.decode(ex["image"], name)
-    image = augment.augment(image, cfg, rng) if cfg else augment.resize(image, size)
-    return {"image": image, **{k: ex[k] for k in LABEL_KEYS}, "index": np.int32(index)}
+    def __init__(self, data_dir: str | os.PathLike, split: str, *, size: int = 0,
+                 features: Sequence[str | os.PathLike] = ()):
+        if not size and not features:
+            raise ValueError("a frame reader needs an image size or feature caches")
+        self.size = size
+        self.records = records.RecordSource(data_dir, split) if size else None
+        self.caches = [features_lib.FeatureSource(d, split) for d in features]
+        index = records.read_frame_index(data_dir, split)
+        for d in features:  # the caches must hold these records' frames, in this order
+            features_lib.check_matches(d, split, *index)
+        self.videos, self.video, self.frame = index
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.video)
+
+    def __call__(self, index: int, cfg: augment.AugmentConfig | None = None,
+                 rng: np.random.Generator | None = None) -> dict:
+        out = self._image(index, cfg, rng) if self.records else self.caches[0].labels_of(index)
+        if self.caches:
+            out["features"] = np.concatenate([c.embeddings(index) for c in self.caches])
+        return {**out, "index": np.int32(index)}
+
+    def _image(self, index: int, cfg, rng) -> dict:
+        if index < 0:
+            return {"image": np.zeros((self.size, self.size, 3), np.uint8),
+                    "va": np.zeros(2, np.float32), "expr": np.int32(0),
+                    "au": np.zeros(len(AU_NAMES), np.int32), "va_mask": np.False_,
+                    "expr_mask": np.False_, "au_mask": np.False_}
+        ex = self.records[int(index)]
+        name = f"{self.split} record {index} ({ex['video']}/{int(ex['frame']):05d}.jpg)"
+        image = augment.decode(ex["image"], name)
+        image = augment.augment(image, cfg, rng) if cfg else augment.resize(image, self.size)
+        return {"image": image, **{k: ex[k] for k in LABEL_KEYS}}
 
 
 class Stream:
@@ -224,23 +252,30 @@ class _Indices:
 
 
 def train_dataset(data_dir: str | os.PathLike, split: str, *, batch_size: int, seed: int,
-                  augment_cfg: augment.AugmentConfig, shard: Shard = Shard(),
-                  loader: Loader = Loader()) -> Stream:
+                  augment_cfg: augment.AugmentConfig | None, shard: Shard = Shard(),
+                  loader: Loader = Loader(), features: Sequence[str | os.PathLike] = ()
+                  ) -> Stream:
     """Endless augmented frames, shuffled per epoch from `seed`: this process's `batch_size`
-    block of every global batch (see `_GlobalOrder`).
+    block of every global batch (see `_GlobalOrder`). `augment_cfg` None: no image (cached
+    `features` only).
 
     The state keeps the seed, global batch size and record count, and refuses to resume a
     different stream; the augmentation, worker count and process count may change between runs.
     """
-    source = records.RecordSource(data_dir, split)
-    element = functools.partial(_train_frame, source, augment_cfg)
-    return _finish(_GlobalOrder(len(source), seed, batch_size, shard), batch_size, loader,
-                   element, seed + 1, split=split, seed=seed, records=len(source),
-                   global_batch=batch_size * shard.count)
+    reader = FrameReader(data_dir, split, size=augment_cfg.size if augment_cfg else 0,
+                         features=features)
+    element = functools.partial(_train_frame, reader, augment_cfg)
+    return _finish(_GlobalOrder(len(reader), seed, batch_size, shard), batch_size, loader,
+                   element, seed + 1, split=split, seed=seed, records=len(reader),
+                   global_batch=batch_size * shard.count, **_describe(features))
 
 
-def _train_frame(source, cfg, index, rng):
-    return _example(source, index, cfg.size, cfg, rng)
+def _describe(features) -> dict:
+    return {"features": len(features)} if features else {}
+
+
+def _train_frame(reader, cfg, index, rng):
+    return reader(index, cfg, rng)
 
 
 def eval_steps(n: int, batch_size: int, shard_count: int) -> int:
@@ -258,29 +293,29 @@ def _host_indices(n: int, batch_size: int, shard: Shard) -> np.ndarray:
 
 
 def eval_dataset(data_dir: str | os.PathLike, split: str, *, batch_size: int, size: int,
-                 shard: Shard = Shard(), loader: Loader = Loader()) -> Stream:
+                 shard: Shard = Shard(), loader: Loader = Loader(),
+                 features: Sequence[str | os.PathLike] = ()) -> Stream:
     """Every record exactly once over all processes, in order, padded (mask False) so that
-    every process runs `eval_steps` batches."""
-    source = records.RecordSource(data_dir, split)
-    return _finish(_Indices(_host_indices(len(source), batch_size, shard), batch_size),
-                   batch_size, loader,
-                   functools.partial(_eval_frame, source, size))
+    every process runs `eval_steps` batches. `size` 0: no image (cached `features` only)."""
+    reader = FrameReader(data_dir, split, size=size, features=features)
+    return _finish(_Indices(_host_indices(len(reader), batch_size, shard), batch_size),
+                   batch_size, loader, functools.partial(_eval_frame, reader))
 
 
-def _eval_frame(source, size, index, rng=None):
-    return {**_example(source, index, size, None, None), "mask": np.bool_(index >= 0)}
+def _eval_frame(reader, index, rng=None):
+    return {**reader(index), "mask": np.bool_(index >= 0)}
 
 
 # ----------------------------------------------------------------------------------------------
 # Clips: T consecutive frame numbers of one video
 
 
-def clip_index(video: np.ndarray, frame: np.ndarray, length: int, stride: int,
-               videos: list[str] | None = None) -> np.ndarray:
+def clip_index(video: np.ndarray, frame: np.ndarray, length: int, stride: int) -> np.ndarray:
     """(num_clips, length) record indices (-1 where that frame has no record).
 
     Windows start every `stride` frames of each video and never cross a video; a last window
-    ending at the video's last frame is added so that every record is in at least one clip.
+    ending at the video's last frame is added so that every record is in at least one clip. A
+    video shorter than `length` frames is one clip, padded at its end.
     """
     if length < 1 or stride < 1:
         raise ValueError(f"clip length {length} and stride {stride} must be positive")
@@ -291,93 +326,56 @@ def clip_index(video: np.ndarray, frame: np.ndarray, length: int, stride: int,
         if not len(rows):
             continue
         first, last = int(frame[rows[0]]), int(frame[rows[-1]])
-        if last - first + 1 < length:
-            name = videos[int(video[rows[0]])] if videos else f"#{int(video[rows[0]])}"
-            raise DataError(f"video {name!r} spans {last - first + 1} frames, shorter than the "
-                            f"clip length {length}")
-        lookup = np.full(last - first + 1, -1, np.int64)
+        span = last - first + 1
+        lookup = np.full(max(span, length), -1, np.int64)
         lookup[frame[rows] - first] = rows
-        starts = list(range(0, last - first + 2 - length, stride))
-        if starts[-1] + length - 1 != last - first:
-            starts.append(last - first + 1 - length)
+        starts = list(range(0, max(span - length, 0) + 1, stride))
+        if starts[-1] + length < span:
+            starts.append(span - length)
         clips += [lookup[s : s + length] for s in starts]
     return np.stack(clips) if clips else np.zeros((0, length), np.int64)
 
 
-def _clips(data_dir, split: str, length: int, stride: int) -> tuple[records.RecordSource,
-                                                                     np.ndarray]:
-    source = records.RecordSource(data_dir, split)
-    videos, video, frame = records.read_frame_index(data_dir, split)
-    return source, clip_index(video, frame, length, stride, videos)
+def _clips(data_dir, split: str, length: int, stride: int, size: int, features
+           ) -> tuple[FrameReader, np.ndarray]:
+    reader = FrameReader(data_dir, split, size=size, features=features)
+    return reader, clip_index(reader.video, reader.frame, length, stride)
 
 
-def _clip(source, clips, size, cfg, clip, rng=None):
+def _clip(reader, clips, cfg, clip, rng=None):
     """One clip: the same augmentation for every frame (one seed), missing frames padded."""
     seed = None if rng is None else rng.integers(2**63)
-    frames = [_example(source, int(i), size, cfg, None if seed is None
-                       else np.random.default_rng(seed)) for i in clips[clip]]
+    frames = [reader(int(i), cfg, None if seed is None else np.random.default_rng(seed))
+              for i in clips[clip]]
     return {k: np.stack([f[k] for f in frames]) for k in frames[0]} | {"mask": np.bool_(True)}
 
 
 def clip_train_dataset(data_dir: str | os.PathLike, split: str, *, length: int, stride: int,
-                       batch_size: int, seed: int, augment_cfg: augment.AugmentConfig,
-                       shard: Shard = Shard(), loader: Loader = Loader()) -> Stream:
-    """Endless shuffled clips of `length` consecutive frames for temporal models."""
-    source, clips = _clips(data_dir, split, length, stride)
-    element = functools.partial(_clip, source, clips, augment_cfg.size, augment_cfg)
+                       batch_size: int, seed: int, augment_cfg: augment.AugmentConfig | None,
+                       shard: Shard = Shard(), loader: Loader = Loader(),
+                       features: Sequence[str | os.PathLike] = ()) -> Stream:
+    """Endless shuffled clips of `length` consecutive frames for temporal models (of cached
+    `features` only when `augment_cfg` is None)."""
+    reader, clips = _clips(data_dir, split, length, stride,
+                           augment_cfg.size if augment_cfg else 0, features)
+    element = functools.partial(_clip, reader, clips, augment_cfg)
     return _finish(_GlobalOrder(len(clips), seed, batch_size, shard), batch_size, loader,
                    element, seed + 1, split=split, seed=seed, clips=len(clips), length=length,
-                   stride=stride, global_batch=batch_size * shard.count)
+                   stride=stride, global_batch=batch_size * shard.count, **_describe(features))
 
 
 def clip_eval_dataset(data_dir: str | os.PathLike, split: str, *, length: int, stride: int,
                       batch_size: int, size: int, shard: Shard = Shard(),
-                      loader: Loader = Loader()) -> Stream:
+                      loader: Loader = Loader(), features: Sequence[str | os.PathLike] = ()
+                      ) -> Stream:
     """Every clip once over all processes, in order, padded like `eval_dataset`."""
-    source, clips = _clips(data_dir, split, length, stride)
+    reader, clips = _clips(data_dir, split, length, stride, size, features)
     return _finish(_Indices(_host_indices(len(clips), batch_size, shard), batch_size),
-                   batch_size, loader,
-                   functools.partial(_eval_clip, source, clips, size, length))
+                   batch_size, loader, functools.partial(_eval_clip, reader, clips, length))
 
 
-def _eval_clip(source, clips, size, length, c, rng=None):
+def _eval_clip(reader, clips, length, c, rng=None):
     if c < 0:
-        pad = _pad_example(size)
+        pad = reader(-1)
         return {k: np.stack([v] * length) for k, v in pad.items()} | {"mask": np.False_}
-    return _clip(source, clips, size, None, int(c))
-
-
-# ----------------------------------------------------------------------------------------------
-# Clips of cached backbone embeddings (data/features.py): no image is decoded
-
-
-def _feature_clips(features_dir, split: str, length: int, stride: int):
-    from abaw_jax.data import features
-
-    source = features.FeatureSource(features_dir, split)
-    return source, clip_index(source.video, source.frame, length, stride, source.videos)
-
-
-def _feature_clip(source, clips, length, c, rng=None):
-    rows = clips[c] if c >= 0 else np.full(length, -1, np.int64)
-    return {**source.clip(rows), "mask": np.bool_(c >= 0)}
-
-
-def feature_clip_train_dataset(features_dir: str | os.PathLike, split: str, *, length: int,
-                               stride: int, batch_size: int, seed: int, shard: Shard = Shard(),
-                               loader: Loader = Loader()) -> Stream:
-    """Endless shuffled clips of cached embeddings: `features` (B, T, D) and per-frame labels."""
-    source, clips = _feature_clips(features_dir, split, length, stride)
-    element = functools.partial(_feature_clip, source, clips, length)
-    return _finish(_GlobalOrder(len(clips), seed, batch_size, shard), batch_size, loader,
-                   element, seed + 1, split=split, seed=seed, clips=len(clips), length=length,
-                   stride=stride, global_batch=batch_size * shard.count, features=True)
-
-
-def feature_clip_eval_dataset(features_dir: str | os.PathLike, split: str, *, length: int,
-                              stride: int, batch_size: int, shard: Shard = Shard(),
-                              loader: Loader = Loader()) -> Stream:
-    """Every clip of cached embeddings once over all processes, padded like `eval_dataset`."""
-    source, clips = _feature_clips(features_dir, split, length, stride)
-    return _finish(_Indices(_host_indices(len(clips), batch_size, shard), batch_size),
-                   batch_size, loader, functools.partial(_feature_clip, source, clips, length))
+    return _clip(reader, clips, None, int(c))

@@ -1,25 +1,13 @@
-"""Model registry: configs pick a model by name, `build(name, **kwargs)`."""
+"""The model-family registry (`family.py` says what a family record holds): configs pick a
+family by `model.name`; each model file registers its own families when imported here."""
 
-from __future__ import annotations
-
-from collections.abc import Callable
-
-from flax import nnx
-
-from abaw_jax.models import ddamfn, temporal
-
-MODELS: dict[str, Callable[..., nnx.Module]] = {
-    "ddamfn": ddamfn.ddamfn,
-    "ddamfn_tiny": ddamfn.ddamfn_tiny,
-    "ddamfn_lstm": temporal.ddamfn_lstm,  # per-frame outputs of clips (B, T, ...)
-    "ddamfn_tiny_lstm": temporal.ddamfn_tiny_lstm,
-}
-
-
-def build(name: str, **kwargs) -> nnx.Module:
-    """The model registered as `name`, built with `kwargs` (e.g. outputs=, rngs=)."""
-    try:
-        factory = MODELS[name]
-    except KeyError:
-        raise KeyError(f"unknown model {name!r}; known: {sorted(MODELS)}") from None
-    return factory(**kwargs)
+from abaw_jax.models import ddamfn, temporal  # noqa: F401  (they register their families)
+from abaw_jax.models.family import (  # noqa: F401
+    FAMILIES,
+    Family,
+    Preprocess,
+    build,
+    get,
+    prepare_inputs,
+    register,
+)

@@ -6,7 +6,9 @@ and attribute names mirror the PyTorch module tree (`features.3.model.0.conv_dw.
 rename of leaf names. The parts of the reference that exist but are never applied (each MixConv's
 `bn`/`prelu`, each head's 7x7 `Linear` block, the final `BatchNorm1d`) are not built.
 
-Inputs: (N, 112, 112, 3) float32, normalised with the ImageNet mean/std.
+Inputs: {"image": (N, 112, 112, 3) float32, normalised with the ImageNet mean/std} or, from the
+feature cache, {"features": (N, W)}: the model's own embeddings, through the task layers only.
+Registered as the families "ddamfn" (official trunk) and "ddamfn_tiny".
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from abaw_jax import losses
+from abaw_jax.models.family import Family, Inputs, Preprocess, register
 from abaw_jax.models.layers import (
     ConvBlock,
     CoordAtt,
@@ -30,7 +34,7 @@ from abaw_jax.models.layers import (
 
 INPUT_SIZE = 112
 OFFICIAL_OUTPUTS = {"logits": 8}
-RESERVED_OUTPUTS = ("features", "heads", "embedding")
+RESERVED_OUTPUTS = ("feature_map", "heads", "embedding", "losses")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,8 +172,10 @@ class DDAMFN(nnx.Module):
     depthwise_impl: forces 'shift' or 'xla' depthwise convs; None picks per backend.
     rngs: parameter initialisation; None is nnx.Rngs(0).
 
-    Returns {"features": (N, S, S, W), "heads": [num_head x (N, S, S, W)], "embedding": (N, W),
-    <task>: (N, size) per task} with S = 7 and W = trunk.width (512 official, 128 tiny).
+    Returns {"feature_map": (N, S, S, W), "heads": [num_head x (N, S, S, W)], "embedding": (N, W),
+    "losses": {"head": the attention-head diversity loss}, <task>: (N, size) per task} with S = 7
+    and W = trunk.width (512 official, 128 tiny); from cached "features" only the embedding and
+    the task outputs.
     Train / eval BatchNorm via `model.train()` / `model.eval()`.
     """
 
@@ -198,7 +204,14 @@ class DDAMFN(nnx.Module):
     def embed_dim(self) -> int:
         return self.trunk.width
 
-    def __call__(self, x: jax.Array) -> dict:
+    inputs = ("image",)
+
+    def __call__(self, inputs: Inputs, rngs: nnx.Rngs | None = None) -> dict:
+        if "features" in inputs:  # cached embeddings: the task layers only
+            embedding = inputs["features"]
+            return {"embedding": embedding,
+                    **{name: self.tasks[name](embedding) for name in self.outputs}}
+        x = inputs["image"]
         if x.shape[1:] != (INPUT_SIZE, INPUT_SIZE, 3):
             raise ValueError(f"DDAMFN expects (N, {INPUT_SIZE}, {INPUT_SIZE}, 3), got {x.shape}")
         for layer in self.features:
@@ -206,16 +219,35 @@ class DDAMFN(nnx.Module):
         heads = [head(x) for head in self.heads]
         attention = functools.reduce(jnp.maximum, heads)
         embedding = self.gdconv(x * attention).reshape(x.shape[0], -1)
-        out = {"features": x, "heads": heads, "embedding": embedding}
+        out = {"feature_map": x, "heads": heads, "embedding": embedding,
+               "losses": {"head": losses.head_diversity([h.astype(jnp.float32) for h in heads])}}
         out.update({name: self.tasks[name](embedding) for name in self.outputs})
         return out
 
 
+def _build(trunk: Trunk, *, feature_dim: int = 0, **kwargs) -> DDAMFN:
+    if feature_dim and feature_dim != trunk.width:
+        raise ValueError(f"cached features of width {feature_dim} cannot replace this DDAMFN's "
+                         f"{trunk.width}-wide embedding")
+    return DDAMFN(trunk=trunk, **kwargs)
+
+
 def ddamfn(**kwargs) -> DDAMFN:
     """The official trunk (registry name 'ddamfn'); kwargs as DDAMFN."""
-    return DDAMFN(trunk=OFFICIAL_TRUNK, **kwargs)
+    return _build(OFFICIAL_TRUNK, **kwargs)
 
 
 def ddamfn_tiny(**kwargs) -> DDAMFN:
     """TINY_TRUNK, for CPU tests (registry name 'ddamfn_tiny'); kwargs as DDAMFN."""
-    return DDAMFN(trunk=TINY_TRUNK, **kwargs)
+    return _build(TINY_TRUNK, **kwargs)
+
+
+def embed(model: DDAMFN, inputs: Inputs) -> jax.Array:
+    """A frame's GDConv embedding (N, W): what the feature cache stores."""
+    return model(inputs)["embedding"]
+
+
+PREPROCESS = Preprocess(INPUT_SIZE)  # ImageNet mean / std, as the official training
+for _name, _factory in (("ddamfn", ddamfn), ("ddamfn_tiny", ddamfn_tiny)):
+    register(Family(_name, _factory, preprocess=PREPROCESS, embed=embed,
+                    backbone=("^(features|heads|gdconv)/",)))

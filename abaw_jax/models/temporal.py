@@ -1,10 +1,15 @@
-"""DDAMFN+LSTM: the DDAMFN backbone per frame, an LSTM over each clip's per-frame embeddings,
-one linear task layer per output, per frame (the ABAW DDAMFN+LSTM systems).
+"""Temporal heads over clips: an LSTM ("lstm") or a transformer encoder ("transformer") over
+per-frame embeddings, one linear task layer per output, per frame.
 
-Inputs: a clip batch (B, T, 112, 112, 3) of normalised frames, or, from the feature cache
-(`--mode=extract`), the backbone's embeddings (B, T, D) with `features=True`. Outputs:
-{task: (B, T, size)}, and for image input the backbone's per-frame "heads" (B*T, ...) for the
-attention-head loss and "embedding" (B, T, D).
+The embeddings come from any registered frame family run per frame (`model.backbone`, e.g.
+"ddamfn_tiny": the ABAW DDAMFN+LSTM systems), or from the feature cache (`data.features`: one
+or several `--mode=extract` outputs concatenated per frame, e.g. visual + audio for the MAE
+fusion; then `backbone` may be None and `feature_dim` is the cache's width).
+
+Inputs: {"image": (B, T, S, S, 3)} through the backbone, or {"features": (B, T, D)}; the
+transformer also takes "frame_mask" (B, T), False where a clip is padded (its attention skips
+those frames). Outputs: {task: (B, T, size)}, "embedding" (B, T, D), and the backbone's own
+"losses" over the B*T frames.
 """
 
 from __future__ import annotations
@@ -14,21 +19,59 @@ from collections.abc import Mapping
 import jax
 from flax import nnx
 
-from abaw_jax.models import ddamfn
+from abaw_jax.models import family as family_lib
+from abaw_jax.models.family import Family, Inputs, register
 
 
-class TemporalDDAMFN(nnx.Module):
-    def __init__(self, outputs: Mapping[str, int], *, backbone: str = "ddamfn",
-                 hidden: int = 256, layers: int = 1, bidirectional: bool = False,
-                 num_head: int = 2, depthwise_impl: ddamfn.Impl = None,
-                 rngs: nnx.Rngs | None = None):
-        rngs = rngs if rngs is not None else nnx.Rngs(0)
-        factory = {"ddamfn": ddamfn.ddamfn, "ddamfn_tiny": ddamfn.ddamfn_tiny}[backbone]
-        self.backbone = factory(outputs={}, num_head=num_head, depthwise_impl=depthwise_impl,
-                                rngs=rngs)
-        self.outputs = dict(outputs)
-        self.rnn = nnx.List()
+class _Temporal(nnx.Module):
+    """The part both heads share: the backbone per frame (or cached features), task layers."""
+
+    def _init_backbone(self, backbone: str | None, feature_dim: int, rngs: nnx.Rngs,
+                       backbone_kwargs: Mapping) -> int:
+        self.backbone_name = backbone
+        if backbone is None:
+            if not feature_dim:
+                raise ValueError("a temporal head without a backbone trains on cached features: "
+                                 "set data.features")
+            self.backbone = None
+            return feature_dim
+        self.backbone = family_lib.get(backbone).build(outputs={}, rngs=rngs, **backbone_kwargs)
         width = self.backbone.embed_dim
+        if feature_dim and feature_dim != width:
+            raise ValueError(f"cached features of width {feature_dim} cannot stand for the "
+                             f"{backbone} backbone's {width}-wide embedding")
+        return width
+
+    def _init_tasks(self, outputs: Mapping[str, int], width: int, rngs: nnx.Rngs) -> None:
+        self.outputs = dict(outputs)
+        self.tasks = nnx.Dict({name: nnx.Linear(width, size, rngs=rngs)
+                               for name, size in self.outputs.items()})
+
+    @property
+    def embed_dim(self) -> int:
+        return self.width
+
+    def _embeddings(self, inputs: Inputs) -> tuple[jax.Array, dict]:
+        if "features" in inputs:
+            return inputs["features"], {}
+        x = inputs["image"]
+        b, t = x.shape[:2]
+        frames = self.backbone({"image": x.reshape(b * t, *x.shape[2:])})
+        extra = {"losses": frames["losses"]} if "losses" in frames else {}
+        return frames["embedding"].reshape(b, t, -1), extra
+
+    def _outputs(self, h: jax.Array) -> dict:
+        return {name: self.tasks[name](h) for name in self.outputs}
+
+
+class LSTMHead(_Temporal):
+    def __init__(self, outputs: Mapping[str, int], *, backbone: str | None = None,
+                 feature_dim: int = 0, hidden: int = 256, layers: int = 1,
+                 bidirectional: bool = False, rngs: nnx.Rngs | None = None, **backbone_kwargs):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.width = width = self._init_backbone(backbone, feature_dim, rngs, backbone_kwargs)
+        self.inputs = ("image",) if backbone else ("features",)
+        self.rnn = nnx.List()
         for _ in range(layers):
             def rnn(reverse: bool, width=width):
                 return nnx.RNN(nnx.OptimizedLSTMCell(width, hidden, rngs=rngs), reverse=reverse,
@@ -37,33 +80,77 @@ class TemporalDDAMFN(nnx.Module):
             self.rnn.append(nnx.Bidirectional(rnn(False), rnn(True), rngs=rngs) if bidirectional
                             else rnn(False))
             width = hidden * (2 if bidirectional else 1)
-        self.tasks = nnx.Dict({name: nnx.Linear(width, size, rngs=rngs)
-                               for name, size in self.outputs.items()})
+        self._init_tasks(outputs, width, rngs)
 
-    @property
-    def embed_dim(self) -> int:
-        return self.backbone.embed_dim
-
-    def __call__(self, x: jax.Array, features: bool = False) -> dict:
-        out = {}
-        if features:
-            embedding = x
-        else:
-            b, t = x.shape[:2]
-            frames = self.backbone(x.reshape(b * t, *x.shape[2:]))
-            embedding = frames["embedding"].reshape(b, t, -1)
-            out["heads"] = frames["heads"]
-        out["embedding"] = embedding
+    def __call__(self, inputs: Inputs, rngs: nnx.Rngs | None = None) -> dict:
+        embedding, out = self._embeddings(inputs)
         h = embedding
         for layer in self.rnn:
             h = layer(h)
-        out.update({name: self.tasks[name](h) for name in self.outputs})
-        return out
+        return {**out, "embedding": embedding, **self._outputs(h)}
 
 
-def ddamfn_lstm(**kwargs) -> TemporalDDAMFN:
-    return TemporalDDAMFN(backbone="ddamfn", **kwargs)
+class EncoderLayer(nnx.Module):
+    """PyTorch's nn.TransformerEncoderLayer (post-norm, ReLU MLP, dropout after attention, in
+    the MLP and after it)."""
+
+    def __init__(self, width: int, heads: int, mlp: int, dropout: float, rngs: nnx.Rngs):
+        self.attention = nnx.MultiHeadAttention(heads, width, dropout_rate=dropout, decode=False,
+                                                rngs=rngs)
+        self.norm1 = nnx.LayerNorm(width, epsilon=1e-5, rngs=rngs)
+        self.fc1 = nnx.Linear(width, mlp, rngs=rngs)
+        self.fc2 = nnx.Linear(mlp, width, rngs=rngs)
+        self.norm2 = nnx.LayerNorm(width, epsilon=1e-5, rngs=rngs)
+        self.dropout = nnx.Dropout(dropout)
+
+    def __call__(self, x: jax.Array, mask: jax.Array | None, rngs: nnx.Rngs | None) -> jax.Array:
+        a = self.attention(x, mask=mask, rngs=rngs)
+        x = self.norm1(x + self.dropout(a, rngs=rngs))
+        h = self.fc2(self.dropout(jax.nn.relu(self.fc1(x)), rngs=rngs))
+        return self.norm2(x + self.dropout(h, rngs=rngs))
 
 
-def ddamfn_tiny_lstm(**kwargs) -> TemporalDDAMFN:
-    return TemporalDDAMFN(backbone="ddamfn_tiny", **kwargs)
+class TransformerHead(_Temporal):
+    """Conv1d projections over time (`proj`, ReLU between), `layers` encoder layers of `heads`
+    heads, per-frame task layers: the MAE fusion team's head (Conv1d 256, Conv1d 128, 4 layers,
+    4 heads, dropout 0.3)."""
+
+    def __init__(self, outputs: Mapping[str, int], *, backbone: str | None = None,
+                 feature_dim: int = 0, proj: tuple[int, ...] = (256, 128), kernel: int = 1,
+                 layers: int = 4, heads: int = 4, mlp: int = 0, dropout: float = 0.3,
+                 rngs: nnx.Rngs | None = None, **backbone_kwargs):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        width = self._init_backbone(backbone, feature_dim, rngs, backbone_kwargs)
+        self.width = width
+        self.inputs = ("image" if backbone else "features", "frame_mask")
+        self.proj = nnx.List()
+        for out in proj:
+            self.proj.append(nnx.Conv(width, out, (kernel,), padding=[(kernel // 2,) * 2],
+                                      rngs=rngs))
+            width = out
+        self.layers = nnx.List([EncoderLayer(width, heads, mlp or 4 * width, dropout, rngs)
+                                for _ in range(layers)])
+        self._init_tasks(outputs, width, rngs)
+
+    def __call__(self, inputs: Inputs, rngs: nnx.Rngs | None = None) -> dict:
+        embedding, out = self._embeddings(inputs)
+        h = embedding
+        for i, conv in enumerate(self.proj):
+            h = conv(h) if i == len(self.proj) - 1 else jax.nn.relu(conv(h))
+        mask = inputs.get("frame_mask")
+        if mask is not None:  # padded frames are no keys; (B, 1 head, 1 query, T keys)
+            mask = (mask > 0)[:, None, None, :]
+        for layer in self.layers:
+            h = layer(h, mask, rngs)
+        return {**out, "embedding": embedding, **self._outputs(h)}
+
+
+def frame(model: _Temporal) -> tuple[Family, nnx.Module] | None:
+    """The backbone's family and module (None on cached features only)."""
+    if model.backbone is None:
+        return None
+    return family_lib.get(model.backbone_name), model.backbone
+
+
+for _name, _cls in (("lstm", LSTMHead), ("transformer", TransformerHead)):
+    register(Family(_name, _cls, backbone=("^backbone/",), clips=True, frame=frame))

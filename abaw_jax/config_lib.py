@@ -1,14 +1,54 @@
-"""Defaults shared by every experiment config; the experiment files override what differs."""
+"""Defaults shared by every experiment config, and big_vision-style config arguments.
+
+Experiment files under `configs/` (and its family subfolders) import this module and override
+what differs. `python -m abaw_jax.main --config=configs/va.py:real,seed=3` passes "real,seed=3"
+to the file's `get_config(arg)`, which reads it with `parse_arg`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
 
 
-def get_config() -> ml_collections.ConfigDict:
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+    """"a=1,b,c=x" -> ConfigDict(a=1, b=True, c="x"), typed like `defaults` (the only keys
+    allowed); a bare key sets a boolean. ValueError names an unknown key or a bad value."""
+    out = ml_collections.ConfigDict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, _, value = item.partition("=")
+        key = key.strip()
+        if key not in defaults:
+            raise ValueError(f"unknown config argument {key!r} in {arg!r}; known: "
+                             f"{sorted(defaults)}")
+        default = defaults[key]
+        if not _:  # a bare key
+            if not isinstance(default, bool):
+                raise ValueError(f"config argument {key!r} needs a value ({key}=...)")
+            out[key] = True
+        elif isinstance(default, bool):
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"config argument {key}={value!r}: expected true or false")
+            out[key] = value.lower() in ("true", "1")
+        elif isinstance(default, int | float):
+            try:
+                out[key] = type(default)(value)
+            except ValueError:
+                raise ValueError(f"config argument {key}={value!r}: expected "
+                                 f"{type(default).__name__}") from None
+        else:
+            out[key] = value
+    return out
+
+
+def base() -> ml_collections.ConfigDict:
+    """Every field a run reads, with the defaults of the DDAMFN demo run."""
     c = ml_collections.ConfigDict()
     c.task = "va"
+    c.trainer = "supervised"  # abaw_jax/trainers/: the objective
     c.seed = 0
-    c.image_size = 112
     c.total_steps = 300
     c.batch_size = 32  # global: split over all devices of all processes
     c.eval_batch_size = 64
@@ -19,6 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.compute_dtype = "float32"  # bfloat16 on GPU/TPU halves activation memory
     c.init_from = config_dict.placeholder(str)  # a `python -m abaw_jax.convert` output folder
 
+    # The model family (abaw_jax/models registry) and its keyword arguments.
     c.model = ml_collections.ConfigDict({"name": "ddamfn_tiny", "num_head": 2})
     c.model.depthwise_impl = config_dict.placeholder(str)  # None: per backend; "shift" | "xla"
 
@@ -36,7 +77,9 @@ def get_config() -> ml_collections.ConfigDict:
     # (evaluation averages the overlapping windows back onto every frame); 0: single frames.
     c.data.clip_length = 0
     c.data.clip_stride = 1
-    # A temporal model's head trained from cached embeddings: a `--mode=extract` output folder.
+    # Cached per-frame embeddings: a `--mode=extract` output folder, or several separated by
+    # commas, concatenated per frame into the `features` input. A model that does not take
+    # `features` itself trains its head on them in place of images, its backbone frozen.
     c.data.features = config_dict.placeholder(str)
     c.data.loader = ml_collections.ConfigDict(
         {"num_workers": 0, "read_threads": 1, "worker_buffer": 2})
@@ -52,15 +95,23 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.warmup_steps = 20
     c.optim.weight_decay = 0.0
     c.optim.grad_clip = 0.0  # global-norm clipping; 0 = off
-    c.optim.freeze = ()  # regexes over parameter paths, e.g. ("^features/",)
+    # Regexes over parameter paths, e.g. ("^features/",): frozen parameters get no gradient
+    # and no optimizer state (the model family may freeze more, e.g. CLIP's towers).
+    c.optim.freeze = ()
     # Parameter groups, {name: {pattern, lr, start_step, schedule keys...}}: the group whose
     # regex matches a parameter path owns it (none: the settings above; two: an error). A group
     # with start_step stays frozen until then (two-stage fine-tuning, see configs/mtl.py).
     c.optim.groups = ml_collections.ConfigDict()
 
     c.loss = ml_collections.ConfigDict()
-    c.loss.head_weight = 0.1  # DDAMFN attention-head diversity loss
-    c.loss.head_start_step = 0  # ... added from this step on (stage 2 of a two-stage run)
+    # The loss of each head (abaw_jax/losses.py HEAD_LOSSES).
+    c.loss.va = "ccc"
+    c.loss.expr = "ce"
+    c.loss.au = "bce"
+    # A model's own losses (in its outputs' "losses") are added with <name>_weight (default 1)
+    # from step <name>_start_step (default 0). DDAMFN's attention-head diversity loss is "head".
+    c.loss.head_weight = 0.1
+    c.loss.head_start_step = 0  # ... from this step on (stage 2 of a two-stage run)
     c.loss.class_weights = config_dict.placeholder(list)  # EXPR cross-entropy weights
     c.loss.pos_weight = config_dict.placeholder(list)  # AU BCE positive weights
     # Fill class_weights / pos_weight (where not given) from the train split's label counts:
@@ -73,32 +124,33 @@ def get_config() -> ml_collections.ConfigDict:
     return c
 
 
-def experiment(task: str, arg: str = "") -> ml_collections.ConfigDict:
-    """The config of one task; arg "real" switches to the papers' real-data settings."""
-    c = get_config()
-    c.task = task
-    if task == "au":  # rare AUs (4-15 % positive) otherwise learn to stay off
+def experiment(task: str, arg: str | None = "") -> ml_collections.ConfigDict:
+    """The DDAMFN config of one task. Arguments: `real` (the papers' real-data settings),
+    `task=` (another task with the same settings)."""
+    args = parse_arg(arg, real=False, task=task)
+    c = base()
+    c.task = args.task
+    if args.task == "au":  # rare AUs (4-15 % positive) otherwise learn to stay off
         c.loss.balance = True
         c.optim.lr = 3e-3
         # AUs learn slower: at 300 steps the mean F1 still climbs and depends on the seed
         # (0.29-0.56 over seeds 0-2); at 600 steps seed 0 reaches 0.80.
         c.total_steps = 600
-    if arg == "real":
+    if args.real:
         real_data(c)
-    elif arg:
-        raise ValueError(f"unknown config variant {arg!r}; expected '' or 'real'")
     return c
 
 
-def temporal(task: str, arg: str = "") -> ml_collections.ConfigDict:
+def temporal(task: str, arg: str | None = "") -> ml_collections.ConfigDict:
     """DDAMFN+LSTM over clips (configs/*_lstm.py): the backbone per frame, an LSTM over the
-    per-frame embeddings, per-frame task layers; `batch_size` counts clips."""
+    per-frame embeddings, per-frame task layers; `batch_size` counts clips. Arguments as
+    `experiment`."""
     c = experiment(task, arg)
-    real = arg == "real"
-    c.model.name = "ddamfn_lstm" if real else "ddamfn_tiny_lstm"
-    c.model.hidden = 256 if real else 64
-    c.model.layers = 1
-    c.model.bidirectional = False
+    real = parse_arg(arg, real=False, task=task).real
+    c.model = ml_collections.ConfigDict({
+        "name": "lstm", "backbone": "ddamfn" if real else "ddamfn_tiny", "num_head": 2,
+        "hidden": 256 if real else 64, "layers": 1, "bidirectional": False})
+    c.model.depthwise_impl = config_dict.placeholder(str)
     c.data.clip_length = 32 if real else 8
     c.data.clip_stride = 16 if real else 4  # half-overlapping windows
     c.batch_size = 16 if real else 4
@@ -109,7 +161,8 @@ def temporal(task: str, arg: str = "") -> ml_collections.ConfigDict:
 def real_data(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The papers' scale: full DDAMFN, Adam 1e-4 with exponential decay, batch 256, several
     workers per host. Point it at the data with --config.data.root (or data.records)."""
-    c.model.name = "ddamfn"
+    if c.model.name == "ddamfn_tiny":
+        c.model.name = "ddamfn"
     c.total_steps = 30_000
     c.batch_size = 256
     c.eval_batch_size = 512

@@ -1,0 +1,176 @@
+"""The three Aff-Wild2 label heads in one table: output width, column names, how each is scored,
+filled between predicted frames and written to / checked in a submission file.
+
+Plain numpy (no jax, no matplotlib): the submission checker, the metrics and the plots read it,
+and so can data-loader workers. One record per head (`HEADS`); what differs between heads is the
+kind of label, so each kind is a subclass and the callers never branch on head names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import numpy as np
+
+from abaw_jax import metrics
+from abaw_jax.data.affwild2 import AU_NAMES, EXPR_NAMES
+
+
+@dataclasses.dataclass(frozen=True)
+class Head:
+    """One label head; subclasses implement the kind-specific parts."""
+
+    name: str  # va | expr | au
+    columns: tuple[str, ...]  # one name per model output, as in the submission header
+    score: str  # key of the headline metric in `metrics()`
+    # How frames without a prediction (no face crop) are filled: linear interpolation suits
+    # continuous outputs; class/AU probabilities take the nearest predicted frame.
+    interpolate: bool
+    kind: ClassVar[str] = ""  # regression | classes | binary
+
+    @property
+    def size(self) -> int:
+        """Model output width."""
+        return len(self.columns)
+
+    @property
+    def header(self) -> str:
+        """First line of every submission file of this head."""
+        return "image_location," + ",".join(self.columns)
+
+    def metrics(self, pred: np.ndarray, target: np.ndarray,
+                thresholds: np.ndarray | None = None) -> dict[str, Any]:
+        """This head's metrics over the given (valid) frames; `thresholds`: AU only."""
+        raise NotImplementedError
+
+    def constant_baseline(self, target: np.ndarray) -> float:
+        """The head's score for the best constant prediction on these labels: what a model
+        must clearly beat to have learnt anything."""
+        raise NotImplementedError
+
+    def format_values(self, values: np.ndarray, thresholds: np.ndarray | float = 0.5
+                      ) -> list[str]:
+        """The values part of each submission line, one per row of per-frame outputs."""
+        raise NotImplementedError
+
+    def line_problem(self, fields: list[str]) -> str | None:
+        """What is wrong with the values of one submission line (the fields after the image
+        name), None when they are valid."""
+        try:
+            return self._value_problem(fields)
+        except ValueError:
+            return "not a number"
+
+    def _value_problem(self, fields: list[str]) -> str | None:
+        raise NotImplementedError
+
+    def selection_score(self, pred: np.ndarray, target: np.ndarray) -> float:
+        """The validation score that picks the temporal smoothing."""
+        return float(self.metrics(pred, target)[self.score])
+
+    def search_thresholds(self, pred: np.ndarray, target: np.ndarray) -> np.ndarray | None:
+        """Decision thresholds fitted on these frames; None for heads that use none."""
+        return None
+
+
+class Regression(Head):
+    """Values in [-1, 1] (valence, arousal), scored by CCC."""
+
+    kind = "regression"
+
+    def metrics(self, pred: np.ndarray, target: np.ndarray,
+                thresholds: np.ndarray | None = None) -> dict[str, Any]:
+        return metrics.va_metrics(pred, target)
+
+    def constant_baseline(self, target: np.ndarray) -> float:
+        return 0.0  # a constant has no covariance with the labels: CCC 0
+
+    def format_values(self, values: np.ndarray, thresholds: np.ndarray | float = 0.5
+                      ) -> list[str]:
+        return [",".join(f"{v:.4f}" for v in row) for row in np.clip(values, -1, 1)]
+
+    def _value_problem(self, fields: list[str]) -> str | None:
+        values = [float(f) for f in fields]
+        if len(values) != self.size or not all(-1 <= v <= 1 for v in values):
+            return f"expected {','.join(self.columns)} in [-1, 1]"
+        return None
+
+
+class Classes(Head):
+    """One class per frame out of `columns`, scored by macro F1; files hold the class index."""
+
+    kind = "classes"
+
+    def metrics(self, pred: np.ndarray, target: np.ndarray,
+                thresholds: np.ndarray | None = None) -> dict[str, Any]:
+        return metrics.expr_metrics(pred, target)
+
+    def constant_baseline(self, target: np.ndarray) -> float:
+        """The best single class predicted for every frame."""
+        return max(float(metrics.f1_per_class(np.full(len(target), c), target, self.size).mean())
+                   for c in range(self.size))
+
+    def format_values(self, values: np.ndarray, thresholds: np.ndarray | float = 0.5
+                      ) -> list[str]:
+        return [str(int(c)) for c in np.argmax(values, -1)]
+
+    def _value_problem(self, fields: list[str]) -> str | None:
+        if len(fields) != 1 or int(fields[0]) not in range(self.size):
+            return f"expected one class in 0..{self.size - 1}"
+        return None
+
+
+class Binary(Head):
+    """Independent 0/1 labels (action units), scored by mean F1; probabilities are
+    thresholded (0.5, or per-column thresholds searched on validation)."""
+
+    kind = "binary"
+
+    def metrics(self, pred: np.ndarray, target: np.ndarray,
+                thresholds: np.ndarray | None = None) -> dict[str, Any]:
+        return metrics.au_metrics(pred, target, thresholds)
+
+    def constant_baseline(self, target: np.ndarray) -> float:
+        # all-inactive scores F1 0, so all-active is the better constant of each column
+        return float(np.mean([metrics.binary_f1(np.ones(len(t), bool), t) for t in target.T]))
+
+    def format_values(self, values: np.ndarray, thresholds: np.ndarray | float = 0.5
+                      ) -> list[str]:
+        active = (values >= np.asarray(thresholds)).astype(int)
+        return [",".join(map(str, row)) for row in active]
+
+    def _value_problem(self, fields: list[str]) -> str | None:
+        if len(fields) != self.size or any(int(f) not in (0, 1) for f in fields):
+            return f"expected {self.size} values 0/1"
+        return None
+
+    def selection_score(self, pred: np.ndarray, target: np.ndarray) -> float:
+        # Thresholds are searched after the smoothing, so a smoothing is judged at the
+        # thresholds it would get (mean F1 at 0.5 would favour shifting the probabilities).
+        return float(metrics.au_f1(pred, target, self.search_thresholds(pred, target)).mean())
+
+    def search_thresholds(self, pred: np.ndarray, target: np.ndarray) -> np.ndarray:
+        return metrics.search_thresholds(pred, target)
+
+
+HEADS: dict[str, Head] = {
+    "va": Regression("va", ("valence", "arousal"), "ccc_mean", interpolate=True),
+    "expr": Classes("expr", EXPR_NAMES, "f1_macro", interpolate=False),
+    "au": Binary("au", AU_NAMES, "f1_mean", interpolate=False),
+}
+
+
+def get(name: str) -> Head:
+    if name not in HEADS:
+        raise KeyError(f"unknown head {name!r}; known heads: {sorted(HEADS)}")
+    return HEADS[name]
+
+
+# The valence/arousal quadrant of each expression class, by Russell's circumplex model of
+# affect, for losses that tie the two heads together. Quadrants (0-based): 0 = v>0, a>0;
+# 1 = v<0, a>0; 2 = v<0, a<0; 3 = v>0, a<0. Neutral is placed in 3: calm, the nearest region
+# of the low-arousal pleasant quadrant; Other is no one expression and has no quadrant (-1).
+_EXPR_QUADRANTS = {"Happiness": 0, "Surprise": 0, "Anger": 1, "Disgust": 1, "Fear": 1,
+                   "Sadness": 2, "Neutral": 3, "Other": -1}
+EXPR_QUADRANT: tuple[int, ...] = tuple(_EXPR_QUADRANTS[n] for n in EXPR_NAMES)

@@ -1,0 +1,141 @@
+"""Model families: the `Family` record and the registry that configs pick from by `model.name`.
+
+Model files register their families here at import (`abaw_jax.models` imports them all).
+
+A `Family` record is everything the trainers, evaluators, extraction and inference know of a
+model; they call through it and nothing else:
+- `build(outputs=..., rngs=..., feature_dim=..., **config.model)` -> an `nnx.Module` that takes a
+  dict of named inputs (`model.inputs`: "image" uint8-normalised floats (N, S, S, 3) or clips
+  (B, T, S, S, 3), "features" cached per-frame vectors (N, D) or (B, T, D), ...) and an optional
+  `rngs` (dropout, masking), and returns a dict: one entry per requested output (task heads) and,
+  when it has any, `"losses": {name: scalar}`: its own extra losses, which the trainer adds with
+  `loss.<name>_weight` from `loss.<name>_start_step`.
+- `preprocess`: the image size and the mean / std (in 0-255 units) of its "image" input.
+- `embed(model, inputs)`: a frame's embedding (N, D) for the feature cache (`--mode=extract`).
+- `backbone`: regexes over parameter paths of the part that cached embeddings replace (frozen by
+  construction when a run trains on them, and copied from the extracting model).
+- `frozen`: regexes over parameter paths the family never trains (e.g. CLIP's towers).
+- `load_weights(model, path)`: loads a `python -m abaw_jax.convert` output (`init_from`).
+- `clips`: the model takes clips (B, T, ...) and gives per-frame outputs (B, T, ...).
+- `frame(model)`: for a family that wraps a frame model (a temporal head over a registered
+  backbone): (that family, that sub-module), which then gives the preprocessing, the
+  embedding, the converted weights and the backbone to copy. None: the model is its own frame
+  model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from abaw_jax import convert
+
+Inputs = Mapping[str, jax.Array]
+
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocess:
+    """The "image" input: resized to `size` (host side), normalised on the device."""
+
+    size: int
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def normalize(self, images: jax.Array, dtype=jnp.float32) -> jax.Array:
+        """uint8 RGB -> normalised floats (inside the jitted step). numpy constants: a jax array
+        at import time would start the backend before jax.distributed.initialize."""
+        mean, std = np.asarray(self.mean, np.float32), np.asarray(self.std, np.float32)
+        return ((images.astype(jnp.float32) - mean) / std).astype(dtype)
+
+
+def load_converted(model: nnx.Module, path: str | Path) -> Any:
+    """The default `load_weights`: a converted folder restored into the whole model."""
+    return convert.load_into(model, path)
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    name: str
+    build: Callable[..., nnx.Module]
+    preprocess: Preprocess | None = None
+    embed: Callable[[nnx.Module, Inputs], jax.Array] | None = None
+    backbone: tuple[str, ...] = ()
+    frozen: tuple[str, ...] = ()
+    load_weights: Callable[[nnx.Module, str | Path], Any] = load_converted
+    clips: bool = False
+    frame: Callable[[nnx.Module], tuple[Family, nnx.Module] | None] | None = None
+
+    def frame_model(self, model: nnx.Module) -> tuple[Family, nnx.Module] | None:
+        """(family, module) of the frame model inside `model` (None: a head on cached
+        features only)."""
+        return self.frame(model) if self.frame else (self, model)
+
+    def image_preprocess(self, model: nnx.Module) -> Preprocess | None:
+        frame = self.frame_model(model)
+        return frame[0].preprocess if frame else None
+
+    def load_into(self, model: nnx.Module, path: str | Path) -> Any:
+        """init_from: converted weights into the frame model."""
+        frame = self.frame_model(model)
+        if frame is None:
+            raise ValueError(f"init_from: model {self.name!r} has no frame model to load into")
+        return frame[0].load_weights(frame[1], path)
+
+    def embed_frames(self, model: nnx.Module, inputs: Inputs) -> jax.Array:
+        """The feature cache's per-frame embedding of images (N, S, S, 3)."""
+        frame = self.frame_model(model)
+        if frame is None or frame[0].embed is None:
+            raise ValueError(f"model {self.name!r} has no frame embedding")
+        return frame[0].embed(frame[1], inputs)
+
+    @property
+    def embeds(self) -> bool:
+        """Whether the family can embed frames (statically: a wrapping family can)."""
+        return self.embed is not None or self.frame is not None
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    """Adds (or replaces) a family under its name; returns it."""
+    FAMILIES[family.name] = family
+    return family
+
+
+def get(name: str) -> Family:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise KeyError(f"unknown model {name!r}; known: {sorted(FAMILIES)}") from None
+
+
+def build(name: str, **kwargs) -> nnx.Module:
+    """The model of family `name`, built with `kwargs` (e.g. outputs=, rngs=)."""
+    return get(name).build(**kwargs)
+
+
+def prepare_inputs(preprocess: Preprocess | None, batch: Mapping[str, Any],
+                   names: tuple[str, ...], dtype=jnp.float32) -> dict[str, jax.Array]:
+    """The named inputs of a batch as the model takes them: images normalised by the family's
+    preprocessing, "frame_mask" from the clip's record indices (-1: padding), everything else
+    cast to the compute dtype."""
+    out = {}
+    for name in names:
+        if name == "image":
+            out[name] = preprocess.normalize(batch[name], dtype)
+        elif name == "frame_mask":
+            out[name] = batch["index"] >= 0
+        else:
+            out[name] = jnp.asarray(batch[name]).astype(dtype)
+    return out

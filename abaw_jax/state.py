@@ -1,0 +1,313 @@
+"""Run state: what a config builds on a mesh (`Setup`), the train state (`TrainState`), restoring
+a workdir's checkpoint, and starting from converted weights (`init_from`) or from the backbone
+that extracted a feature cache (`data.features`).
+
+The model is a Flax NNX module; under `jax.jit` it lives as (graphdef, params, frozen, rest)
+with the functional split/merge core, so the train state is a plain pytree that Orbax saves and
+restores. `params` are what the optimizer trains; `frozen` parameters get no gradient and no
+optimizer state; `rest` holds BatchNorm statistics and any other non-parameter variable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import re
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx, struct
+
+from abaw_jax import checkpoint, models, optim, parallel, tasks
+from abaw_jax.data import features as features_lib
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    rng: jax.Array  # raw key data; step k draws from fold_in(rng, k) (dropout, masking)
+    params: nnx.State  # trained
+    frozen: nnx.State  # parameters that are never trained in this run
+    rest: nnx.State  # BatchNorm statistics and any other non-parameter variable
+    opt_state: optax.OptState
+
+    def step_key(self) -> jax.Array:
+        return jax.random.fold_in(jax.random.wrap_key_data(self.rng), self.step)
+
+
+@dataclasses.dataclass(frozen=True)
+class Feed:
+    """What the pipelines load for a run: images at `size` (0: none), the feature caches
+    concatenated into "features", and clips (`clip_length` 0: frames)."""
+
+    size: int
+    features: tuple[str, ...]
+    clip_length: int
+    clip_stride: int
+
+    def stream_options(self) -> dict[str, Any]:
+        """The pipelines' keyword arguments for it (eval and clip datasets)."""
+        clips = {"length": self.clip_length, "stride": self.clip_stride} if self.clip_length \
+            else {}
+        return {"size": self.size, "features": self.features, **clips}
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """Everything derived from the config that the steps close over."""
+
+    config: ml_collections.ConfigDict
+    task: tasks.Task
+    family: models.Family
+    inputs: tuple[str, ...]  # the named inputs this run feeds the model
+    preprocess: models.Preprocess | None  # of the "image" input
+    frozen: tuple[str, ...]  # regexes over parameter paths: never trained in this run
+    backbone_cached: bool  # cached features stand in for the (frozen) backbone's images
+    graphdef: nnx.GraphDef  # train mode
+    eval_graphdef: nnx.GraphDef
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    mesh: jax.sharding.Mesh
+
+    @property
+    def feed(self) -> Feed:
+        """What the pipelines load for this run."""
+        c = self.config
+        return Feed(self.preprocess.size if "image" in self.inputs else 0,
+                    feature_dirs(c) if "features" in self.inputs else (),
+                    int(c.data.get("clip_length") or 0), int(c.data.get("clip_stride") or 1))
+
+    def model(self, state: TrainState, train: bool = False) -> nnx.Module:
+        graphdef = self.graphdef if train else self.eval_graphdef
+        return nnx.merge(graphdef, state.params, state.frozen, state.rest)
+
+
+def feature_dirs(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The feature caches of `data.features` (comma-separated folders), in order."""
+    return tuple(p for p in (config.data.get("features") or "").split(",") if p)
+
+
+def _frozen_filter(patterns: Sequence[str]) -> Callable[[tuple, Any], bool]:
+    compiled = [re.compile(p) for p in patterns]
+
+    def frozen(path: tuple, value: Any) -> bool:
+        return isinstance(value, nnx.Param) and any(c.search(_name(path)) for c in compiled)
+
+    return frozen
+
+
+def build_model(config: ml_collections.ConfigDict, task: tasks.Task, seed: int) -> nnx.Module:
+    kwargs = dict(config.model)
+    family = models.get(kwargs.pop("name"))
+    dirs = feature_dirs(config)
+    dim = features_lib.width(dirs) if dirs else 0
+    return family.build(outputs=task.outputs, rngs=nnx.Rngs(seed), feature_dim=dim, **kwargs)
+
+
+def _inputs_and_frozen(config: ml_collections.ConfigDict, family: models.Family,
+                       model: nnx.Module) -> tuple[tuple[str, ...], tuple[str, ...], bool]:
+    """The inputs the run feeds: the model's own, with cached features in place of images when
+    `data.features` is set and the model does not take features itself; then its backbone is
+    frozen by construction (it is not even run)."""
+    name, inputs = config.model.name, tuple(model.inputs)
+    frozen = (*(config.optim.get("freeze") or ()), *family.frozen)
+    cached = bool(feature_dirs(config))
+    replaced = cached and "features" not in inputs
+    if replaced:
+        if not family.embeds or "image" not in inputs:
+            raise ValueError(f"model {name!r} cannot train on cached features (data.features)")
+        inputs = tuple("features" if i == "image" else i for i in inputs)
+        frozen = (*frozen, *family.backbone)
+    if "features" in inputs and not cached:
+        raise ValueError(f"model {name!r} takes cached per-frame features: set data.features "
+                         "to --mode=extract output folders")
+    clips = bool(config.data.get("clip_length"))
+    if family.clips != clips:
+        raise ValueError(f"model {name!r} takes {'clips' if family.clips else 'frames'}: "
+                         f"{'set' if family.clips else 'unset'} data.clip_length")
+    return inputs, frozen, replaced
+
+
+def make_setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
+    task = tasks.get(config.task)
+    family = models.get(config.model.name)
+    model = nnx.eval_shape(lambda: build_model(config, task, config.seed))
+    inputs, frozen, replaced = _inputs_and_frozen(config, family, model)
+    model.train()
+    graphdef, abstract_params, _, _ = nnx.split(model, _trainable(frozen), nnx.Param, ...)
+    if not jax.tree.leaves(abstract_params):
+        raise ValueError(f"every parameter of {config.model.name!r} is frozen ({frozen})")
+    model.eval()
+    eval_graphdef = nnx.graphdef(model)
+    tx, schedule = optim.build(config.optim, abstract_params, config.total_steps)
+    return Setup(config, task, family, inputs, family.image_preprocess(model), frozen,
+                 replaced, graphdef, eval_graphdef, tx, schedule, mesh)
+
+
+def _trainable(frozen: Sequence[str]):
+    is_frozen = _frozen_filter(frozen)
+    return lambda path, value: isinstance(value, nnx.Param) and not is_frozen(path, value)
+
+
+def split(model: nnx.Module, setup: Setup) -> tuple[nnx.State, nnx.State, nnx.State]:
+    """(params, frozen, rest) of a model of this setup."""
+    _, params, frozen, rest = nnx.split(model, _trainable(setup.frozen), nnx.Param, ...)
+    return params, frozen, rest
+
+
+def init_state(config: ml_collections.ConfigDict, setup: Setup) -> TrainState:
+    """A fresh state built directly with replicated shardings (jit out_shardings)."""
+
+    def init():
+        params, frozen, rest = split(build_model(config, setup.task, config.seed), setup)
+        rng = jax.random.key_data(jax.random.key(config.seed))
+        return TrainState(jnp.asarray(0, jnp.int32), rng, params, frozen, rest,
+                          setup.tx.init(params))
+
+    return jax.jit(init, out_shardings=state_sharding(setup, jax.eval_shape(init)))()
+
+
+def state_sharding(setup: Setup, abstract_state) -> Any:
+    return jax.tree.map(lambda _: parallel.replicated(setup.mesh), abstract_state)
+
+
+def abstract_state(config: ml_collections.ConfigDict, setup: Setup) -> Any:
+    """Shapes, dtypes and shardings of the state: the restore target on this mesh."""
+    shapes = jax.eval_shape(lambda: init_state(config, setup))
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        shapes, state_sharding(setup, shapes))
+
+
+def with_model(state: TrainState, setup: Setup, model: nnx.Module) -> TrainState:
+    """`state` with the variables of `model` (replicated) and a fresh optimizer state."""
+    sharding = parallel.replicated(setup.mesh)
+    params, frozen, rest = jax.device_put(split(model, setup), sharding)
+    opt_state = jax.jit(setup.tx.init, out_shardings=sharding)(params)
+    return state.replace(params=params, frozen=frozen, rest=rest, opt_state=opt_state)
+
+
+def load_pretrained(state: TrainState, setup: Setup, path: str | Path) -> TrainState:
+    """Converted weights from `path` loaded by the family (the backbone and any matching
+    layers); new task layers keep their initialisation, the optimizer state is rebuilt."""
+    model = setup.model(jax.device_get(state), train=True)
+    setup.family.load_into(model, path)
+    return with_model(state, setup, model)
+
+
+def check_workdir(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
+    """A workdir holds one task's run: refuse to resume, evaluate or predict another task's
+    checkpoints with this config (Orbax would fail later on mismatched arrays)."""
+    saved = Path(workdir) / "config.json"
+    if saved.is_file():
+        task = json.loads(saved.read_text()).get("task")
+        if task != config.task:
+            raise ValueError(f"{workdir} holds a run of task {task!r}, this config is task "
+                             f"{config.task!r}: use another --workdir")
+
+
+def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
+    """The config a training workdir was run with."""
+    path = Path(workdir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{workdir}: not a training workdir (no config.json)")
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    """A checkpoint of a run restored for evaluation, prediction, extraction or inference."""
+
+    setup: Setup
+    state: TrainState
+    step: int
+    metrics: dict  # stored beside the checkpoint at its evaluation ({} when none)
+
+
+def restore_run(config: ml_collections.ConfigDict, workdir: str | Path, which: str | int,
+                mesh: jax.sharding.Mesh | None = None) -> Restored:
+    """The checkpoint `which` ('best', 'latest' or a step) of `workdir`, restored onto `mesh`
+    (default: every device), read-only. checkpoint.NoCheckpointError when there is none."""
+    setup = make_setup(config, mesh or parallel.make_mesh())
+    ckpt = checkpoint.Checkpoints(Path(workdir) / "checkpoints", read_only=True)
+    try:
+        step = ckpt.resolve(which)
+        state = ckpt.restore(step, abstract_state(config, setup))
+        return Restored(setup, state, step, ckpt.metrics(step) or {})
+    finally:
+        ckpt.close()
+
+
+def load_backbone(state: TrainState, setup: Setup, features_dir: str | Path) -> TrainState:
+    """`state` with the backbone of the frame model that extracted `features_dir` (its
+    family's `backbone` variables, BatchNorm statistics included); the other layers keep their
+    initialisation."""
+    source = features_lib.read_meta(features_dir)["source"]
+    if "init_from" in source:
+        return load_pretrained(state, setup, source["init_from"])
+    workdir = Path(source["workdir"])
+    src = restore_run(read_config(workdir), workdir, source["step"])
+    src_frame = src.setup.family.frame_model(src.setup.model(jax.device_get(src.state)))
+    model = setup.model(jax.device_get(state), train=True)
+    family, frame = setup.family.frame_model(model)
+    patterns = [re.compile(p) for p in family.backbone]
+    have = {_name(p): v for p, v in nnx.to_flat_state(nnx.state(src_frame[1]))}
+    target = nnx.state(frame)
+    for path, var in nnx.to_flat_state(target):
+        name = _name(path)
+        if any(p.search(name) for p in patterns):
+            value, shape = have.get(name), np.shape(var.get_value())
+            if value is None or np.shape(value.get_value()) != shape:
+                raise ValueError(f"{features_dir}: the extracting model ({workdir}) has no "
+                                 f"{name} of shape {shape}")
+            var.set_value(value.get_value())
+    nnx.update(frame, target)
+    return with_model(state, setup, model)
+
+
+def _name(path: tuple) -> str:
+    return "/".join(str(k) for k in path)
+
+
+def init_weights(state: TrainState, setup: Setup) -> TrainState:
+    """A fresh run's start: the backbone that extracted the feature cache when cached features
+    stand in for its images, else the converted weights of `init_from`, else `state`."""
+    if setup.backbone_cached:
+        return load_backbone(state, setup, feature_dirs(setup.config)[0])
+    if setup.config.init_from:
+        return load_pretrained(state, setup, setup.config.init_from)
+    return state
+
+
+def predict_fn(setup: Setup) -> Callable:
+    """Jitted eval-mode forward -> the task's per-frame predictions, of a batch's named inputs
+    (`params, frozen, rest, batch`)."""
+
+    def predict(params, frozen, rest, batch: Mapping[str, jax.Array]) -> dict:
+        model = nnx.merge(setup.eval_graphdef, params, frozen, rest)
+        return setup.task.predict(model(models.prepare_inputs(setup.preprocess, batch,
+                                                              setup.inputs)))
+
+    return jax.jit(predict)
+
+
+def embed_fn(setup: Setup) -> Callable:
+    """Jitted eval-mode per-frame embedding of images (`params, frozen, rest, batch`): what
+    `--mode=extract` stores."""
+    def embed(params, frozen, rest, batch: Mapping[str, jax.Array]) -> dict:
+        model = nnx.merge(setup.eval_graphdef, params, frozen, rest)
+        inputs = models.prepare_inputs(setup.preprocess, batch, ("image",))
+        return {"embedding": setup.family.embed_frames(model, inputs)}
+
+    return jax.jit(embed)
+
+
+def bind(fn: Callable, state: TrainState) -> Callable[[Mapping[str, jax.Array]], dict]:
+    """A predict or embed function of this state's variables: batch -> outputs."""
+    return functools.partial(fn, state.params, state.frozen, state.rest)

@@ -1,0 +1,25 @@
+"""Trainers by objective, picked by `config.trainer`: each module gives the loop (`loop.py`)
+its data stream, its jitted step and its evaluator. A new objective is a new module here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import ModuleType
+
+import ml_collections
+
+from abaw_jax.trainers import loop, supervised
+
+TRAINERS: dict[str, ModuleType] = {"supervised": supervised}
+
+
+def get(name: str) -> ModuleType:
+    if name not in TRAINERS:
+        raise KeyError(f"unknown trainer {name!r}; known: {sorted(TRAINERS)}")
+    return TRAINERS[name]
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+    """Trains `config` with its trainer in `workdir` (resuming from its latest checkpoint) and
+    returns the final validation metrics."""
+    return loop.run(config, workdir, get(config.get("trainer", "supervised")))

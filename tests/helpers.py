@@ -1,0 +1,48 @@
+"""Helpers shared by the tests (imported as `helpers`; no test file imports another)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import ml_collections
+
+from abaw_jax import config_lib
+
+
+def tiny_config(records, task: str = "va", temporal: bool = False, **overrides
+                ) -> ml_collections.ConfigDict:
+    """A DDAMFN config of `task` on a records folder, 4 steps of batch 8, logging, evaluating and
+    checkpointing every 2 steps; `overrides` by dotted key ("optim.lr": 0.1)."""
+    c = config_lib.temporal(task) if temporal else config_lib.experiment(task)
+    c.data.records = None if records is None else str(records)
+    c.total_steps = 4
+    c.batch_size = 8
+    c.eval_batch_size = 16
+    c.log_every_steps = 2
+    c.eval_every_steps = 2
+    c.checkpoint_every_steps = 2
+    for key, value in overrides.items():
+        target = c
+        *path, last = key.split(".")
+        for p in path:
+            target = target[p]
+        target[last] = value
+    return c
+
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+
+
+def load_config(path: str | Path, arg: str = "") -> ml_collections.ConfigDict:
+    """`get_config(arg)` of a config file (relative paths: under configs/)."""
+    module = config_module(CONFIGS / path)
+    return module.get_config(arg)
+
+
+def config_module(path: Path):
+    """A config file loaded as a module (they are files, not an importable package)."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
