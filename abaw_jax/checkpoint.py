@@ -155,7 +155,7 @@ class Checkpoints:
                 f"{self.directory / str(step)} holds a train state of layout {layout}, written "
                 f"by another abaw_jax version; this one reads layout {LAYOUT} (trained and "
                 "frozen parameters apart, a random key). Train again in a new workdir, or "
-                "evaluate it with the abaw_jax commit that wrote it")
+                "evaluate it with abaw_jax at commit ee9d73c or earlier (layout 1)")
 
     def restore_data(self, step: int, data: Any) -> None:
         """Moves the data stream `data` to the position saved at `step`."""

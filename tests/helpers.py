@@ -6,8 +6,10 @@ import importlib.util
 from pathlib import Path
 
 import ml_collections
+import numpy as np
 
 from abaw_jax import config_lib
+from abaw_jax.data import features, pipeline, records
 
 
 def tiny_config(records, task: str = "va", temporal: bool = False, **overrides
@@ -46,3 +48,18 @@ def config_module(path: Path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def fake_feature_cache(out: Path, splits: dict[str, Path], dim: int, seed: int) -> Path:
+    """A feature cache (as `--mode=extract` writes it) of the records' frames of each split
+    ({split: records folder}) with random embeddings of width `dim`."""
+    rng = np.random.default_rng(seed)
+    for name, data_dir in splits.items():
+        index = records.read_frame_index(data_dir, name)
+        source = records.RecordSource(data_dir, name)
+        labels = {k: np.stack([source[i][k] for i in range(len(source))])
+                  for k in pipeline.LABEL_KEYS}
+        features.write_split(out, name, rng.normal(size=(len(index[1]), dim)), labels, *index,
+                             shard_rows=50)
+    features.write_meta(out, {"source": {}}, rng.normal(size=dim))
+    return out

@@ -65,3 +65,16 @@ def test_when_no_checkpoint_restores_nothing_is_moved(tmp_path):
         ckpt.restore_latest(other_model)
     assert ckpt.steps() == [2, 4] and not list(tmp_path.glob("corrupt-*"))
     ckpt.close()
+
+
+def test_a_checkpoint_of_another_state_layout_is_refused_not_set_aside(tmp_path):
+    _saved(tmp_path, [2, 4])
+    for step in (2, 4):  # as written before the layout item existed (layout 1)
+        shutil.rmtree(tmp_path / str(step) / "layout")
+    ckpt = checkpoint.Checkpoints(tmp_path)
+    with pytest.raises(checkpoint.IncompatibleCheckpointError, match="layout 1.*reads layout 2"):
+        ckpt.restore_latest(ABSTRACT)
+    with pytest.raises(checkpoint.IncompatibleCheckpointError, match="layout 1"):
+        ckpt.restore(2, ABSTRACT)
+    assert ckpt.steps() == [2, 4] and not list(tmp_path.glob("corrupt-*"))
+    ckpt.close()

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from helpers import fake_feature_cache
 
 from abaw_jax.data import augment, features, pipeline, records
 from abaw_jax.data.affwild2 import DataError
@@ -121,23 +122,13 @@ def test_a_video_shorter_than_the_clip_is_one_padded_clip():
     np.testing.assert_array_equal(clips, [[0, 1, -1, 2, -1, -1], [3, 4, -1, -1, -1, -1]])
 
 
-def _fake_cache(out, data_dir, dim, seed):
-    """A feature cache of the records' train and validation frames (random embeddings)."""
-    rng = np.random.default_rng(seed)
-    for name in ("train", "validation"):
-        index = records.read_frame_index(data_dir, name)
-        source = records.RecordSource(data_dir, name)
-        labels = {k: np.stack([source[i][k] for i in range(len(source))])
-                  for k in pipeline.LABEL_KEYS}
-        features.write_split(out, name, rng.normal(size=(len(index[1]), dim)), labels, *index,
-                             shard_rows=50)
-    features.write_meta(out, {"source": {}}, rng.normal(size=dim))
-    return out
+def _splits(data_dir):
+    return {"train": data_dir, "validation": data_dir}
 
 
 def test_frames_of_several_feature_caches_without_images(tiny_records, tmp_path):
-    a = _fake_cache(tmp_path / "a", tiny_records, 4, 0)
-    b = _fake_cache(tmp_path / "b", tiny_records, 3, 1)
+    a = fake_feature_cache(tmp_path / "a", _splits(tiny_records), 4, 0)
+    b = fake_feature_cache(tmp_path / "b", _splits(tiny_records), 3, 1)
     (batch,) = _take(pipeline.train_dataset(tiny_records, "train", batch_size=8, seed=0,
                                             augment_cfg=None, features=(a, b)), 1)
     assert "image" not in batch and batch["features"].shape == (8, 7)
@@ -153,7 +144,7 @@ def test_frames_of_several_feature_caches_without_images(tiny_records, tmp_path)
     pad = ev[-1]["index"] < 0  # padding rows: the cache's padding embedding
     np.testing.assert_allclose(ev[-1]["features"][pad], np.repeat(sa.pad[None], pad.sum(), 0))
     other = tmp_path / "other"  # a cache of other frames is refused
-    _fake_cache(other, tiny_records, 4, 2)
+    fake_feature_cache(other, _splits(tiny_records), 4, 2)
     (other / "validation" / "frames.npz").unlink()
     features.write_split(other, "validation", np.zeros((3, 4)),
                          {k: v[:3] for k, v in np.load(a / "validation/frames.npz").items()

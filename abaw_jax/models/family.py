@@ -10,7 +10,7 @@ model; they call through it and nothing else:
   `rngs` (dropout, masking), and returns a dict: one entry per requested output (task heads) and,
   when it has any, `"losses": {name: scalar}`: its own extra losses, which the trainer adds with
   `loss.<name>_weight` from `loss.<name>_start_step`.
-- `preprocess`: the image size and the mean / std (in 0-255 units) of its "image" input.
+- `preprocess`: the image size and the mean / std (as fractions of 255) of its "image" input.
 - `embed(model, inputs)`: a frame's embedding (N, D) for the feature cache (`--mode=extract`).
 - `backbone`: regexes over parameter paths of the part that cached embeddings replace (frozen by
   construction when a run trains on them, and copied from the extracting model).
@@ -39,8 +39,8 @@ from abaw_jax import convert
 
 Inputs = Mapping[str, jax.Array]
 
-IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +53,10 @@ class Preprocess:
 
     def normalize(self, images: jax.Array, dtype=jnp.float32) -> jax.Array:
         """uint8 RGB -> normalised floats (inside the jitted step). numpy constants: a jax array
-        at import time would start the backend before jax.distributed.initialize."""
-        mean, std = np.asarray(self.mean, np.float32), np.asarray(self.std, np.float32)
+        at import time would start the backend before jax.distributed.initialize. Scaled to
+        0-255 in float32, as DDAMFN's training always did (bit-identical constants)."""
+        mean = np.asarray(self.mean, np.float32) * 255
+        std = np.asarray(self.std, np.float32) * 255
         return ((images.astype(jnp.float32) - mean) / std).astype(dtype)
 
 
