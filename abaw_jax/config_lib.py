@@ -141,16 +141,20 @@ def experiment(task: str, arg: str | None = "") -> ml_collections.ConfigDict:
     return c
 
 
-def temporal(task: str, arg: str | None = "") -> ml_collections.ConfigDict:
-    """DDAMFN+LSTM over clips (configs/*_lstm.py): the backbone per frame, an LSTM over the
-    per-frame embeddings, per-frame task layers; `batch_size` counts clips. Arguments as
-    `experiment`."""
+def temporal(task: str, arg: str | None = "", head: str = "lstm") -> ml_collections.ConfigDict:
+    """A temporal head over clips (configs/*_lstm.py, configs/transformer.py): DDAMFN per
+    frame, an LSTM or a transformer encoder over the per-frame embeddings, per-frame task
+    layers; `batch_size` counts clips. Arguments as `experiment`."""
     c = experiment(task, arg)
     real = parse_arg(arg, real=False, task=task).real
     c.model = ml_collections.ConfigDict({
-        "name": "lstm", "backbone": "ddamfn" if real else "ddamfn_tiny", "num_head": 2,
-        "hidden": 256 if real else 64, "layers": 1, "bidirectional": False})
+        "name": head, "backbone": "ddamfn" if real else "ddamfn_tiny", "num_head": 2})
     c.model.depthwise_impl = config_dict.placeholder(str)
+    if head == "lstm":
+        c.model.update({"hidden": 256 if real else 64, "layers": 1, "bidirectional": False})
+    else:  # the MAE fusion team's head; a quarter of its widths on the CPU demo
+        c.model.update({"proj": (256, 128) if real else (64, 32), "kernel": 1,
+                        "layers": 4 if real else 2, "heads": 4, "dropout": 0.3})
     c.data.clip_length = 32 if real else 8
     c.data.clip_stride = 16 if real else 4  # half-overlapping windows
     c.batch_size = 16 if real else 4

@@ -15,9 +15,9 @@ import numpy as np
 
 from abaw_jax import heads as heads_lib
 from abaw_jax import losses, metrics
+from abaw_jax.data import schema
 
 LossOptions = Mapping[str, Any]
-LABEL_KEYS = ("va", "expr", "au", "va_mask", "expr_mask", "au_mask")
 _ACTIVATIONS = {"regression": jnp.tanh, "classes": jax.nn.softmax, "binary": jax.nn.sigmoid}
 
 
@@ -46,7 +46,7 @@ class Task:
         if out[self.heads[0]].ndim == 3:  # clips (B, T, size): a loss over their frames
             out = {h: out[h].reshape(-1, out[h].shape[-1]) for h in self.heads}
             batch = {k: v.reshape(-1, *v.shape[2:]) for k, v in batch.items()
-                     if k in LABEL_KEYS}
+                     if k in schema.LABEL_KEYS}
         weights = opts.get("task_weights") or {}
         parts = {h: losses.head_loss(h, opts.get(h, _DEFAULT_LOSS[h]))(out[h], batch, opts)
                  for h in self.heads}

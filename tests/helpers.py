@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 
 from abaw_jax import config_lib
-from abaw_jax.data import features, pipeline, records
+from abaw_jax.data import features, records, schema
 
 
 def tiny_config(records, task: str = "va", temporal: bool = False, **overrides
@@ -58,7 +58,7 @@ def fake_feature_cache(out: Path, splits: dict[str, Path], dim: int, seed: int) 
         index = records.read_frame_index(data_dir, name)
         source = records.RecordSource(data_dir, name)
         labels = {k: np.stack([source[i][k] for i in range(len(source))])
-                  for k in pipeline.LABEL_KEYS}
+                  for k in schema.LABEL_KEYS}
         features.write_split(out, name, rng.normal(size=(len(index[1]), dim)), labels, *index,
                              shard_rows=50)
     features.write_meta(out, {"source": {}}, rng.normal(size=dim))

@@ -109,3 +109,11 @@ def test_submission_fill_and_lines():
     lines = submission.format_lines("expr", "vid_left", nearest)
     assert lines[0] == heads.get("expr").header and lines[1] == "vid_left/00001.jpg,3"
     assert len(lines) == 7
+
+
+def test_head_losses_are_picked_by_name():
+    task = tasks.get("mtl")
+    task.check_losses({"va": "ccc", "expr": "ce", "au": "bce"})
+    with pytest.raises(KeyError, match=r"loss.expr='focal' is not a loss of head 'expr'.*\['ce'\]"):
+        task.check_losses({"expr": "focal"})
+    assert losses.head_loss("va", "ccc") is losses.HEAD_LOSSES["va"]["ccc"]

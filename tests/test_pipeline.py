@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from helpers import fake_feature_cache
 
-from abaw_jax.data import augment, features, pipeline, records
+from abaw_jax.data import augment, features, pipeline, records, schema
 from abaw_jax.data.affwild2 import DataError
 
 AUG = augment.AugmentConfig(size=32)
@@ -148,7 +148,7 @@ def test_frames_of_several_feature_caches_without_images(tiny_records, tmp_path)
     (other / "validation" / "frames.npz").unlink()
     features.write_split(other, "validation", np.zeros((3, 4)),
                          {k: v[:3] for k, v in np.load(a / "validation/frames.npz").items()
-                          if k in pipeline.LABEL_KEYS}, ["x"], np.zeros(3, int), np.arange(3))
+                          if k in schema.LABEL_KEYS}, ["x"], np.zeros(3, int), np.arange(3))
     with pytest.raises(DataError, match="cached features are of other frames"):
         pipeline.eval_dataset(tiny_records, "validation", batch_size=16, size=0,
                               features=(other,))

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from helpers import tiny_config
+from helpers import fake_feature_cache, tiny_config
 
 from abaw_jax import extract, inference, models, parallel, trainers
 from abaw_jax import state as state_lib
@@ -118,4 +118,28 @@ def test_lstm_trains_end_to_end_and_from_its_feature_cache(tiny_records, tmp_pat
     n_opt = sum(np.size(x) for x in jax.tree.leaves(trained.opt_state))
     n_params = sum(np.size(x) for x in jax.tree.leaves(trained.params))
     assert n_opt < 3 * n_params  # Adam's two moments (and counts) of the trained layers only
+    backbone = nnx.to_pure_dict(run.state.params)["backbone"]
+    # A frame model trains from the same cache: its task layer on the embeddings, its own
+    # backbone (features, heads, GDConv) taken from the LSTM run that extracted them, frozen.
+    frame = tiny_config(tiny_records, **{"total_steps": 2, "data.features": str(out)})
+    assert trainers.train_and_evaluate(frame, tmp_path / "frame")["va/frames"] == n
+    trained = state_lib.restore_run(frame, tmp_path / "frame", "latest").state
+    assert set(nnx.to_pure_dict(trained.params)) == {"tasks"}
+    for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(trained.frozen)),
+                    jax.tree.leaves({k: backbone[k] for k in ("features", "gdconv", "heads")}),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+    # A transformer head without a backbone over two caches joined per frame (e.g. visual and
+    # audio embeddings).
+    other = fake_feature_cache(tmp_path / "other", {"train": tiny_records,
+                                                    "validation": tiny_records}, 6, 0)
+    fusion = tiny_config(tiny_records, temporal=True, **{
+        "total_steps": 2, "eval_batch_size": 8, "data.features": f"{out},{other}"})
+    fusion.model = {"name": "transformer", "proj": (32, 16), "layers": 1, "heads": 2}
+    setup = state_lib.make_setup(fusion, run.setup.mesh)
+    assert setup.inputs == ("features", "frame_mask") and setup.frozen == ()
+    assert nnx.to_pure_dict(state_lib.abstract_state(fusion, setup).params)["proj"][0][
+        "kernel"].shape == (1, 134, 32)
+    metrics = trainers.train_and_evaluate(fusion, tmp_path / "fusion")
+    assert metrics["va/frames"] == n and np.isfinite(metrics["va/ccc_mean"])
 

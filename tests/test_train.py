@@ -205,3 +205,30 @@ def test_multitask_two_stage_run_reports_p_and_holds_the_backbone_in_stage_1(tin
                     strict=True):
         np.testing.assert_array_equal(a, b)  # stage 1: the backbone is frozen
     assert not np.allclose(before["tasks"]["au"]["kernel"], after["tasks"]["au"]["kernel"])
+
+
+def test_frozen_parameters_get_no_gradient_and_no_optimizer_state(tiny_records):
+    # AdamW's weight decay moves every parameter it holds, gradient or not: frozen ones must
+    # not be among them.
+    config = tiny_config(tiny_records, **{"optim.name": "adamw", "optim.weight_decay": 0.05,
+                                          "optim.freeze": ("^features/",),
+                                          "optim.warmup_steps": 0})
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    setup = state_lib.make_setup(config, mesh)
+    state = state_lib.init_state(config, setup)
+    before = jax.device_get(state)
+    step = supervised.train_step(config, setup, state_lib.state_sharding(setup, state))
+    rng = np.random.default_rng(0)
+    batch = parallel.to_global({
+        "image": rng.integers(0, 255, (8, 112, 112, 3), dtype=np.uint8),
+        "va": rng.uniform(-1, 1, (8, 2)).astype(np.float32), "va_mask": np.ones(8, bool)}, mesh)
+    for _ in range(2):
+        state, _ = step(state, batch)
+    assert set(nnx.to_pure_dict(state.frozen)) == {"features"}
+    assert "features" not in nnx.to_pure_dict(state.params)
+    for a, b in zip(jax.tree.leaves(before.frozen), jax.tree.leaves(state.frozen), strict=True):
+        np.testing.assert_array_equal(a, b)
+    trained = sum(np.size(x) for x in jax.tree.leaves(state.params))
+    assert sum(np.size(x) for x in jax.tree.leaves(state.opt_state)) <= 2 * trained + 8
+    moved = nnx.to_pure_dict(jax.device_get(state.params))["gdconv"]["conv"]["kernel"]
+    assert not np.allclose(moved, nnx.to_pure_dict(before.params)["gdconv"]["conv"]["kernel"])

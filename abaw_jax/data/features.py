@@ -21,9 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from abaw_jax.data import schema
 from abaw_jax.data.affwild2 import DataError
-
-LABEL_KEYS = ("va", "expr", "au", "va_mask", "expr_mask", "au_mask")
 
 
 def write_split(out: str | os.PathLike, split: str, embedding: np.ndarray,
@@ -39,7 +38,7 @@ def write_split(out: str | os.PathLike, split: str, embedding: np.ndarray,
         np.save(folder / f"embedding-{s:05d}-of-{count:05d}.npy",
                 np.asarray(embedding[s * shard_rows:(s + 1) * shard_rows], np.float32))
     np.savez(folder / "frames.npz", videos=np.asarray(videos), video=video, frame=frame,
-             **{k: labels[k] for k in LABEL_KEYS})
+             **{k: labels[k] for k in schema.LABEL_KEYS})
 
 
 def write_meta(out: str | os.PathLike, meta: Mapping[str, Any], pad: np.ndarray) -> None:
@@ -91,7 +90,7 @@ class FeatureSource:
         with np.load(folder / "frames.npz") as z:
             self.videos = z["videos"].tolist()
             self.video, self.frame = z["video"], z["frame"]
-            self.labels = {k: z[k] for k in LABEL_KEYS}
+            self.labels = {k: z[k] for k in schema.LABEL_KEYS}
         self.dim = self.shards[0].shape[1]
         self.pad = np.load(Path(directory) / "pad.npy")
         if sum(len(s) for s in self.shards) != len(self.video):
@@ -112,5 +111,5 @@ class FeatureSource:
         """Labels and masks of record `index` (-1: padding, every mask False)."""
         out = {k: v[max(index, 0)] for k, v in self.labels.items()}
         if index < 0:
-            out.update({k: np.False_ for k in ("va_mask", "expr_mask", "au_mask")})
+            out.update({k: np.False_ for k in schema.MASKS})
         return out

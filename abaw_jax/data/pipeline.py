@@ -29,11 +29,9 @@ import grain
 import numpy as np
 from absl import flags
 
-from abaw_jax.data import augment, records
+from abaw_jax.data import augment, records, schema
 from abaw_jax.data import features as features_lib
 from abaw_jax.data.affwild2 import AU_NAMES, DataError
-
-LABEL_KEYS = ("va", "expr", "au", "va_mask", "expr_mask", "au_mask")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +101,7 @@ class FrameReader:
         name = f"{self.split} record {index} ({ex['video']}/{int(ex['frame']):05d}.jpg)"
         image = augment.decode(ex["image"], name)
         image = augment.augment(image, cfg, rng) if cfg else augment.resize(image, self.size)
-        return {"image": image, **{k: ex[k] for k in LABEL_KEYS}}
+        return {"image": image, **{k: ex[k] for k in schema.LABEL_KEYS}}
 
 
 class Stream:

@@ -22,6 +22,7 @@ from pathlib import Path
 import google_crc32c
 import numpy as np
 
+from abaw_jax.data import schema
 from abaw_jax.data.affwild2 import AU_NAMES, DataError, FrameTable
 
 DATASET_NAME = "affwild2"
@@ -63,7 +64,7 @@ def serialize(table: FrameTable, i: int, jpeg: bytes) -> bytes:
     feature["va"].float_list.value.extend(table.va[i].tolist())
     feature["expr"].int64_list.value.append(int(table.expr[i]))
     feature["au"].int64_list.value.extend(table.au[i].tolist())
-    for key in ("va_mask", "expr_mask", "au_mask"):
+    for key in schema.MASKS:
         feature[key].int64_list.value.append(int(getattr(table, key)[i]))
     return example.SerializeToString(deterministic=True)
 
@@ -82,7 +83,7 @@ def parse(record: bytes) -> dict:
         "va": np.array(f["va"].float_list.value, np.float32),
         "expr": np.int32(f["expr"].int64_list.value[0]),
         "au": np.array(f["au"].int64_list.value, np.int32),
-        **{k: np.bool_(f[k].int64_list.value[0]) for k in ("va_mask", "expr_mask", "au_mask")},
+        **{k: np.bool_(f[k].int64_list.value[0]) for k in schema.MASKS},
     }
 
 

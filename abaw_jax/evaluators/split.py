@@ -11,9 +11,8 @@ import jax
 import numpy as np
 
 from abaw_jax import parallel
-from abaw_jax.data import pipeline, records
+from abaw_jax.data import pipeline, records, schema
 
-LABELS = ("va", "expr", "au", "va_mask", "expr_mask", "au_mask")
 Predict = Callable[[Mapping[str, jax.Array]], Mapping[str, jax.Array]]
 
 
@@ -39,7 +38,7 @@ def predict_split(predict: Predict, data_dir: Path, split: str, *, batch_size: i
     inputs = [k for k in ("image", "features") if (k == "image" and size) or
               (k == "features" and features)]
     sums: dict[str, np.ndarray] = {}
-    labels = {k: None for k in LABELS}
+    labels = {k: None for k in schema.LABEL_KEYS}
     seen = np.zeros(n, np.int32)
     try:
         for batch in stream:
@@ -48,7 +47,7 @@ def predict_split(predict: Predict, data_dir: Path, split: str, *, batch_size: i
             # Through the same global arrays as the predictions: a TPU mesh may order a
             # process's devices non-contiguously, and rows must stay matched to their outputs.
             meta = parallel.to_host(parallel.to_global(
-                {k: np.asarray(batch[k]) for k in ("index", "mask", *LABELS)}, mesh))
+                {k: np.asarray(batch[k]) for k in ("index", "mask", *schema.LABEL_KEYS)}, mesh))
             rows = meta["mask"]
             if meta["index"].ndim == 2:  # clips: the frames of valid clips that have a record
                 rows = rows[:, None] & (meta["index"] >= 0)
@@ -57,7 +56,7 @@ def predict_split(predict: Predict, data_dir: Path, split: str, *, batch_size: i
             for k, v in out.items():
                 np.add.at(sums.setdefault(k, np.zeros((n, *v.shape[rows.ndim:]), np.float64)),
                           index, v[rows])
-            for k in LABELS:
+            for k in schema.LABEL_KEYS:
                 v = meta[k]
                 if labels[k] is None:
                     labels[k] = np.zeros((n, *v.shape[rows.ndim:]), v.dtype)
