@@ -7,6 +7,7 @@ asynchronous (training continues while arrays are written).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -30,8 +31,8 @@ class IncompatibleCheckpointError(ValueError):
 
 
 # The layout of the saved train state (`state.TrainState`), stored with every checkpoint as the
-# "layout" item. 2: step, rng, params, frozen, rest, opt_state (trained and frozen parameters
-# apart). Checkpoints without the item were written before it (step, params, rest, opt_state).
+# "layout" item. 2: step, rng, params, rest, opt_state (of the trained parameters only).
+# Checkpoints without the item were written before it (1: step, params, rest, opt_state).
 LAYOUT = 2
 
 
@@ -128,34 +129,48 @@ class Checkpoints:
     def metrics(self, step: int) -> dict | None:
         return self.manager.metrics(step)
 
-    def restore(self, step: int, abstract_state: Any, data: Any = None) -> Any:
+    def restore(self, step: int, abstract_state: Any, data: Any = None,
+                partial: bool = False) -> Any:
         """Restores the state onto the shardings of `abstract_state` (any device count) and,
-        when given, the data stream's position in place."""
+        when given, the data stream's position in place. `partial` (a dataclass state): only
+        its fields that are not None, matched by name, e.g. a state without its optimizer."""
         self.check_layout(step)
+        target = abstract_state
+        if partial:  # the fields to read by name (Orbax cannot trim a saved tuple to None)
+            target = {f.name: getattr(abstract_state, f.name)
+                      for f in dataclasses.fields(abstract_state)
+                      if getattr(abstract_state, f.name) is not None}
         items = {"state": ocp.args.PyTreeRestore(
-            abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(
-                abstract_state))}
+            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=partial)}
         state = self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+        if partial:
+            state = dataclasses.replace(abstract_state, **state)
         if data is not None:
             self.restore_data(step, data)
         return state
 
     def check_layout(self, step: int) -> None:
         """IncompatibleCheckpointError when `step` was saved with another state layout."""
-        layout = 1
-        if (self.directory / str(step) / "layout").exists():
-            try:
-                saved = self.manager.restore(step, args=ocp.args.Composite(
-                    layout=ocp.args.JsonRestore()))
-                layout = saved["layout"]["state"]
-            except Exception:  # noqa: BLE001 - a damaged item: the state's restore judges it
-                return
-        if layout != LAYOUT:
+        layout = self._layout(step)
+        if layout not in (LAYOUT, None):
             raise IncompatibleCheckpointError(
                 f"{self.directory / str(step)} holds a train state of layout {layout}, written "
-                f"by another abaw_jax version; this one reads layout {LAYOUT} (trained and "
-                "frozen parameters apart, a random key). Train again in a new workdir, or "
-                "evaluate it with abaw_jax at commit ee9d73c or earlier (layout 1)")
+                f"by another abaw_jax version; this one reads layout {LAYOUT} (a random key, "
+                "the optimizer state of the trained parameters only). Train again in a new "
+                "workdir, or evaluate it with abaw_jax at commit ee9d73c or earlier (layout 1)")
+
+    def _layout(self, step: int) -> int | None:
+        """The state layout of `step`: 1 without the item, None when it cannot be read (a
+        damaged checkpoint, which the state's restore then judges)."""
+        if not (self.directory / str(step) / "layout").exists():
+            return 1
+        try:
+            saved = self.manager.restore(step, args=ocp.args.Composite(
+                layout=ocp.args.JsonRestore()))
+            return int(saved["layout"]["state"])
+        except Exception:  # noqa: BLE001 - damaged: see the docstring
+            return None
 
     def restore_data(self, step: int, data: Any) -> None:
         """Moves the data stream `data` to the position saved at `step`."""
@@ -173,9 +188,10 @@ class Checkpoints:
         batch size) are raised as they are. All processes take the same decisions.
         """
         failed: list[tuple[int, Exception | None]] = []
-        for step in sorted(self.steps(), reverse=True):
-            if step == max(self.steps()):  # another version's run: nothing to fall back on
-                self.check_layout(step)
+        steps = sorted(self.steps(), reverse=True)
+        if steps and all(self._layout(s) not in (LAYOUT, None) for s in steps):
+            self.check_layout(steps[0])  # another version's run: nothing to fall back on
+        for step in steps:
             try:
                 state, error = self.restore(step, abstract_state), None
             except Exception as e:  # noqa: BLE001 - judged below, against the older steps

@@ -1,8 +1,8 @@
 """Defaults shared by every experiment config, and big_vision-style config arguments.
 
-Experiment files under `configs/` (and its family subfolders) import this module and override
-what differs. `python -m abaw_jax.main --config=configs/va.py:real,seed=3` passes "real,seed=3"
-to the file's `get_config(arg)`, which reads it with `parse_arg`.
+Experiment files under `configs/` (other families' in subfolders: clip/, gcsa/, mae/) import
+this module and override what differs. `python -m abaw_jax.main --config=configs/va.py:real,task=au`
+passes "real,task=au" to the file's `get_config(arg)`, which reads it with `parse_arg`.
 """
 
 from __future__ import annotations
@@ -148,8 +148,8 @@ def temporal(task: str, arg: str | None = "", head: str = "lstm") -> ml_collecti
     c = experiment(task, arg)
     real = parse_arg(arg, real=False, task=task).real
     c.model = ml_collections.ConfigDict({
-        "name": head, "backbone": "ddamfn" if real else "ddamfn_tiny", "num_head": 2})
-    c.model.depthwise_impl = config_dict.placeholder(str)
+        "name": head, "backbone": "ddamfn" if real else "ddamfn_tiny",
+        "backbone_kwargs": {"num_head": 2, "depthwise_impl": config_dict.placeholder(str)}})
     if head == "lstm":
         c.model.update({"hidden": 256 if real else 64, "layers": 1, "bidirectional": False})
     else:  # the MAE fusion team's head; a quarter of its widths on the CPU demo

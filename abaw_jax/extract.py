@@ -57,7 +57,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, which: str = "la
     workdir = Path(workdir)
     state_lib.check_workdir(config, workdir)
     setup, state, source = _source_state(config, workdir, which)
-    if setup.preprocess is None:
+    if setup.preprocess is None or not setup.family.embeds:
         raise ValueError(f"model {config.model.name!r} has no frame model to extract with")
     embed = state_lib.bind(state_lib.embed_fn(setup), state)
     out = workdir / "features"

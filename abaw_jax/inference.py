@@ -83,10 +83,11 @@ def load(path: str | Path, which: str = "best") -> Predictor:
     path = Path(path)
     if (path / "config.json").is_file() and (path / "checkpoints").is_dir():
         return _from_workdir(path, which)
-    if (path / convert.META_FILE).is_file():
+    if (path / convert.META_FILE).is_file() and (path / convert.STATE_DIR).is_dir():
         return _from_converted(path)
     raise FileNotFoundError(f"{path}: neither a training workdir (config.json + checkpoints/) "
-                            f"nor a converted folder ({convert.META_FILE})")
+                            f"nor a converted folder ({convert.META_FILE} + "
+                            f"{convert.STATE_DIR}/)")
 
 
 def _from_workdir(workdir: Path, which: str) -> Predictor:
@@ -104,7 +105,8 @@ def _from_converted(directory: Path) -> Predictor:
     meta = convert.read_meta(directory)
     family = models.get(meta["model"])
     kwargs = meta.get("model_kwargs", {"num_head": meta.get("num_head", 2)})
-    model = family.build(outputs=meta["outputs"] or {}, **kwargs)
+    model = family.build(outputs=meta["outputs"] or {}, rngs=nnx.Rngs(0), feature_dim=0,
+                         **kwargs)
     family.load_into(model, directory)
     names = tuple(meta["outputs"] or {})
     return Predictor(model, family, tuple(model.inputs), _pick(names))

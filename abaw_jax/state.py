@@ -2,10 +2,12 @@
 a workdir's checkpoint, and starting from converted weights (`init_from`) or from the backbone
 that extracted a feature cache (`data.features`).
 
-The model is a Flax NNX module; under `jax.jit` it lives as (graphdef, params, frozen, rest)
-with the functional split/merge core, so the train state is a plain pytree that Orbax saves and
-restores. `params` are what the optimizer trains; `frozen` parameters get no gradient and no
-optimizer state; `rest` holds BatchNorm statistics and any other non-parameter variable.
+The model is a Flax NNX module; under `jax.jit` it lives as (graphdef, params, rest) with the
+functional split/merge core, so the train state is a plain pytree that Orbax saves and restores.
+`params` holds every parameter and `rest` the BatchNorm statistics and any other non-parameter
+variable, whatever the run trains, so a checkpoint restores under any choice of frozen
+parameters (a head trained on cached features evaluates end to end). Frozen parameters
+(`Setup.frozen`) get no gradient and no optimizer state: `opt_state` covers the trained ones.
 """
 
 from __future__ import annotations
@@ -33,10 +35,9 @@ from abaw_jax.data import features as features_lib
 class TrainState:
     step: jax.Array
     rng: jax.Array  # raw key data; step k draws from fold_in(rng, k) (dropout, masking)
-    params: nnx.State  # trained
-    frozen: nnx.State  # parameters that are never trained in this run
+    params: nnx.State  # every parameter, trained or frozen
     rest: nnx.State  # BatchNorm statistics and any other non-parameter variable
-    opt_state: optax.OptState
+    opt_state: optax.OptState | None  # of the trained parameters; None in a read-only restore
 
     def step_key(self) -> jax.Array:
         return jax.random.fold_in(jax.random.wrap_key_data(self.rng), self.step)
@@ -86,7 +87,12 @@ class Setup:
 
     def model(self, state: TrainState, train: bool = False) -> nnx.Module:
         graphdef = self.graphdef if train else self.eval_graphdef
-        return nnx.merge(graphdef, state.params, state.frozen, state.rest)
+        return nnx.merge(graphdef, state.params, state.rest)
+
+    def split_params(self, params: nnx.State) -> tuple[nnx.State, nnx.State]:
+        """(trained, frozen) parts of the parameters."""
+        trained, frozen = nnx.split_state(params, _trainable(self.frozen), ...)
+        return trained, frozen
 
 
 def feature_dirs(config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -121,7 +127,7 @@ def _inputs_and_frozen(config: ml_collections.ConfigDict, family: models.Family,
     cached = bool(feature_dirs(config))
     replaced = cached and "features" not in inputs
     if replaced:
-        if not family.embeds or "image" not in inputs:
+        if not family.embeds or "image" not in inputs or not family.backbone:
             raise ValueError(f"model {name!r} cannot train on cached features (data.features)")
         inputs = tuple("features" if i == "image" else i for i in inputs)
         frozen = (*frozen, *family.backbone)
@@ -140,14 +146,17 @@ def make_setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Se
     family = models.get(config.model.name)
     model = nnx.eval_shape(lambda: build_model(config, task, config.seed))
     inputs, frozen, replaced = _inputs_and_frozen(config, family, model)
+    preprocess = family.image_preprocess(model)
+    if preprocess is None and "image" in model.inputs:
+        raise ValueError(f"model family {family.name!r} takes images but has no preprocessing")
     model.train()
-    graphdef, abstract_params, _, _ = nnx.split(model, _trainable(frozen), nnx.Param, ...)
-    if not jax.tree.leaves(abstract_params):
+    graphdef, trained, _ = nnx.split(model, _trainable(frozen), ...)
+    if not jax.tree.leaves(trained):
         raise ValueError(f"every parameter of {config.model.name!r} is frozen ({frozen})")
     model.eval()
     eval_graphdef = nnx.graphdef(model)
-    tx, schedule = optim.build(config.optim, abstract_params, config.total_steps)
-    return Setup(config, task, family, inputs, family.image_preprocess(model), frozen,
+    tx, schedule = optim.build(config.optim, trained, config.total_steps)
+    return Setup(config, task, family, inputs, preprocess, frozen,
                  replaced, graphdef, eval_graphdef, tx, schedule, mesh)
 
 
@@ -156,20 +165,26 @@ def _trainable(frozen: Sequence[str]):
     return lambda path, value: isinstance(value, nnx.Param) and not is_frozen(path, value)
 
 
-def split(model: nnx.Module, setup: Setup) -> tuple[nnx.State, nnx.State, nnx.State]:
-    """(params, frozen, rest) of a model of this setup."""
-    _, params, frozen, rest = nnx.split(model, _trainable(setup.frozen), nnx.Param, ...)
-    return params, frozen, rest
+def split(model: nnx.Module) -> tuple[nnx.State, nnx.State]:
+    """(params, rest) of a model."""
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    return params, rest
+
+
+# Step keys come from fold_in(key(seed), _RNG_STREAM) folded with the step: apart from the
+# initialisers' keys (nnx.Rngs(seed) draws fold_in(key(seed), 0, 1, ...)).
+_RNG_STREAM = 2**31 - 1
 
 
 def init_state(config: ml_collections.ConfigDict, setup: Setup) -> TrainState:
     """A fresh state built directly with replicated shardings (jit out_shardings)."""
 
     def init():
-        params, frozen, rest = split(build_model(config, setup.task, config.seed), setup)
-        rng = jax.random.key_data(jax.random.key(config.seed))
-        return TrainState(jnp.asarray(0, jnp.int32), rng, params, frozen, rest,
-                          setup.tx.init(params))
+        params, rest = split(build_model(config, setup.task, config.seed))
+        rng = jax.random.key_data(jax.random.fold_in(jax.random.key(config.seed),
+                                                     _RNG_STREAM))
+        return TrainState(jnp.asarray(0, jnp.int32), rng, params, rest,
+                          setup.tx.init(setup.split_params(params)[0]))
 
     return jax.jit(init, out_shardings=state_sharding(setup, jax.eval_shape(init)))()
 
@@ -188,9 +203,10 @@ def abstract_state(config: ml_collections.ConfigDict, setup: Setup) -> Any:
 def with_model(state: TrainState, setup: Setup, model: nnx.Module) -> TrainState:
     """`state` with the variables of `model` (replicated) and a fresh optimizer state."""
     sharding = parallel.replicated(setup.mesh)
-    params, frozen, rest = jax.device_put(split(model, setup), sharding)
-    opt_state = jax.jit(setup.tx.init, out_shardings=sharding)(params)
-    return state.replace(params=params, frozen=frozen, rest=rest, opt_state=opt_state)
+    params, rest = jax.device_put(split(model), sharding)
+    opt_state = jax.jit(lambda p: setup.tx.init(setup.split_params(p)[0]),
+                        out_shardings=sharding)(params)
+    return state.replace(params=params, rest=rest, opt_state=opt_state)
 
 
 def load_pretrained(state: TrainState, setup: Setup, path: str | Path) -> TrainState:
@@ -233,12 +249,15 @@ class Restored:
 def restore_run(config: ml_collections.ConfigDict, workdir: str | Path, which: str | int,
                 mesh: jax.sharding.Mesh | None = None) -> Restored:
     """The checkpoint `which` ('best', 'latest' or a step) of `workdir`, restored onto `mesh`
-    (default: every device), read-only. checkpoint.NoCheckpointError when there is none."""
+    (default: every device), read-only: the model's variables without the optimizer state, so
+    a config that trains other parameters (e.g. without `data.features`) restores it too.
+    checkpoint.NoCheckpointError when there is none."""
     setup = make_setup(config, mesh or parallel.make_mesh())
     ckpt = checkpoint.Checkpoints(Path(workdir) / "checkpoints", read_only=True)
     try:
         step = ckpt.resolve(which)
-        state = ckpt.restore(step, abstract_state(config, setup))
+        target = abstract_state(config, setup).replace(opt_state=None)
+        state = ckpt.restore(step, target, partial=True)
         return Restored(setup, state, step, ckpt.metrics(step) or {})
     finally:
         ckpt.close()
@@ -287,10 +306,10 @@ def init_weights(state: TrainState, setup: Setup) -> TrainState:
 
 def predict_fn(setup: Setup) -> Callable:
     """Jitted eval-mode forward -> the task's per-frame predictions, of a batch's named inputs
-    (`params, frozen, rest, batch`)."""
+    (`params, rest, batch`)."""
 
-    def predict(params, frozen, rest, batch: Mapping[str, jax.Array]) -> dict:
-        model = nnx.merge(setup.eval_graphdef, params, frozen, rest)
+    def predict(params, rest, batch: Mapping[str, jax.Array]) -> dict:
+        model = nnx.merge(setup.eval_graphdef, params, rest)
         return setup.task.predict(model(models.prepare_inputs(setup.preprocess, batch,
                                                               setup.inputs)))
 
@@ -298,10 +317,11 @@ def predict_fn(setup: Setup) -> Callable:
 
 
 def embed_fn(setup: Setup) -> Callable:
-    """Jitted eval-mode per-frame embedding of images (`params, frozen, rest, batch`): what
+    """Jitted eval-mode per-frame embedding of images (`params, rest, batch`): what
     `--mode=extract` stores."""
-    def embed(params, frozen, rest, batch: Mapping[str, jax.Array]) -> dict:
-        model = nnx.merge(setup.eval_graphdef, params, frozen, rest)
+
+    def embed(params, rest, batch: Mapping[str, jax.Array]) -> dict:
+        model = nnx.merge(setup.eval_graphdef, params, rest)
         inputs = models.prepare_inputs(setup.preprocess, batch, ("image",))
         return {"embedding": setup.family.embed_frames(model, inputs)}
 
@@ -310,4 +330,4 @@ def embed_fn(setup: Setup) -> Callable:
 
 def bind(fn: Callable, state: TrainState) -> Callable[[Mapping[str, jax.Array]], dict]:
     """A predict or embed function of this state's variables: batch -> outputs."""
-    return functools.partial(fn, state.params, state.frozen, state.rest)
+    return functools.partial(fn, state.params, state.rest)

@@ -60,14 +60,14 @@ def _model_fns(model: nnx.Module):
 
     @jax.jit
     def forward(state, x):
-        return nnx.merge(graph_eval, state)(x)["logits"]
+        return nnx.merge(graph_eval, state)({"image": x})["logits"]
 
     @jax.jit
     def train(state, x):
         model = nnx.merge(graph_train, state)
 
         def loss(model):
-            return -jax.nn.log_softmax(model(x)["logits"])[:, 0].mean()
+            return -jax.nn.log_softmax(model({"image": x})["logits"])[:, 0].mean()
 
         return nnx.grad(loss)(model), nnx.state(model, nnx.BatchStat)
 

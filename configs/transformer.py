@@ -21,8 +21,8 @@ def get_config(arg: str = ""):
     c = config_lib.temporal(args.task, "real" if args.real else "", head="transformer")
     if args.backbone == "none":  # a head on cached features only (data.features)
         c.model.backbone = None
-        for key in ("num_head", "depthwise_impl"):
-            del c.model[key]
-    elif not args.real:
+        del c.model["backbone_kwargs"]
+    elif args.backbone != "ddamfn_tiny":  # another frame family, with its defaults
         c.model.backbone = args.backbone
+        c.model.backbone_kwargs = {}
     return c

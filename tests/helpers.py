@@ -5,10 +5,13 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import jax
 import ml_collections
 import numpy as np
+from flax import nnx
 
-from abaw_jax import config_lib
+from abaw_jax import checkpoint, config_lib
+from abaw_jax import state as state_lib
 from abaw_jax.data import features, records, schema
 
 
@@ -63,3 +66,20 @@ def fake_feature_cache(out: Path, splits: dict[str, Path], dim: int, seed: int) 
                              shard_rows=50)
     features.write_meta(out, {"source": {}}, rng.normal(size=dim))
     return out
+
+
+def parts(setup, params) -> tuple[dict, dict]:
+    """(trained, frozen) parameters of a run as pure dicts."""
+    trained, frozen = setup.split_params(params)
+    return nnx.to_pure_dict(trained), nnx.to_pure_dict(frozen)
+
+
+def optimizer_values(config, workdir: Path, setup) -> int:
+    """How many values the optimizer state of a workdir's latest checkpoint holds."""
+    ckpt = checkpoint.Checkpoints(Path(workdir) / "checkpoints", read_only=True)
+    try:
+        step = ckpt.resolve("latest")
+        state = ckpt.restore(step, state_lib.abstract_state(config, setup))
+    finally:
+        ckpt.close()
+    return sum(np.size(x) for x in jax.tree.leaves(state.opt_state))

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import fake_feature_cache, tiny_config
+from helpers import fake_feature_cache, optimizer_values, parts, tiny_config
 
 from abaw_jax import (
     evaluate,
@@ -75,14 +75,16 @@ def test_a_family_defined_in_a_test_runs_every_entry_point(toy_run):
     before = state_lib.init_state(config, setup)
     metrics = trainers.train_and_evaluate(config, workdir)
     assert np.isfinite(metrics["va/ccc_mean"]) and metrics["va/frames"] > 0
-    trained = state_lib.restore_run(config, workdir, "latest").state
-    # The frozen sub-module: no parameters to train, no optimizer state, bit-identical.
-    assert "stem" not in nnx.to_pure_dict(trained.params)
-    for a, b in zip(jax.tree.leaves(before.frozen), jax.tree.leaves(trained.frozen),
+    trained, frozen = parts(setup, state_lib.restore_run(config, workdir, "latest").state.params)
+    # The frozen sub-module: no gradient, no optimizer state, bit-identical.
+    assert "stem" not in trained and set(frozen) == {"stem"}
+    for a, b in zip(jax.tree.leaves(parts(setup, before.params)[1]), jax.tree.leaves(frozen),
                     strict=True):
         np.testing.assert_array_equal(a, b)
-    assert not np.allclose(nnx.to_pure_dict(before.params)["proj"]["kernel"],
-                           nnx.to_pure_dict(trained.params)["proj"]["kernel"])
+    assert not np.allclose(parts(setup, before.params)[0]["proj"]["kernel"],
+                           trained["proj"]["kernel"])
+    n_trained = sum(np.size(x) for x in jax.tree.leaves(trained))
+    assert optimizer_values(config, workdir, setup) <= 2 * n_trained + 8
     # --mode=eval, --mode=predict (checked submission files), --mode=extract.
     result = evaluate.run(config, workdir, "latest")
     out = workdir / "eval" / "validation-step4"

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from helpers import fake_feature_cache, tiny_config
+from helpers import fake_feature_cache, optimizer_values, parts, tiny_config
 
 from abaw_jax import extract, inference, models, parallel, trainers
 from abaw_jax import state as state_lib
@@ -95,7 +95,6 @@ def test_lstm_trains_end_to_end_and_from_its_feature_cache(tiny_records, tmp_pat
     assert cached_setup.inputs == ("features",) and cached_setup.frozen == ("^backbone/",)
     e2e = split.predict_run(state_lib.bind(state_lib.predict_fn(run.setup), run.state),
                             run.setup, tiny_records)
-    # (merge takes the variables in any partition: the e2e state has no frozen ones)
     cached = split.predict_run(state_lib.bind(state_lib.predict_fn(cached_setup), run.state),
                                cached_setup, tiny_records)
     np.testing.assert_allclose(cached["preds"]["va"], e2e["preds"]["va"], atol=1e-5)
@@ -109,23 +108,32 @@ def test_lstm_trains_end_to_end_and_from_its_feature_cache(tiny_records, tmp_pat
     cached_config.optim.name, cached_config.optim.weight_decay = "adamw", 0.05
     metrics = trainers.train_and_evaluate(cached_config, tmp_path / "head")
     assert metrics["va/frames"] == n
-    trained = state_lib.restore_run(cached_config, tmp_path / "head", "latest").state
-    assert "backbone" not in nnx.to_pure_dict(trained.params)
-    for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(trained.frozen)["backbone"]),
+    head = state_lib.restore_run(cached_config, tmp_path / "head", "latest")
+    trained, frozen = parts(head.setup, head.state.params)
+    assert "backbone" not in trained and set(frozen) == {"backbone"}
+    for a, b in zip(jax.tree.leaves(frozen["backbone"]),
                     jax.tree.leaves(nnx.to_pure_dict(run.state.params)["backbone"]),
                     strict=True):
         np.testing.assert_array_equal(a, b)
-    n_opt = sum(np.size(x) for x in jax.tree.leaves(trained.opt_state))
-    n_params = sum(np.size(x) for x in jax.tree.leaves(trained.params))
-    assert n_opt < 3 * n_params  # Adam's two moments (and counts) of the trained layers only
+    n_trained = sum(np.size(x) for x in jax.tree.leaves(trained))
+    # Adam's two moments (and a count) of the trained layers only.
+    assert optimizer_values(cached_config, tmp_path / "head", head.setup) <= 2 * n_trained + 8
+    # Its checkpoint also works end to end: the config without the cache restores it, and
+    # predicts from images what it predicts from the cache.
+    e2e_head = state_lib.restore_run(config, tmp_path / "head", "latest")
+    via_images, via_cache = (
+        split.predict_run(state_lib.bind(state_lib.predict_fn(r.setup), r.state), r.setup,
+                          tiny_records)["preds"]["va"] for r in (e2e_head, head))
+    np.testing.assert_allclose(via_images, via_cache, atol=1e-5)
     backbone = nnx.to_pure_dict(run.state.params)["backbone"]
     # A frame model trains from the same cache: its task layer on the embeddings, its own
     # backbone (features, heads, GDConv) taken from the LSTM run that extracted them, frozen.
     frame = tiny_config(tiny_records, **{"total_steps": 2, "data.features": str(out)})
     assert trainers.train_and_evaluate(frame, tmp_path / "frame")["va/frames"] == n
-    trained = state_lib.restore_run(frame, tmp_path / "frame", "latest").state
-    assert set(nnx.to_pure_dict(trained.params)) == {"tasks"}
-    for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(trained.frozen)),
+    restored = state_lib.restore_run(frame, tmp_path / "frame", "latest")
+    trained, frozen = parts(restored.setup, restored.state.params)
+    assert set(trained) == {"tasks"}
+    for a, b in zip(jax.tree.leaves(frozen),
                     jax.tree.leaves({k: backbone[k] for k in ("features", "gdconv", "heads")}),
                     strict=True):
         np.testing.assert_array_equal(a, b)

@@ -1,7 +1,8 @@
 """JPEG decoding and DDAMFN's training augmentation, in numpy/OpenCV for the data workers.
 
 Images leave here as uint8 RGB (size, size, 3): a quarter of the bytes of float32 to ship to the
-device, where `IMAGENET_MEAN` / `IMAGENET_STD` normalisation runs inside the jitted step.
+device, where the model family's normalisation (`models.Preprocess`) runs inside the jitted
+step. `IMAGENET_MEAN` here is random erasing's fill colour.
 
 All geometric augmentations (resize, flip, rotation, scale, translation, crop with padding) are
 folded into one affine matrix and one `cv2.warpAffine`: one resampling pass instead of four.

@@ -870,7 +870,7 @@ def generate(
 
 
 def _define_flags() -> None:
-    # Defined only when run as a script: importers (train.py ...) may have flags of these names.
+    # Defined only when run as a script: importers (main.py ...) may have flags of these names.
     flags.DEFINE_string("out", None, "Output directory.", required=True)
     flags.DEFINE_integer("videos", SyntheticSpec.num_videos, "Raw videos.")
     flags.DEFINE_integer("frames", SyntheticSpec.frames_per_video, "Mean frames per video.")

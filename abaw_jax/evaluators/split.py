@@ -35,15 +35,15 @@ def predict_split(predict: Predict, data_dir: Path, split: str, *, batch_size: i
                   features=features)
     stream = (pipeline.clip_eval_dataset(data_dir, split, length=length, stride=stride, **common)
               if length else pipeline.eval_dataset(data_dir, split, **common))
-    inputs = [k for k in ("image", "features") if (k == "image" and size) or
-              (k == "features" and features)]
     sums: dict[str, np.ndarray] = {}
     labels = {k: None for k in schema.LABEL_KEYS}
     seen = np.zeros(n, np.int32)
     try:
         for batch in stream:
+            # The named inputs the pipeline loaded, and the record indices (clips: padding).
             out = parallel.to_host(predict(parallel.to_global(
-                {k: batch[k] for k in (*inputs, "index")}, mesh)))
+                {k: v for k, v in batch.items() if k not in (*schema.LABEL_KEYS, "mask")},
+                mesh)))
             # Through the same global arrays as the predictions: a TPU mesh may order a
             # process's devices non-contiguously, and rows must stay matched to their outputs.
             meta = parallel.to_host(parallel.to_global(

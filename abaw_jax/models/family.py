@@ -17,6 +17,9 @@ model; they call through it and nothing else:
 - `frozen`: regexes over parameter paths the family never trains (e.g. CLIP's towers).
 - `load_weights(model, path)`: loads a `python -m abaw_jax.convert` output (`init_from`).
 - `clips`: the model takes clips (B, T, ...) and gives per-frame outputs (B, T, ...).
+- A frame family (one with `embed`) whose models other families wrap (a temporal head's
+  `model.backbone`) also gives its models an `embed_dim` attribute and an "embedding" output
+  (N, embed_dim) from {"image": ...}.
 - `frame(model)`: for a family that wraps a frame model (a temporal head over a registered
   backbone): (that family, that sub-module), which then gives the preprocessing, the
   embedding, the converted weights and the backbone to copy. None: the model is its own frame

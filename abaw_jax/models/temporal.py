@@ -2,7 +2,8 @@
 per-frame embeddings, one linear task layer per output, per frame.
 
 The embeddings come from any registered frame family run per frame (`model.backbone`, e.g.
-"ddamfn_tiny": the ABAW DDAMFN+LSTM systems), or from the feature cache (`data.features`: one
+"ddamfn_tiny": the ABAW DDAMFN+LSTM systems, built with `model.backbone_kwargs`; its model's
+"embedding" output and `embed_dim`, see family.py), or from the feature cache (`data.features`: one
 or several `--mode=extract` outputs concatenated per frame, e.g. visual + audio for the MAE
 fusion; then `backbone` may be None and `feature_dim` is the cache's width).
 
@@ -27,7 +28,7 @@ class _Temporal(nnx.Module):
     """The part both heads share: the backbone per frame (or cached features), task layers."""
 
     def _init_backbone(self, backbone: str | None, feature_dim: int, rngs: nnx.Rngs,
-                       backbone_kwargs: Mapping) -> int:
+                       backbone_kwargs: Mapping | None) -> int:
         self.backbone_name = backbone
         if backbone is None:
             if not feature_dim:
@@ -35,7 +36,8 @@ class _Temporal(nnx.Module):
                                  "set data.features")
             self.backbone = None
             return feature_dim
-        self.backbone = family_lib.get(backbone).build(outputs={}, rngs=rngs, **backbone_kwargs)
+        self.backbone = family_lib.get(backbone).build(outputs={}, rngs=rngs,
+                                                       **dict(backbone_kwargs or {}))
         width = self.backbone.embed_dim
         if feature_dim and feature_dim != width:
             raise ValueError(f"cached features of width {feature_dim} cannot stand for the "
@@ -51,12 +53,12 @@ class _Temporal(nnx.Module):
     def embed_dim(self) -> int:
         return self.width
 
-    def _embeddings(self, inputs: Inputs) -> tuple[jax.Array, dict]:
+    def _embeddings(self, inputs: Inputs, rngs: nnx.Rngs | None) -> tuple[jax.Array, dict]:
         if "features" in inputs:
             return inputs["features"], {}
         x = inputs["image"]
         b, t = x.shape[:2]
-        frames = self.backbone({"image": x.reshape(b * t, *x.shape[2:])})
+        frames = self.backbone({"image": x.reshape(b * t, *x.shape[2:])}, rngs=rngs)
         extra = {"losses": frames["losses"]} if "losses" in frames else {}
         return frames["embedding"].reshape(b, t, -1), extra
 
@@ -67,7 +69,8 @@ class _Temporal(nnx.Module):
 class LSTMHead(_Temporal):
     def __init__(self, outputs: Mapping[str, int], *, backbone: str | None = None,
                  feature_dim: int = 0, hidden: int = 256, layers: int = 1,
-                 bidirectional: bool = False, rngs: nnx.Rngs | None = None, **backbone_kwargs):
+                 bidirectional: bool = False, backbone_kwargs: Mapping | None = None,
+                 rngs: nnx.Rngs | None = None):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.width = width = self._init_backbone(backbone, feature_dim, rngs, backbone_kwargs)
         self.inputs = ("image",) if backbone else ("features",)
@@ -83,7 +86,7 @@ class LSTMHead(_Temporal):
         self._init_tasks(outputs, width, rngs)
 
     def __call__(self, inputs: Inputs, rngs: nnx.Rngs | None = None) -> dict:
-        embedding, out = self._embeddings(inputs)
+        embedding, out = self._embeddings(inputs, rngs)
         h = embedding
         for layer in self.rnn:
             h = layer(h)
@@ -118,7 +121,7 @@ class TransformerHead(_Temporal):
     def __init__(self, outputs: Mapping[str, int], *, backbone: str | None = None,
                  feature_dim: int = 0, proj: tuple[int, ...] = (256, 128), kernel: int = 1,
                  layers: int = 4, heads: int = 4, mlp: int = 0, dropout: float = 0.3,
-                 rngs: nnx.Rngs | None = None, **backbone_kwargs):
+                 backbone_kwargs: Mapping | None = None, rngs: nnx.Rngs | None = None):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         width = self._init_backbone(backbone, feature_dim, rngs, backbone_kwargs)
         self.width = width
@@ -133,7 +136,7 @@ class TransformerHead(_Temporal):
         self._init_tasks(outputs, width, rngs)
 
     def __call__(self, inputs: Inputs, rngs: nnx.Rngs | None = None) -> dict:
-        embedding, out = self._embeddings(inputs)
+        embedding, out = self._embeddings(inputs, rngs)
         h = embedding
         for i, conv in enumerate(self.proj):
             h = conv(h) if i == len(self.proj) - 1 else jax.nn.relu(conv(h))

@@ -64,6 +64,8 @@ def add_model_losses(total: jax.Array, parts: dict, model_losses: Mapping[str, j
         weight = opts.get(f"{name}_weight", 1.0)
         if not weight:
             continue
+        if f"loss_{name}" in parts:
+            raise ValueError(f"the model's loss {name!r} has the name of a head's loss")
         parts[f"loss_{name}"] = value
         on = jnp.asarray(step) >= opts.get(f"{name}_start_step", 0)
         total = total + jnp.where(on, weight, 0.0) * value
@@ -78,8 +80,11 @@ def train_step(config: ml_collections.ConfigDict, setup: state_lib.Setup, shardi
     setup.task.check_losses(opts)
 
     def step(state: state_lib.TrainState, batch: Mapping[str, jax.Array]):
-        def loss_fn(params, frozen, rest):
-            cast = jax.tree.map(lambda p: p.astype(dtype), (params, frozen))
+        # Gradients of the trained parameters only: frozen ones get none computed.
+        trained, frozen = setup.split_params(state.params)
+
+        def loss_fn(trained, rest):
+            cast = jax.tree.map(lambda p: p.astype(dtype), (trained, frozen))
             # Fresh Variables in this trace: BatchNorm updates its statistics in place, and NNX
             # refuses to mutate Variables created at the outer (jit) trace level.
             model = nnx.merge(setup.graphdef, *cast, jax.tree.map(lambda x: x, rest))
@@ -89,14 +94,14 @@ def train_step(config: ml_collections.ConfigDict, setup: state_lib.Setup, shardi
             out = jax.tree.map(lambda x: x.astype(jnp.float32), out)
             loss, parts = setup.task.loss(out, batch, opts)
             loss = add_model_losses(loss, parts, model_losses, opts, state.step)
-            new_rest = state_lib.split(model, setup)[2]
+            new_rest = state_lib.split(model)[1]
             new_rest = jax.tree.map(lambda new, old: new.astype(old.dtype), new_rest, rest)
             return loss, (parts, new_rest)
 
         (loss, (parts, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, state.frozen, state.rest)
-        updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+            trained, state.rest)
+        updates, opt_state = setup.tx.update(grads, state.opt_state, trained)
+        params = nnx.merge_state(optax.apply_updates(trained, updates), frozen)
         stats = {"loss": loss, **parts, "grad_norm": optax.tree.norm(grads),
                  "learning_rate": setup.schedule(state.step)}
         return state.replace(step=state.step + 1, params=params, rest=rest,
