@@ -35,16 +35,18 @@ def test_restore_latest_takes_the_newest(tmp_path):
     assert checkpoint.Checkpoints(tmp_path / "empty").restore_latest(ABSTRACT) is None
 
 
-@pytest.mark.parametrize("damage", ["corrupt", "half_written"])
+@pytest.mark.parametrize("damage", ["corrupt", "half_written", "no_layout"])
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, damage, caplog):
     _saved(tmp_path, [2, 4, 6])
     if damage == "corrupt":  # bytes overwritten on disk
         for f in (tmp_path / "6" / "state").rglob("*"):
             if f.is_file() and f.parent.name == "d":
                 f.write_bytes(b"\0" * 16)
-    else:  # a killed writer on a filesystem without atomic renames: files missing
+    elif damage == "half_written":  # a killed writer without atomic renames: files missing
         shutil.rmtree(tmp_path / "6" / "state" / "d")
         shutil.rmtree(tmp_path / "6" / "state" / "ocdbt.process_0")
+    else:  # its layout item lost: damage too, as long as an older step has one
+        shutil.rmtree(tmp_path / "6" / "layout")
     ckpt = checkpoint.Checkpoints(tmp_path)
     with caplog.at_level("WARNING"):
         step, state = ckpt.restore_latest(ABSTRACT)
