@@ -27,12 +27,7 @@ def tiny_config(records, task: str = "va", temporal: bool = False, **overrides
     c.log_every_steps = 2
     c.eval_every_steps = 2
     c.checkpoint_every_steps = 2
-    for key, value in overrides.items():
-        target = c
-        *path, last = key.split(".")
-        for p in path:
-            target = target[p]
-        target[last] = value
+    c.update_from_flattened_dict(overrides)
     return c
 
 
