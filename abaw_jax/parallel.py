@@ -142,6 +142,11 @@ def initialize(timeout_s: int | None = None) -> None:
     logging.info("process %d of %d: %d local of %d devices (%s)", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count(),
                  jax.devices()[0].device_kind)
+    # One collective now, while the processes are in step: on CPU it forms the gloo link, which
+    # must form within 30 s. Left to the first train step, it came after each process's own
+    # compile of the step, which differed by more than that on a busy 2-core machine
+    # ("Gloo context initialization failed: DEADLINE_EXCEEDED").
+    barrier("initialized")
 
 
 def _slurm_tasks_per_node(env) -> int | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
@@ -36,9 +37,13 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def _write_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    """config.json, replaced atomically: the other processes may be reading the previous one
+    (`state.check_workdir` on a resumed run)."""
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        tmp = workdir / "config.json.tmp"
+        tmp.write_text(config.to_json_best_effort(indent=2))
+        os.replace(tmp, workdir / "config.json")
 
 
 def _jsonable(metrics: Mapping[str, Any]) -> dict:
