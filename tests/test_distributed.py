@@ -61,13 +61,26 @@ def _launch(processes: int, devices: int, records_dir: Path, workdir: Path,
                 proc.send_signal(signal.SIGTERM)
                 terminate_after_step = None
             if time.monotonic() > deadline:
-                raise TimeoutError("".join(lines[-50:]))
+                raise TimeoutError(_failure("".join(lines)))
         rc = proc.wait(timeout=60)
     finally:
         proc.kill()
     output = "".join(lines)
-    assert rc == 0, output[-6000:]
+    assert rc == 0, _failure(output)
     return output
+
+
+# The first lines that say what went wrong; a crash's tail is a list of extension modules.
+_CAUSE = re.compile(r"Error|error:|Traceback|Fatal|Check failed|DEADLINE|Aborted|timed out")
+
+
+def _failure(output: str) -> str:
+    """The first error lines of a failed launch (and their neighbours), then its last lines."""
+    lines = [ln for ln in output.splitlines() if "Extension modules" not in ln]
+    hits = [i for i, ln in enumerate(lines) if _CAUSE.search(ln)][:8]
+    near = sorted({j for i in hits for j in range(max(i - 2, 0), min(i + 6, len(lines)))})
+    first = [lines[j] for j in near][:60]
+    return "\n".join(["first error lines:", *first, "...", "last lines:", *lines[-30:]])
 
 
 def _params(config, workdir: Path, step: int | None = None):
