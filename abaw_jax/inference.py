@@ -36,7 +36,7 @@ class Predictor:
     def __init__(self, model: nnx.Module, family: models.Family, inputs: tuple[str, ...],
                  head_fn: Callable[[dict], dict], thresholds: np.ndarray | None = None):
         model.eval()
-        self.family, self.inputs, self.thresholds = family, inputs, thresholds
+        self.inputs, self.thresholds = inputs, thresholds
         self.preprocess = family.image_preprocess(model)
         graphdef, state = nnx.split(model)
         clips = family.clips

@@ -63,11 +63,6 @@ class Preprocess:
         return ((images.astype(jnp.float32) - mean) / std).astype(dtype)
 
 
-def load_converted(model: nnx.Module, path: str | Path) -> Any:
-    """The default `load_weights`: a converted folder restored into the whole model."""
-    return convert.load_into(model, path)
-
-
 @dataclasses.dataclass(frozen=True)
 class Family:
     name: str
@@ -76,7 +71,7 @@ class Family:
     embed: Callable[[nnx.Module, Inputs], jax.Array] | None = None
     backbone: tuple[str, ...] = ()
     frozen: tuple[str, ...] = ()
-    load_weights: Callable[[nnx.Module, str | Path], Any] = load_converted
+    load_weights: Callable[[nnx.Module, str | Path], Any] = convert.load_into
     clips: bool = False
     frame: Callable[[nnx.Module], tuple[Family, nnx.Module] | None] | None = None
 
