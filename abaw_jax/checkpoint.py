@@ -20,13 +20,14 @@ from absl import logging
 from orbax.checkpoint import checkpoint_managers as policies
 
 from abaw_jax import parallel
+from abaw_jax.errors import UserError
 
 
-class NoCheckpointError(FileNotFoundError):
+class NoCheckpointError(UserError, FileNotFoundError):
     """The checkpoints folder holds no checkpoint (or does not exist)."""
 
 
-class IncompatibleCheckpointError(ValueError):
+class IncompatibleCheckpointError(UserError, ValueError):
     """A checkpoint written by an abaw_jax whose train state has another layout."""
 
 

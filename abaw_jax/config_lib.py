@@ -12,35 +12,55 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
+from abaw_jax.errors import ConfigError
+
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
     """"a=1,b,c=x" -> ConfigDict(a=1, b=True, c="x"), typed like `defaults` (the only keys
-    allowed); a bare key sets a boolean. ValueError names an unknown key or a bad value."""
+    allowed); a bare key sets a boolean. ConfigError names an unknown key or a bad value."""
     out = ml_collections.ConfigDict(defaults)
     for item in filter(None, (arg or "").split(",")):
         key, _, value = item.partition("=")
         key = key.strip()
         if key not in defaults:
-            raise ValueError(f"unknown config argument {key!r} in {arg!r}; known: "
-                             f"{sorted(defaults)}")
+            raise ConfigError(f"unknown config argument {key!r} in {arg!r}; known: "
+                              f"{sorted(defaults)}")
         default = defaults[key]
         if not _:  # a bare key
             if not isinstance(default, bool):
-                raise ValueError(f"config argument {key!r} needs a value ({key}=...)")
+                raise ConfigError(f"config argument {key!r} needs a value ({key}=...)")
             out[key] = True
         elif isinstance(default, bool):
             if value.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(f"config argument {key}={value!r}: expected true or false")
+                raise ConfigError(f"config argument {key}={value!r}: expected true or false")
             out[key] = value.lower() in ("true", "1")
         elif isinstance(default, int | float):
             try:
                 out[key] = type(default)(value)
             except ValueError:
-                raise ValueError(f"config argument {key}={value!r}: expected "
-                                 f"{type(default).__name__}") from None
+                raise ConfigError(f"config argument {key}={value!r}: expected "
+                                  f"{type(default).__name__}") from None
         else:
             out[key] = value
     return out
+
+
+def check(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """The values every mode reads, checked before anything is written or compiled: a bad
+    `eval_batch_size` would otherwise surface only at the first evaluation, after the steps
+    before it were trained (and lost on every retry)."""
+    for key in ("batch_size", "eval_batch_size"):
+        value = config.get(key)
+        if not isinstance(value, int) or value <= 0 or value % num_devices:
+            raise ConfigError(f"config: {key}={value!r} must be a positive multiple of the "
+                              f"{num_devices} devices (it is split evenly over them)")
+    for key in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps",
+                "keep_checkpoints"):
+        value = config.get(key)
+        if not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"config: {key}={value!r} must be a positive integer")
+    if not isinstance(config.get("total_steps"), int) or config.total_steps < 0:
+        raise ConfigError(f"config: total_steps={config.get('total_steps')!r} must be >= 0")
 
 
 def base() -> ml_collections.ConfigDict:

@@ -21,6 +21,7 @@ from absl import logging
 from abaw_jax import checkpoint, parallel
 from abaw_jax import state as state_lib
 from abaw_jax.data import affwild2, cache, features, pipeline, records
+from abaw_jax.errors import ConfigError, NotFoundError
 from abaw_jax.evaluators import split
 
 
@@ -33,8 +34,8 @@ def _source_state(config: ml_collections.ConfigDict, workdir: Path, which: str
     except checkpoint.NoCheckpointError:
         pass  # extract from the converted weights of init_from
     if not config.init_from:
-        raise FileNotFoundError(f"{workdir}: no checkpoint to extract features with, and no "
-                                "config.init_from")
+        raise NotFoundError(f"{workdir}: no checkpoint to extract features with, and no "
+                            "config.init_from")
     setup = state_lib.make_setup(config, parallel.make_mesh())
     state = state_lib.load_pretrained(state_lib.init_state(config, setup), setup,
                                       config.init_from)
@@ -58,7 +59,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, which: str = "la
     state_lib.check_workdir(config, workdir)
     setup, state, source = _source_state(config, workdir, which)
     if setup.preprocess is None or not setup.family.embeds:
-        raise ValueError(f"model {config.model.name!r} has no frame model to extract with")
+        raise ConfigError(f"model {config.model.name!r} has no frame model to extract with")
     embed = state_lib.bind(state_lib.embed_fn(setup), state)
     out = workdir / "features"
     size = setup.preprocess.size

@@ -15,6 +15,7 @@ import numpy as np
 
 from abaw_jax import metrics
 from abaw_jax.data.affwild2 import AU_NAMES, EXPR_NAMES
+from abaw_jax.errors import UnknownNameError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,7 +164,7 @@ HEADS: dict[str, Head] = {
 
 def get(name: str) -> Head:
     if name not in HEADS:
-        raise KeyError(f"unknown head {name!r}; known heads: {sorted(HEADS)}")
+        raise UnknownNameError(f"unknown head {name!r}; known heads: {sorted(HEADS)}")
     return HEADS[name]
 
 

@@ -24,6 +24,7 @@ from flax import nnx
 from abaw_jax import convert, models, parallel
 from abaw_jax import state as state_lib
 from abaw_jax.data import augment
+from abaw_jax.errors import NotFoundError
 
 
 class Predictor:
@@ -85,9 +86,9 @@ def load(path: str | Path, which: str = "best") -> Predictor:
         return _from_workdir(path, which)
     if (path / convert.META_FILE).is_file() and (path / convert.STATE_DIR).is_dir():
         return _from_converted(path)
-    raise FileNotFoundError(f"{path}: neither a training workdir (config.json + checkpoints/) "
-                            f"nor a converted folder ({convert.META_FILE} + "
-                            f"{convert.STATE_DIR}/)")
+    raise NotFoundError(f"{path}: neither a training workdir (config.json + checkpoints/) "
+                        f"nor a converted folder ({convert.META_FILE} + "
+                        f"{convert.STATE_DIR}/)")
 
 
 def _from_workdir(workdir: Path, which: str) -> Predictor:

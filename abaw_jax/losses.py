@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from abaw_jax.errors import UnknownNameError
+
 
 def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
     mask = mask.astype(x.dtype)
@@ -92,6 +94,6 @@ def head_loss(head: str, name: str) -> Callable[..., jax.Array]:
     """The loss `name` of `head` (KeyError naming the known ones)."""
     known = HEAD_LOSSES.get(head, {})
     if name not in known:
-        raise KeyError(f"loss.{head}={name!r} is not a loss of head {head!r}; known: "
-                       f"{sorted(known)}")
+        raise UnknownNameError(f"loss.{head}={name!r} is not a loss of head {head!r}; known: "
+                               f"{sorted(known)}")
     return known[name]

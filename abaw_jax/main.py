@@ -2,15 +2,20 @@
 
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before clu imports TensorFlow
+# Before clu imports TensorFlow (for TensorBoard summaries only; no TensorFlow op runs here):
+# quiet its C++ INFO lines, and oneDNN's notice, which came twice per process (5 times a run with
+# grain workers) with absl's "All log messages before absl::InitializeLog()" line.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 import logging as pylogging  # noqa: E402
+import sys  # noqa: E402
 
 import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from abaw_jax import evaluate, extract, parallel, predict, trainers  # noqa: E402
+from abaw_jax import config_lib, errors, evaluate, extract, parallel, predict, trainers  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).",
@@ -22,6 +27,8 @@ flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "extract"],
                   "(ABAW submission files for the test list) or extract (per-frame backbone "
                   "embeddings of every split into <workdir>/features).")
 flags.DEFINE_string("checkpoint", "best", "eval/predict/extract: 'best', 'latest' or a step.")
+flags.DEFINE_bool("traceback", False, "Show the traceback of user errors (bad config, data, "
+                  "checkpoint, disk) instead of their one `error:` line.")
 flags.mark_flags_as_required(["config"])
 
 _CHATTY = ("/orbax/", "/grain/", "/jax/_src/")
@@ -35,25 +42,37 @@ class _LibraryInfoFilter(pylogging.Filter):
             s in record.pathname for s in _CHATTY)
 
 
+def _run(config, workdir: str) -> dict | None:
+    config_lib.check(config, jax.device_count())
+    if FLAGS.mode == "train":
+        parallel.check_host_allocator()  # advice for the train step: eval/predict need none
+        return trainers.train_and_evaluate(config, workdir)
+    if FLAGS.mode == "eval":
+        return evaluate.run(config, workdir, FLAGS.checkpoint)
+    {"predict": predict.run, "extract": extract.run}[FLAGS.mode](config, workdir,
+                                                                  FLAGS.checkpoint)
+    return None
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_LibraryInfoFilter())
-    parallel.initialize()
-    parallel.check_host_allocator()
-    if jax.process_index() > 0:  # the processes log the same lines: keep process 0's
-        logging.set_verbosity(logging.WARNING)
-    workdir = FLAGS.workdir or f"workdirs/{FLAGS.config.task}"
-    if FLAGS.mode in ("predict", "extract"):
-        {"predict": predict.run, "extract": extract.run}[FLAGS.mode](
-            FLAGS.config, workdir, FLAGS.checkpoint)
-        return
-    if FLAGS.mode == "train":
-        metrics = trainers.train_and_evaluate(FLAGS.config, workdir)
-    else:
-        metrics = evaluate.run(FLAGS.config, workdir, FLAGS.checkpoint)
-    logging.info("final metrics: %s",
-                 {k: v for k, v in metrics.items() if not isinstance(v, list)})
+    try:
+        parallel.initialize()
+        if jax.process_index() > 0:  # the processes log the same lines: keep process 0's
+            logging.set_verbosity(logging.WARNING)
+        metrics = _run(FLAGS.config, FLAGS.workdir or f"workdirs/{FLAGS.config.task}")
+    except Exception as e:
+        if FLAGS.traceback or not errors.is_user_error(e):
+            raise
+        logging.flush()
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    parallel.shutdown()
+    if metrics:
+        logging.info("final metrics: %s",
+                     {k: v for k, v in metrics.items() if not isinstance(v, list | dict)})
 
 
 if __name__ == "__main__":

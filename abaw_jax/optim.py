@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from abaw_jax.errors import ConfigError, UnknownNameError
+
 
 def schedule(cfg: Mapping[str, Any], total_steps: int) -> optax.Schedule:
     """cfg.schedule: cosine (to end_lr, default 0, at total_steps), step, exponential or
@@ -29,7 +31,8 @@ def schedule(cfg: Mapping[str, Any], total_steps: int) -> optax.Schedule:
     elif name == "constant":
         main = optax.constant_schedule(lr)
     else:
-        raise KeyError(f"unknown schedule {name!r}; expected cosine, step, exponential, constant")
+        raise UnknownNameError(f"unknown schedule {name!r}; expected cosine, step, exponential, "
+                               "constant")
     if not warmup:
         return main
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
@@ -62,7 +65,7 @@ def _base(cfg: Mapping[str, Any], lr: optax.Schedule, params) -> optax.GradientT
     if name == "sgd":
         return optax.chain(*l2, optax.sgd(lr, momentum=cfg.get("momentum", 0.9),
                                           nesterov=cfg.get("nesterov", False)))
-    raise KeyError(f"unknown optimizer {name!r}; expected adam, adamw, sgd")
+    raise UnknownNameError(f"unknown optimizer {name!r}; expected adam, adamw, sgd")
 
 
 def group_labels(params, groups: Mapping[str, Mapping[str, Any]]) -> Any:
@@ -74,7 +77,7 @@ def group_labels(params, groups: Mapping[str, Mapping[str, Any]]) -> Any:
     def label(path: str) -> str:
         hits = [n for n, c in compiled if c.search(path)]
         if len(hits) > 1:
-            raise ValueError(f"parameter {path} matches the patterns of groups {hits}")
+            raise ConfigError(f"parameter {path} matches the patterns of groups {hits}")
         return hits[0] if hits else "default"
 
     return jax.tree.map(label, param_paths(params))

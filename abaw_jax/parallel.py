@@ -20,6 +20,8 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from abaw_jax.errors import ConfigError, UserError
+
 DATA = "data"
 
 
@@ -45,7 +47,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def check_batch_size(global_batch: int, mesh: Mesh) -> int:
     """The per-process batch; the global batch must split evenly over devices and processes."""
     if global_batch % mesh.size:
-        raise ValueError(f"batch_size {global_batch} is not divisible by the {mesh.size} devices")
+        raise ConfigError(f"batch_size {global_batch} is not divisible by the {mesh.size} devices")
     return global_batch // jax.process_count()
 
 
@@ -94,7 +96,7 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-class CoordinatorUnreachableError(ConnectionError):
+class CoordinatorUnreachableError(UserError, ConnectionError):
     """This process could not reach the coordinator (process 0) in time."""
 
 
@@ -139,6 +141,8 @@ def initialize(timeout_s: int | None = None) -> None:
         jax.distributed.initialize(initialization_timeout=timeout_s)
     else:
         return
+    global _distributed
+    _distributed = True
     logging.info("process %d of %d: %d local of %d devices (%s)", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count(),
                  jax.devices()[0].device_kind)
@@ -147,6 +151,24 @@ def initialize(timeout_s: int | None = None) -> None:
     # compile of the step, which differed by more than that on a busy 2-core machine
     # ("Gloo context initialization failed: DEADLINE_EXCEEDED").
     barrier("initialized")
+
+
+_distributed = False  # set once `initialize` started JAX's multi-process runtime
+
+
+def shutdown() -> None:
+    """Leaves the multi-process runtime at the end of a run that finished on every process.
+
+    Explicitly, rather than in JAX's exit hook: there the processes tear down while Python
+    unloads, and a process whose coordination service or peers went away first aborted
+    (`CoordinationServiceAgent::SetError`, "Fatal Python error: Aborted", rc != 0 on a
+    preempted run that SLURM would then not requeue). Here every process waits (up to
+    `shutdown_timeout_seconds`, 300 s) in JAX's shutdown barrier for the slowest peer.
+    """
+    global _distributed
+    if _distributed:
+        _distributed = False
+        jax.distributed.shutdown()
 
 
 def _slurm_tasks_per_node(env) -> int | None:

@@ -29,6 +29,7 @@ from flax import nnx, struct
 
 from abaw_jax import checkpoint, models, optim, parallel, tasks
 from abaw_jax.data import features as features_lib
+from abaw_jax.errors import ConfigError, NotFoundError
 
 
 @struct.dataclass
@@ -128,16 +129,16 @@ def _inputs_and_frozen(config: ml_collections.ConfigDict, family: models.Family,
     replaced = cached and "features" not in inputs
     if replaced:
         if not family.embeds or "image" not in inputs or not family.backbone:
-            raise ValueError(f"model {name!r} cannot train on cached features (data.features)")
+            raise ConfigError(f"model {name!r} cannot train on cached features (data.features)")
         inputs = tuple("features" if i == "image" else i for i in inputs)
         frozen = (*frozen, *family.backbone)
     if "features" in inputs and not cached:
-        raise ValueError(f"model {name!r} takes cached per-frame features: set data.features "
-                         "to --mode=extract output folders")
+        raise ConfigError(f"model {name!r} takes cached per-frame features: set data.features "
+                          "to --mode=extract output folders")
     clips = bool(config.data.get("clip_length"))
     if family.clips != clips:
-        raise ValueError(f"model {name!r} takes {'clips' if family.clips else 'frames'}: "
-                         f"{'set' if family.clips else 'unset'} data.clip_length")
+        raise ConfigError(f"model {name!r} takes {'clips' if family.clips else 'frames'}: "
+                          f"{'set' if family.clips else 'unset'} data.clip_length")
     return inputs, frozen, replaced
 
 
@@ -148,11 +149,11 @@ def make_setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Se
     inputs, frozen, replaced = _inputs_and_frozen(config, family, model)
     preprocess = family.image_preprocess(model)
     if preprocess is None and "image" in model.inputs:
-        raise ValueError(f"model family {family.name!r} takes images but has no preprocessing")
+        raise ConfigError(f"model family {family.name!r} takes images but has no preprocessing")
     model.train()
     graphdef, trained, _ = nnx.split(model, _trainable(frozen), ...)
     if not jax.tree.leaves(trained):
-        raise ValueError(f"every parameter of {config.model.name!r} is frozen ({frozen})")
+        raise ConfigError(f"every parameter of {config.model.name!r} is frozen ({frozen})")
     model.eval()
     eval_graphdef = nnx.graphdef(model)
     tx, schedule = optim.build(config.optim, trained, config.total_steps)
@@ -224,15 +225,15 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str | Path) -> Non
     if saved.is_file():
         task = json.loads(saved.read_text()).get("task")
         if task != config.task:
-            raise ValueError(f"{workdir} holds a run of task {task!r}, this config is task "
-                             f"{config.task!r}: use another --workdir")
+            raise ConfigError(f"{workdir} holds a run of task {task!r}, this config is task "
+                              f"{config.task!r}: use another --workdir")
 
 
 def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
     """The config a training workdir was run with."""
     path = Path(workdir) / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{workdir}: not a training workdir (no config.json)")
+        raise NotFoundError(f"{workdir}: not a training workdir (no config.json)")
     return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
@@ -283,8 +284,8 @@ def load_backbone(state: TrainState, setup: Setup, features_dir: str | Path) -> 
         if any(p.search(name) for p in patterns):
             value, shape = have.get(name), np.shape(var.get_value())
             if value is None or np.shape(value.get_value()) != shape:
-                raise ValueError(f"{features_dir}: the extracting model ({workdir}) has no "
-                                 f"{name} of shape {shape}")
+                raise ConfigError(f"{features_dir}: the extracting model ({workdir}) has no "
+                                  f"{name} of shape {shape}")
             var.set_value(value.get_value())
     nnx.update(frame, target)
     return with_model(state, setup, model)

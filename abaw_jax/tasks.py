@@ -16,6 +16,7 @@ import numpy as np
 from abaw_jax import heads as heads_lib
 from abaw_jax import losses, metrics
 from abaw_jax.data import schema
+from abaw_jax.errors import UnknownNameError
 
 LossOptions = Mapping[str, Any]
 _ACTIVATIONS = {"regression": jnp.tanh, "classes": jax.nn.softmax, "binary": jax.nn.sigmoid}
@@ -92,5 +93,5 @@ TASKS = {
 
 def get(name: str) -> Task:
     if name not in TASKS:
-        raise KeyError(f"unknown task {name!r}; known tasks: {sorted(TASKS)}")
+        raise UnknownNameError(f"unknown task {name!r}; known tasks: {sorted(TASKS)}")
     return TASKS[name]

@@ -22,6 +22,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from abaw_jax.errors import NotFoundError, WeightsError
+
 FAMILIES = {"ddamfn": "abaw_jax.convert.ddamfn"}
 
 USAGE = f"usage: python -m abaw_jax.convert {{{','.join(FAMILIES)}}} [flags] (--help per family)"
@@ -68,10 +70,10 @@ def read_meta(directory: str | Path, family: str | None = None) -> dict:
     """meta.json of a converted folder (of `family`, when given)."""
     path = Path(directory) / META_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{directory}: not a converted folder (no {META_FILE})")
+        raise NotFoundError(f"{directory}: not a converted folder (no {META_FILE})")
     meta = json.loads(path.read_text())
     if family is not None and meta.get("family") != family:
-        raise ValueError(f"{directory}: a {meta.get('family')!r} conversion, not {family!r}")
+        raise WeightsError(f"{directory}: a {meta.get('family')!r} conversion, not {family!r}")
     return meta
 
 
@@ -99,7 +101,7 @@ def load_into(model: nnx.Module, directory: str | Path) -> list[str]:
     model_paths = flatten(current)
     extra = [p for p in restored if not p.startswith(TASKS) and p not in model_paths]
     if extra:
-        raise KeyError(f"{directory}: variables the model does not have: {extra}")
+        raise WeightsError(f"{directory}: variables the model does not have: {extra}")
     loaded_tasks = set()
 
     def pick(keypath, value):
@@ -107,11 +109,11 @@ def load_into(model: nnx.Module, directory: str | Path) -> list[str]:
         if path not in restored:
             if path.startswith(TASKS):
                 return value
-            raise KeyError(f"{directory} has no {path!r}")
+            raise WeightsError(f"{directory} has no {path!r}")
         new = restored[path]
         if new.shape != value.shape:
-            raise ValueError(f"{path!r}: shape {new.shape} in {directory}, {value.shape} in "
-                             f"the model")
+            raise WeightsError(f"{path!r}: shape {new.shape} in {directory}, {value.shape} in "
+                               f"the model")
         if path.startswith(TASKS):
             loaded_tasks.add(path.split(".")[1])
         if isinstance(value, jax.Array):  # keep the model's placement (e.g. replicated on a mesh)

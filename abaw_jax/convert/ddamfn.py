@@ -18,6 +18,7 @@ with three prefixes renamed (`heads.i.` <- `cat_head{i}.CoordAtt.`, `gdconv.` <-
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import re
 import sys
@@ -30,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from abaw_jax import convert, models
+from abaw_jax.errors import WeightsError
 
 FAMILY = "ddamfn"
 
@@ -101,7 +103,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], num_head: int = 2, keep_fc
     outputs = {}
     if keep_fc:
         if "fc.weight" not in source:
-            raise KeyError("--keep_fc: the checkpoint has no 'fc.weight'")
+            raise WeightsError("--keep_fc: the checkpoint has no 'fc.weight'")
         outputs = {"logits": source["fc.weight"].shape[0]}
     target = _target(model, num_head, outputs)
     used = set()
@@ -110,12 +112,12 @@ def convert_state_dict(state_dict: Mapping[str, Any], num_head: int = 2, keep_fc
         path = convert.dotted(keypath)
         key = torch_key(path)
         if key not in source:
-            raise KeyError(f"missing key {key!r} (model path {path}, shape "
-                           f"{_torch_layout(spec.shape)})")
+            raise WeightsError(f"missing key {key!r} (model path {path}, shape "
+                               f"{_torch_layout(spec.shape)})")
         value = source[key]
         if value.shape != _torch_layout(spec.shape):
-            raise ValueError(f"key {key!r} has shape {value.shape}, expected "
-                             f"{_torch_layout(spec.shape)} (model path {path})")
+            raise WeightsError(f"key {key!r} has shape {value.shape}, expected "
+                               f"{_torch_layout(spec.shape)} (model path {path})")
         used.add(key)
         return _to_nnx_layout(value).astype(spec.dtype)
 
@@ -123,8 +125,8 @@ def convert_state_dict(state_dict: Mapping[str, Any], num_head: int = 2, keep_fc
     unused = [k for k in source if k not in used]
     unexpected = [k for k in unused if not (_NEVER_APPLIED.search(k) or k.startswith("fc."))]
     if unexpected:
-        raise ValueError(f"keys that {model}(num_head={num_head}) has no place for (another "
-                         f"num_head or model?): {unexpected}")
+        raise WeightsError(f"keys that {model}(num_head={num_head}) has no place for (another "
+                           f"num_head or model?): {unexpected}")
     return state, unused
 
 
@@ -139,11 +141,11 @@ def read_checkpoint(path: str | Path) -> dict[str, np.ndarray]:
     if isinstance(obj, Mapping) and "model_state_dict" in obj:
         obj = obj["model_state_dict"]
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{path}: expected a state_dict or a dict with 'model_state_dict', got "
-                         f"{type(obj).__name__}")
+        raise WeightsError(f"{path}: expected a state_dict or a dict with 'model_state_dict', got "
+                           f"{type(obj).__name__}")
     not_tensors = [k for k, v in obj.items() if not torch.is_tensor(v)]
     if not_tensors:
-        raise ValueError(f"{path}: entries that are not tensors: {not_tensors}")
+        raise WeightsError(f"{path}: entries that are not tensors: {not_tensors}")
     return {k: v.detach().cpu().numpy() for k, v in obj.items()}
 
 
@@ -171,9 +173,16 @@ def main(argv: Sequence[str]) -> int:
         return 1
     count = sum(np.size(v) for v in jax.tree.leaves(state))
     print(f"converted {len(jax.tree.leaves(state))} arrays ({count} values) into {out}")
-    print(f"unused keys ({len(unused)}):")
-    print("\n".join(f"  {k}" for k in unused))
+    print(f"unused keys: {_grouped(unused)} (listed in {out / convert.META_FILE})")
     return 0
+
+
+def _grouped(keys: Sequence[str]) -> str:
+    """'335: features (330), fc (2), ...': a count per first name, not a line per key."""
+    if not keys:
+        return "none"
+    groups = collections.Counter(k.split(".")[0] for k in keys)
+    return f"{len(keys)}: " + ", ".join(f"{g} ({n})" for g, n in groups.most_common())
 
 
 def _task_sizes(state: dict) -> dict[str, int]:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from abaw_jax.errors import UserError
+
 TASKS = ("va", "expr", "au")
 ALL_TASKS = (*TASKS, "mtl")
 SPLITS = ("train", "validation")
@@ -41,7 +43,7 @@ STRICT_DROP_REASONS = ("invalid_any", "missing_image")
 _IMAGE_NAME = re.compile(r"^(\d+)\.jpg$")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Malformed or missing input. The message names the file (and line) to look at."""
 
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from abaw_jax import losses
+from abaw_jax.errors import ConfigError
 from abaw_jax.models.family import Family, Inputs, Preprocess, register
 from abaw_jax.models.layers import (
     ConvBlock,
@@ -185,9 +186,9 @@ class DDAMFN(nnx.Module):
         outputs = dict(OFFICIAL_OUTPUTS if outputs is None else outputs)
         clash = sorted(set(outputs) & set(RESERVED_OUTPUTS))
         if clash:
-            raise ValueError(f"output names {clash} are reserved ({RESERVED_OUTPUTS})")
+            raise ConfigError(f"output names {clash} are reserved ({RESERVED_OUTPUTS})")
         if num_head < 1:
-            raise ValueError(f"num_head must be >= 1, got {num_head}")
+            raise ConfigError(f"num_head must be >= 1, got {num_head}")
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.trunk, self.num_head, self.outputs = trunk, num_head, outputs
         self.features = nnx.List(_trunk(trunk, depthwise_impl, rngs))
@@ -227,8 +228,8 @@ class DDAMFN(nnx.Module):
 
 def _build(trunk: Trunk, *, feature_dim: int = 0, **kwargs) -> DDAMFN:
     if feature_dim and feature_dim != trunk.width:
-        raise ValueError(f"cached features of width {feature_dim} cannot replace this DDAMFN's "
-                         f"{trunk.width}-wide embedding")
+        raise ConfigError(f"cached features of width {feature_dim} cannot replace this DDAMFN's "
+                          f"{trunk.width}-wide embedding")
     return DDAMFN(trunk=trunk, **kwargs)
 
 

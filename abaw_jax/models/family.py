@@ -39,6 +39,7 @@ import numpy as np
 from flax import nnx
 
 from abaw_jax import convert
+from abaw_jax.errors import ConfigError, UnknownNameError
 
 Inputs = Mapping[str, jax.Array]
 
@@ -88,14 +89,14 @@ class Family:
         """init_from: converted weights into the frame model."""
         frame = self.frame_model(model)
         if frame is None:
-            raise ValueError(f"init_from: model {self.name!r} has no frame model to load into")
+            raise ConfigError(f"init_from: model {self.name!r} has no frame model to load into")
         return frame[0].load_weights(frame[1], path)
 
     def embed_frames(self, model: nnx.Module, inputs: Inputs) -> jax.Array:
         """The feature cache's per-frame embedding of images (N, S, S, 3)."""
         frame = self.frame_model(model)
         if frame is None or frame[0].embed is None:
-            raise ValueError(f"model {self.name!r} has no frame embedding")
+            raise ConfigError(f"model {self.name!r} has no frame embedding")
         return frame[0].embed(frame[1], inputs)
 
     @property
@@ -117,7 +118,7 @@ def get(name: str) -> Family:
     try:
         return FAMILIES[name]
     except KeyError:
-        raise KeyError(f"unknown model {name!r}; known: {sorted(FAMILIES)}") from None
+        raise UnknownNameError(f"unknown model {name!r}; known: {sorted(FAMILIES)}") from None
 
 
 def build(name: str, **kwargs) -> nnx.Module:

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 import jax
 from flax import nnx
 
+from abaw_jax.errors import ConfigError
 from abaw_jax.models import family as family_lib
 from abaw_jax.models.family import Family, Inputs, register
 
@@ -32,16 +33,16 @@ class _Temporal(nnx.Module):
         self.backbone_name = backbone
         if backbone is None:
             if not feature_dim:
-                raise ValueError("a temporal head without a backbone trains on cached features: "
-                                 "set data.features")
+                raise ConfigError("a temporal head without a backbone trains on cached features: "
+                                  "set data.features")
             self.backbone = None
             return feature_dim
         self.backbone = family_lib.get(backbone).build(outputs={}, rngs=rngs,
                                                        **dict(backbone_kwargs or {}))
         width = self.backbone.embed_dim
         if feature_dim and feature_dim != width:
-            raise ValueError(f"cached features of width {feature_dim} cannot stand for the "
-                             f"{backbone} backbone's {width}-wide embedding")
+            raise ConfigError(f"cached features of width {feature_dim} cannot stand for the "
+                              f"{backbone} backbone's {width}-wide embedding")
         return width
 
     def _init_tasks(self, outputs: Mapping[str, int], width: int, rngs: nnx.Rngs) -> None:

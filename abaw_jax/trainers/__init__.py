@@ -8,6 +8,7 @@ from types import ModuleType
 
 import ml_collections
 
+from abaw_jax.errors import UnknownNameError
 from abaw_jax.trainers import loop, supervised
 
 TRAINERS: dict[str, ModuleType] = {"supervised": supervised}
@@ -15,7 +16,7 @@ TRAINERS: dict[str, ModuleType] = {"supervised": supervised}
 
 def get(name: str) -> ModuleType:
     if name not in TRAINERS:
-        raise KeyError(f"unknown trainer {name!r}; known: {sorted(TRAINERS)}")
+        raise UnknownNameError(f"unknown trainer {name!r}; known: {sorted(TRAINERS)}")
     return TRAINERS[name]
 
 

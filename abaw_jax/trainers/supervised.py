@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import logging
 from flax import nnx
 
 from abaw_jax import models, parallel
@@ -78,6 +79,11 @@ def train_step(config: ml_collections.ConfigDict, setup: state_lib.Setup, shardi
     dtype = jnp.dtype(config.compute_dtype)
     opts = loss_options(config, records)
     setup.task.check_losses(opts)
+    weights = {**(opts.get("task_weights") or {}),
+               **{k.removesuffix("_weight"): v for k, v in opts.items()
+                  if k.endswith("_weight") and k != "pos_weight"}}
+    logging.info("logged `loss` is the weighted sum of the parts; each `loss_<part>` is logged "
+                 "unweighted (weights other than 1: %s)", weights or "none")
 
     def step(state: state_lib.TrainState, batch: Mapping[str, jax.Array]):
         # Gradients of the trained parameters only: frozen ones get none computed.
