@@ -130,7 +130,7 @@ def test_label_faults_are_not_invalid_markers(tmp_path):
 
 def test_expr_and_au_faults(tmp_path):
     expr = _write(tmp_path / "e.txt", ",".join(affwild2.EXPR_NAMES) + "\n3\n-1\n9\nnan\n-inf\n")
-    faults = affwild2.label_faults("expr", affwild2.read_annotation(expr, "expr"))
+    faults = affwild2.unusable_labels("expr", affwild2.read_annotation(expr, "expr"))
     assert {k: v.tolist() for k, v in faults.items()} == {
         "invalid_label": [0, 1, 0, 0, 0], "out_of_range": [0, 0, 1, 0, 0],
         "not_finite": [0, 0, 0, 1, 1]}
@@ -138,7 +138,7 @@ def test_expr_and_au_faults(tmp_path):
         _write(tmp_path / "a.txt", AU_HEADER + "\n" + "\n".join(
             ["0,1,0,0,0,0,1,0,0,0,1,0", "2,0,0,0,0,0,0,0,0,0,0,0", "-1,2,0,0,0,0,0,0,0,0,0,0"])),
         "au")
-    faults = affwild2.label_faults("au", au)
+    faults = affwild2.unusable_labels("au", au)
     assert faults["out_of_range"].tolist() == [0, 1, 0]  # a -1 anywhere is the marker
     assert faults["invalid_label"].tolist() == [0, 0, 1]
 
@@ -211,8 +211,9 @@ def test_prepare_refuses_an_empty_split_before_writing(tmp_path):
     assert stats["train"]["records"] == 2  # only requested splits must have frames
 
 
-def test_prepare_decodes_every_crop(tmp_path, caplog):
-    layout = _va_tree(tmp_path / "tree", {"train": {"vid": ["0.1,0.1"] * 4}}, {"vid": [1, 2, 3, 4]})
+def test_prepare_decodes_every_crop_and_warns_of_faults(tmp_path, caplog):
+    lines = ["0.1,0.1"] * 4 + ["nan,0"]
+    layout = _va_tree(tmp_path / "tree", {"train": {"vid": lines}}, {"vid": [1, 2, 3, 4]})
     folder = layout.image_roots[0] / "vid"
     good = (folder / "00002.jpg").read_bytes()
     half = len(good) // 2
@@ -229,4 +230,6 @@ def test_prepare_decodes_every_crop(tmp_path, caplog):
     assert all("corrupt JPEG (libjpeg: Corrupt JPEG data" in why for why in stats["corrupt_images"])
     assert f"skipped 2 unreadable or corrupt crops (corrupt_image in stats.json), the first: " \
            f"{folder / '00002.jpg'}" in caplog.text
+    annotations = layout.task_dir("va", "train") / "vid.txt"
+    assert f"va train: not_finite, the first at {annotations}:6: nan,0" in caplog.text
     affwild2.check_accounting(stats)

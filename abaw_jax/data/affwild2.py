@@ -131,7 +131,7 @@ def read_annotation(path: str | os.PathLike, task: str) -> np.ndarray:
     """Reads one per-video annotation file: row i is frame i + 1.
 
     Returns the values as written, float32 (n, 2) for VA, (n,) for EXPR, (n, 12) for AU: invalid
-    markers, out-of-range values and nan/inf left in place (`label_faults` names them). EXPR and
+    markers, out-of-range values and nan/inf left in place (`unusable_labels` names them). EXPR and
     AU values are whole numbers (or not finite); curation stores the kept ones as int32.
     """
     path = Path(path)
@@ -157,7 +157,7 @@ def valid_mask(task: str, labels: np.ndarray) -> np.ndarray:
     raise KeyError(f"unknown task {task!r}; expected one of {TASKS}")
 
 
-def label_faults(task: str, labels: np.ndarray) -> dict[str, np.ndarray]:
+def unusable_labels(task: str, labels: np.ndarray) -> dict[str, np.ndarray]:
     """Why each row without a usable label has none, as disjoint row masks: `not_finite` (a nan
     or inf), `invalid_label` (the documented marker: VA -5, EXPR -1, AU -1 in any column),
     `out_of_range` (any other value outside the task's range). Rows in none are `valid_mask`."""
@@ -441,7 +441,7 @@ def _curate_task(layout: Layout, task: str, split: str, index: ImageIndex
         keep = valid & present
         stats["videos"] += 1
         stats["annotated"] += len(labels)
-        _count_label_faults(stats, path, labels, label_faults(task, labels))
+        _count_unusable_labels(stats, path, labels, unusable_labels(task, labels))
         stats["dropped"]["missing_image"] += int(np.sum(valid & ~present))
         stats["missing_images"] += int(np.sum(~present))
         _count_unannotated(stats, path, index, len(labels))
@@ -458,7 +458,7 @@ def _curate_task(layout: Layout, task: str, split: str, index: ImageIndex
     return table, stats
 
 
-def _count_label_faults(stats: dict, path: Path, labels: np.ndarray,
+def _count_unusable_labels(stats: dict, path: Path, labels: np.ndarray,
                         faults: dict[str, np.ndarray]) -> None:
     for reason, rows in faults.items():
         stats["dropped"][reason] += int(rows.sum())
@@ -526,7 +526,7 @@ def _mtl_faults(stats: dict, path: Path, ann: MTLAnnotations) -> dict[str, np.nd
     rows = np.concatenate([ann.va, ann.expr[:, None], ann.au], axis=1)
     out = {}
     for reason in LABEL_FAULTS:
-        out[reason] = np.any([label_faults(t, getattr(ann, t))[reason] for t in TASKS], axis=0)
+        out[reason] = np.any([unusable_labels(t, getattr(ann, t))[reason] for t in TASKS], axis=0)
         if out[reason].any():
             _note_first(stats, reason, _as_written(path, rows, int(np.argmax(out[reason]))))
     return out

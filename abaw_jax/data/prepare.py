@@ -50,8 +50,9 @@ class _Decoder:
     libjpeg decodes garbage between the markers, or a truncated file whose end marker was put
     back, with only a warning ("Corrupt JPEG data: ...", "Premature end of JPEG file") printed
     to the process's stderr, and returns grey or garbled rows. OpenCV offers no other way to see
-    it, so stderr (fd 2) points at a temporary file during each decode. Prepare runs this in its
-    worker processes, where nothing else writes to stderr meanwhile.
+    it, so stderr (fd 2) points at a temporary file during each decode. Prepare's worker
+    processes write nothing else there; with one worker (no pool) a line another thread wrote
+    to stderr during a decode would be taken for a warning and its crop dropped.
     """
 
     def __enter__(self) -> _Decoder:
