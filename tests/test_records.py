@@ -17,8 +17,8 @@ def test_curation_counts_match_planted_dirt(tiny_tree, task, split):
     want = manifest["counts"][task][split]
     assert stats["videos"] == want["videos"]
     assert stats["annotated"] == want["annotated"]
-    assert stats["dropped"] == {"invalid_label": want["invalid"],
-                                "missing_image": want["missing_image"]}
+    assert stats["dropped"] == {"invalid_label": want["invalid"], "out_of_range": 0,
+                                "not_finite": 0, "missing_image": want["missing_image"]}
     assert stats["curated"] == want["curated"]
     assert want["invalid"] > 0 and want["missing_image"] > 0  # the dirt is really there
     affwild2.check_accounting(stats)

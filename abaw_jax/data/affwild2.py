@@ -37,14 +37,35 @@ AU_NAMES = ("AU1", "AU2", "AU4", "AU6", "AU7", "AU10", "AU12", "AU15", "AU23", "
 HEADERS = {"va": ("valence", "arousal"), "expr": EXPR_NAMES, "au": AU_NAMES}
 MTL_HEADER = ("image", "valence", "arousal", "expression", "aus")
 NUM_COLUMNS = {"va": 2, "expr": 1, "au": 12}  # values per data line
-DROP_REASONS = ("invalid_label", "missing_image")
-MTL_DROP_REASONS = ("invalid_all", "missing_image")
-STRICT_DROP_REASONS = ("invalid_any", "missing_image")
+# Labels dropped for something other than the documented invalid markers: a value outside the
+# task's range (valence 5.0, expression 9, AU 2) or not a finite number (nan, inf).
+LABEL_FAULTS = ("out_of_range", "not_finite")
+DROP_REASONS = ("invalid_label", *LABEL_FAULTS, "missing_image")
+MTL_DROP_REASONS = ("invalid_all", *LABEL_FAULTS, "missing_image")
+STRICT_DROP_REASONS = ("invalid_any", *LABEL_FAULTS, "missing_image")
+INVALID_MARKERS = {"va": -5, "expr": -1, "au": -1}  # the organisers' "no label here"
 _IMAGE_NAME = re.compile(r"^(\d+)\.jpg$")
 
 
 class DataError(UserError, ValueError):
     """Malformed or missing input. The message names the file (and line) to look at."""
+
+
+def check_video_name(name: str, where: str) -> str:
+    """`name` if it is a usable video name, else a `DataError` naming `where` (file:line).
+
+    Video names become paths (`<root>/<video>/`, `<out>/<video>.txt`) and the first field of a
+    submission line, so a separator or `..` would reach outside the folder and a comma would
+    break the line.
+    """
+    problem = ("is empty" if not name.strip() else
+               "is `.` or `..`" if name in (".", "..") else
+               "holds a path separator" if "/" in name or "\\" in name else
+               "holds a comma (a submission line cannot)" if "," in name else
+               "holds a NUL character" if "\0" in name else None)
+    if problem:
+        raise DataError(f"{where}: video name {name!r} {problem}")
+    return name
 
 
 # ----------------------------------------------------------------------------------------------
@@ -100,7 +121,9 @@ def _parse_values(path: Path, lines: Sequence[str], ncols: int, first_line: int)
 
 
 def _check_integers(path: Path, values: np.ndarray, first_line: int) -> None:
-    frac = np.flatnonzero(np.any(values != np.round(values), axis=-1))
+    # nan and inf are not a malformed file but a label fault, counted by curation.
+    finite = np.where(np.isfinite(values), values, 0)
+    frac = np.flatnonzero(np.any(finite != np.round(finite), axis=-1))
     if frac.size:
         i = int(frac[0])
         raise DataError(f"{path}:{i + first_line}: expected integers, got {values[i].tolist()}")
@@ -109,8 +132,9 @@ def _check_integers(path: Path, values: np.ndarray, first_line: int) -> None:
 def read_annotation(path: str | os.PathLike, task: str) -> np.ndarray:
     """Reads one per-video annotation file: row i is frame i + 1.
 
-    Returns float32 (n, 2) for VA, int32 (n,) for EXPR, int32 (n, 12) for AU, invalid markers
-    left in place (`valid_mask` interprets them).
+    Returns the values as written, float32 (n, 2) for VA, (n,) for EXPR, (n, 12) for AU: invalid
+    markers, out-of-range values and nan/inf left in place (`unusable_labels` names them). EXPR and
+    AU values are whole numbers (or not finite); curation stores the kept ones as int32.
     """
     path = Path(path)
     lines = _read_lines(path)
@@ -121,7 +145,6 @@ def read_annotation(path: str | os.PathLike, task: str) -> np.ndarray:
     if task == "va":
         return values
     _check_integers(path, values, first_line=2)
-    values = values.astype(np.int32)
     return values[:, 0] if task == "expr" else values
 
 
@@ -136,15 +159,31 @@ def valid_mask(task: str, labels: np.ndarray) -> np.ndarray:
     raise KeyError(f"unknown task {task!r}; expected one of {TASKS}")
 
 
+def unusable_labels(task: str, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Why each row without a usable label has none, as disjoint row masks: `not_finite` (a nan
+    or inf), `invalid_label` (the documented marker: VA -5, EXPR -1, AU -1 in any column),
+    `out_of_range` (any other value outside the task's range). Rows in none are `valid_mask`."""
+    rows = labels.reshape(len(labels), -1)
+    not_finite = ~np.all(np.isfinite(rows), axis=-1)
+    marker = ~not_finite & np.any(rows == INVALID_MARKERS[task], axis=-1)
+    out_of_range = ~valid_mask(task, labels) & ~not_finite & ~marker
+    return {"invalid_label": marker, "out_of_range": out_of_range, "not_finite": not_finite}
+
+
+def _as_written(path: Path, labels: np.ndarray, i: int) -> str:
+    """`file:line: values` of annotation row i (the header is line 1), for a warning."""
+    return f"{path}:{i + 2}: {','.join(f'{v:g}' for v in np.ravel(labels[i]))}"
+
+
 @dataclasses.dataclass(frozen=True)
 class MTLAnnotations:
     """The s-Aff-Wild2 multi-task file: one row per listed image."""
 
     videos: list[str]
     frames: np.ndarray  # int32 (n,)
-    va: np.ndarray  # float32 (n, 2)
-    expr: np.ndarray  # int32 (n,)
-    au: np.ndarray  # int32 (n, 12)
+    va: np.ndarray  # float32 (n, 2), values as written (see `read_annotation`)
+    expr: np.ndarray  # float32 (n,)
+    au: np.ndarray  # float32 (n, 12)
 
 
 def read_mtl_annotation(path: str | os.PathLike) -> MTLAnnotations:
@@ -168,8 +207,7 @@ def read_mtl_annotation(path: str | os.PathLike) -> MTLAnnotations:
         video, frame = _split_image_path(path, i + 2, image)
         videos.append(video)
         frames[i] = frame
-    return MTLAnnotations(videos, frames, values[:, :2], values[:, 2].astype(np.int32),
-                          values[:, 3:].astype(np.int32))
+    return MTLAnnotations(videos, frames, values[:, :2], values[:, 2], values[:, 3:])
 
 
 def _split_image_path(path: Path, line: int, image: str) -> tuple[str, int]:
@@ -177,19 +215,25 @@ def _split_image_path(path: Path, line: int, image: str) -> tuple[str, int]:
     match = _IMAGE_NAME.match(name)
     if not video or not match:
         raise DataError(f"{path}:{line}: {image!r} is not `video/NNNNN.jpg`")
-    return video, int(match.group(1))
+    return check_video_name(video, f"{path}:{line}"), int(match.group(1))
 
 
-def read_test_list(path: str | os.PathLike) -> list[str]:
-    """A test-set release: one video name (or, for MTL, one `video/NNNNN.jpg`) per line."""
+def read_test_list(path: str | os.PathLike, images: bool = False) -> list[str]:
+    """A test-set release: one video name (or, with `images`, for MTL, one `video/NNNNN.jpg`)
+    per line; a bad name (`check_video_name`) is a `DataError` naming the list's line."""
     path = Path(path)
-    names = [line.strip().rstrip(",") for line in _read_lines(path)]
-    if names and names[0].lower() in ("video", "videos", "image", "image_location", "name"):
-        names = names[1:]  # some releases carry a header
-    names = [n for n in names if n]
-    if not names:
+    lines = [(i, line.strip().rstrip(",")) for i, line in enumerate(_read_lines(path), start=1)]
+    if lines and lines[0][1].lower() in ("video", "videos", "image", "image_location", "name"):
+        lines = lines[1:]  # some releases carry a header
+    lines = [(i, n) for i, n in lines if n]
+    if not lines:
         raise DataError(f"{path}: the test list names no video")
-    return names
+    for i, name in lines:
+        if images:
+            _split_image_path(path, i, name)
+        else:
+            check_video_name(name, f"{path}:{i}")
+    return [n for _, n in lines]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -345,7 +389,12 @@ class FrameTable:
 def _empty_stats(task: str, strict: bool = False) -> dict:
     reasons = STRICT_DROP_REASONS if strict else MTL_DROP_REASONS if task == "mtl" else DROP_REASONS
     return {"videos": 0, "annotated": 0, "curated": 0, "dropped": dict.fromkeys(reasons, 0),
-            "missing_images": 0}
+            "missing_images": 0, "first": {}}
+
+
+def _note_first(stats: dict, reason: str, where: str) -> None:
+    """Keeps where a fault was first seen (`stats["first"]`, warned by prepare)."""
+    stats["first"].setdefault(reason, where)
 
 
 def curate(layout: Layout, task: str, split: str, strict: bool = False,
@@ -360,12 +409,17 @@ def curate(layout: Layout, task: str, split: str, strict: bool = False,
         raise DataError(f"unknown task {task!r}; expected one of {ALL_TASKS}")
     index = index or ImageIndex(layout.image_roots)
     if split == "test":
-        return _curate_test(layout, task, index)
+        table, stats = _curate_test(layout, task, index)
+        stats["source"] = str(layout.test_list(task))
+        return table, stats
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; expected one of {(*SPLITS, 'test')}")
     if task == "mtl":
-        return _curate_mtl(layout, split, strict, index)
-    return _curate_task(layout, task, split, index)
+        table, stats = _curate_mtl(layout, split, strict, index)
+    else:
+        table, stats = _curate_task(layout, task, split, index)
+    stats["source"] = str(layout.task_dir(task, split))
+    return table, stats
 
 
 def _curate_task(layout: Layout, task: str, split: str, index: ImageIndex
@@ -377,9 +431,11 @@ def _curate_task(layout: Layout, task: str, split: str, index: ImageIndex
     if not files:
         raise DataError(f"{folder}: no <video>.txt annotation files")
     stats = _empty_stats(task)
+    stats["no_annotation"] = 0
     videos, lengths = [], []
     cols = {k: [] for k in ("video", "frame", "root", task, f"{task}_mask")}
     for path in files:
+        check_video_name(path.stem, str(path))
         labels = read_annotation(path, task)
         frames = np.arange(1, len(labels) + 1, dtype=np.int32)
         roots = index.lookup(path.stem, frames)
@@ -387,9 +443,10 @@ def _curate_task(layout: Layout, task: str, split: str, index: ImageIndex
         keep = valid & present
         stats["videos"] += 1
         stats["annotated"] += len(labels)
-        stats["dropped"]["invalid_label"] += int(np.sum(~valid))
+        _count_unusable_labels(stats, path, labels, unusable_labels(task, labels))
         stats["dropped"]["missing_image"] += int(np.sum(valid & ~present))
         stats["missing_images"] += int(np.sum(~present))
+        _count_unannotated(stats, path, index, len(labels))
         cols["video"].append(np.full(int(keep.sum()), len(videos), np.int32))
         videos.append(path.stem)
         lengths.append(len(labels))
@@ -401,6 +458,24 @@ def _curate_task(layout: Layout, task: str, split: str, index: ImageIndex
     stats["curated"] = len(table)
     stats["histogram"] = histograms(table)
     return table, stats
+
+
+def _count_unusable_labels(stats: dict, path: Path, labels: np.ndarray,
+                        faults: dict[str, np.ndarray]) -> None:
+    for reason, rows in faults.items():
+        stats["dropped"][reason] += int(rows.sum())
+        if reason in LABEL_FAULTS and rows.any():
+            _note_first(stats, reason, _as_written(path, labels, int(np.argmax(rows))))
+
+
+def _count_unannotated(stats: dict, path: Path, index: ImageIndex, lines: int) -> None:
+    """Crops past the last annotation line: no label says what they show (counted, not kept)."""
+    have, _ = index.frames(path.stem)
+    extra = int(np.sum(have > lines))
+    stats["no_annotation"] += extra
+    if extra:
+        _note_first(stats, "no_annotation", f"{path}: {lines:,} frame lines, but {extra:,} crops "
+                                            f"of {path.stem!r} past them (up to frame {have[-1]})")
 
 
 def _curate_mtl(layout: Layout, split: str, strict: bool, index: ImageIndex
@@ -425,11 +500,19 @@ def _curate_mtl(layout: Layout, split: str, strict: bool, index: ImageIndex
     stats = _empty_stats("mtl", strict)
     stats["videos"] = len(videos)
     stats["annotated"] = len(video)
-    stats["dropped"]["invalid_any" if strict else "invalid_all"] = int(np.sum(~labelled))
+    faults = _mtl_faults(stats, path, ann)
+    dirt = faults["not_finite"] | faults["out_of_range"]  # a dropped row with dirt counts as dirt
+    stats["dropped"]["invalid_any" if strict else "invalid_all"] = int(np.sum(~labelled & ~dirt))
+    stats["dropped"]["not_finite"] = int(np.sum(~labelled & faults["not_finite"]))
+    stats["dropped"]["out_of_range"] = int(np.sum(~labelled & faults["out_of_range"]
+                                                  & ~faults["not_finite"]))
     stats["dropped"]["missing_image"] = int(np.sum(labelled & ~present))
     stats["missing_images"] = int(np.sum(~present))
+    # A kept frame may hold a nan in a task it is masked out of: store that task's marker.
+    labels = {t: np.where(np.isfinite(getattr(ann, t)), getattr(ann, t), INVALID_MARKERS[t])
+              for t in TASKS}
     cols = {"video": [video[keep]], "frame": [ann.frames[keep]], "root": [roots[keep]],
-            "va": [ann.va[keep]], "expr": [ann.expr[keep]], "au": [ann.au[keep]],
+            **{t: [labels[t][keep]] for t in TASKS},
             **{f"{t}_mask": [masks[t][keep]] for t in TASKS}}
     last = np.zeros(len(videos), np.int32)
     np.maximum.at(last, video, ann.frames)
@@ -440,12 +523,23 @@ def _curate_mtl(layout: Layout, split: str, strict: bool, index: ImageIndex
     return table, stats
 
 
+def _mtl_faults(stats: dict, path: Path, ann: MTLAnnotations) -> dict[str, np.ndarray]:
+    """Rows with a label fault in any task, per fault; notes the first line of each."""
+    rows = np.concatenate([ann.va, ann.expr[:, None], ann.au], axis=1)
+    out = {}
+    for reason in LABEL_FAULTS:
+        out[reason] = np.any([unusable_labels(t, getattr(ann, t))[reason] for t in TASKS], axis=0)
+        if out[reason].any():
+            _note_first(stats, reason, _as_written(path, rows, int(np.argmax(out[reason]))))
+    return out
+
+
 def _curate_test(layout: Layout, task: str, index: ImageIndex) -> tuple[FrameTable, dict]:
     """Every crop of every listed test video (no labels); frames to predict."""
     path = layout.test_list(task)
-    names = read_test_list(path)
+    names = read_test_list(path, images=task == "mtl")
     if task == "mtl":
-        pairs = [_split_image_path(path, i + 1, n) for i, n in enumerate(names)]
+        pairs = [_split_image_path(path, 0, n) for n in names]  # checked with their lines
         videos = sorted({v for v, _ in pairs})
         wanted = {v: np.array(sorted(f for vv, f in pairs if vv == v), np.int32) for v in videos}
     else:
@@ -500,6 +594,17 @@ def check_accounting(stats: dict) -> None:
                              f"{stats['curated']} curated + {stats['dropped']} dropped")
 
 
+def check_not_empty(split: str, stats: dict, image_roots: Sequence[str | os.PathLike]) -> None:
+    """A split with no frame left is a `DataError` saying why: training or evaluating on it
+    would only give a nan score."""
+    if stats["curated"]:
+        return
+    why = ", ".join(f"{k}: {v:,}" for k, v in stats["dropped"].items() if v) or "no line"
+    raise DataError(f"{split}: 0 of {stats['annotated']:,} annotated frames of {stats['videos']:,} "
+                    f"videos in {stats['source']} are usable ({why}); crops are looked up under "
+                    f"{', '.join(str(r) for r in image_roots)}")
+
+
 def format_stats(stats: dict[str, dict[str, dict]]) -> str:
     """A fixed-width table of {task: {split: stats}} for the console."""
     head = (f"{'task':<5} {'split':<10} {'videos':>7} {'annotated':>10} {'curated':>10} "
@@ -508,6 +613,8 @@ def format_stats(stats: dict[str, dict[str, dict]]) -> str:
     for task, splits in stats.items():
         for split, s in splits.items():
             dropped = ", ".join(f"{k}: {v:,}" for k, v in s["dropped"].items())
+            if s.get("no_annotation"):
+                dropped += f"; crops past the annotations (not kept): {s['no_annotation']:,}"
             rows.append(f"{task:<5} {split:<10} {s['videos']:>7,} {s['annotated']:>10,} "
                         f"{s['curated']:>10,} {s['missing_images']:>8,}  {dropped}")
     return "\n".join(rows)

@@ -16,6 +16,7 @@ import json
 import math
 import multiprocessing
 import os
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags, logging
 
-from abaw_jax.data import affwild2, records
+from abaw_jax.data import affwild2, augment, records
 
 EXAMPLES_PER_SHARD = 10_000
 _MAX_LISTED = 50  # corrupt files named in stats.json; the count covers all of them
@@ -38,16 +39,53 @@ class _ShardJob:
 
 
 def _is_jpeg(data: bytes) -> bool:
-    # A cheap integrity check (start and end markers): truncated downloads fail it; a full decode
-    # of every frame would double the cost of writing.
+    # Start and end markers: names a truncated download plainly, before the decode.
     return data[:2] == b"\xff\xd8" and data.rstrip(b"\0")[-2:] == b"\xff\xd9"
+
+
+class _Decoder:
+    """Decodes crops with the training pipeline's decoder (`augment.decode`, OpenCV's libjpeg)
+    and says what is wrong with one that does not decode cleanly.
+
+    libjpeg decodes garbage between the markers, or a truncated file whose end marker was put
+    back, with only a warning ("Corrupt JPEG data: ...", "Premature end of JPEG file") printed
+    to the process's stderr, and returns grey or garbled rows. OpenCV offers no other way to see
+    it, so stderr (fd 2) points at a temporary file during each decode. Prepare's worker
+    processes write nothing else there; with one worker (no pool) a line another thread wrote
+    to stderr during a decode would be taken for a warning and its crop dropped.
+    """
+
+    def __enter__(self) -> _Decoder:
+        self._log = tempfile.TemporaryFile()
+        self._stderr = os.dup(2)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os.close(self._stderr)
+        self._log.close()
+
+    def problem(self, data: bytes) -> str | None:
+        """None for a clean decode, else libjpeg's (first) complaint."""
+        start = os.fstat(self._log.fileno()).st_size
+        os.dup2(self._log.fileno(), 2)
+        try:
+            augment.decode(data)
+        except augment.ImageDecodeError:
+            return "OpenCV cannot decode it"
+        finally:
+            os.dup2(self._stderr, 2)
+        if os.fstat(self._log.fileno()).st_size == start:
+            return None
+        self._log.seek(start)
+        lines = self._log.read().decode(errors="replace").strip().splitlines()
+        return f"libjpeg: {lines[0].strip() if lines else 'a warning'}"
 
 
 def _write_job(job: _ShardJob) -> tuple[str, np.ndarray, list[tuple[int, str]]]:
     """Worker: writes one shard; returns (path, kept positions, [(position, why)] skipped)."""
     kept, skipped = [], []
 
-    def examples():
+    def examples(decoder: _Decoder):
         for pos in job.positions:
             path = job.table.image_path(int(pos))
             try:
@@ -58,10 +96,17 @@ def _write_job(job: _ShardJob) -> tuple[str, np.ndarray, list[tuple[int, str]]]:
             if not _is_jpeg(data):
                 skipped.append((int(pos), f"{path}: not a complete JPEG"))
                 continue
+            # Decoded once here, so that a crop training would stop on (or learn from as a
+            # half-grey face) never becomes a record.
+            problem = decoder.problem(data)
+            if problem:
+                skipped.append((int(pos), f"{path}: corrupt JPEG ({problem})"))
+                continue
             kept.append(int(pos))
             yield records.serialize(job.table, int(pos), data)
 
-    records.write_shard(job.path, examples(), job.fmt)
+    with _Decoder() as decoder:
+        records.write_shard(job.path, examples(decoder), job.fmt)
     return job.path, np.asarray(kept, np.int64), skipped
 
 
@@ -111,16 +156,16 @@ def prepare(layout: affwild2.Layout, task: str, out: str | os.PathLike,
     # running, and forking a multithreaded process can deadlock the child.
     pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
     try:
+        curated = {split: _curate(layout, task, split, strict, index) for split in splits}
         for split in splits:
-            t0 = time.perf_counter()
-            table, st = affwild2.curate(layout, task, split, strict=strict, index=index)
+            table, st = curated[split]
             t1 = time.perf_counter()
             lengths[split], sizes[split], skipped = write_split(
                 table, out, split, fmt, num_shards, seed, pool, progress)
             _count_skipped(st, skipped)
             affwild2.check_accounting(st)
-            st["seconds"] = {"curate": round(t1 - t0, 2),
-                             "write": round(time.perf_counter() - t1, 2)}
+            affwild2.check_not_empty(split, st, layout.image_roots)
+            st["seconds"]["write"] = round(time.perf_counter() - t1, 2)
             st["records"] = sum(lengths[split])
             stats[split] = st
     finally:
@@ -136,14 +181,29 @@ def prepare(layout: affwild2.Layout, task: str, out: str | os.PathLike,
     return stats
 
 
+def _curate(layout: affwild2.Layout, task: str, split: str, strict: bool,
+            index: affwild2.ImageIndex) -> tuple[affwild2.FrameTable, dict]:
+    """Curates one split and warns of its faults; every requested split is curated before
+    anything is written, so that an empty one stops the run at once."""
+    t0 = time.perf_counter()
+    table, stats = affwild2.curate(layout, task, split, strict=strict, index=index)
+    stats["seconds"] = {"curate": round(time.perf_counter() - t0, 2)}
+    affwild2.check_not_empty(split, stats, layout.image_roots)
+    for reason, where in stats["first"].items():
+        logging.warning("%s %s: %s, the first at %s (counts in stats.json)", task, split, reason,
+                        where)
+    return table, stats
+
+
 def _count_skipped(stats: dict, skipped: list[tuple[int, str]]) -> None:
     """Frames whose JPEG turned out unreadable move from curated to a named drop reason."""
     stats["dropped"]["corrupt_image"] = len(skipped)
     stats["curated"] -= len(skipped)
     if skipped:
-        stats["corrupt_images"] = [why for _, why in sorted(skipped)[:_MAX_LISTED]]
-        for _, why in skipped[:5]:
-            logging.warning("skipped %s", why)
+        skipped = sorted(skipped)
+        stats["corrupt_images"] = [why for _, why in skipped[:_MAX_LISTED]]
+        logging.warning("skipped %d unreadable or corrupt crops (corrupt_image in stats.json), "
+                        "the first: %s", len(skipped), skipped[0][1])
 
 
 def main(argv: Sequence[str]) -> None:
