@@ -79,31 +79,32 @@ def _handlers() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
     return handlers
 
 
-def _crc(text_or_bytes: str | bytes | np.ndarray) -> int:
-    data = text_or_bytes.encode() if isinstance(text_or_bytes, str) else text_or_bytes
-    return google_crc32c.value(data)
-
-
 def _json_crc(value: Any) -> int | None:
     """Of a JSON item as saved (None: no item). Orbax writes `json.dumps` and reads it back
     into an equal value, so the checksum of the re-dumped value is that of the saved one."""
-    return None if value is None else _crc(json.dumps(value, sort_keys=True))
+    return None if value is None else google_crc32c.value(json.dumps(value, sort_keys=True)
+                                                          .encode())
 
 
 def _array_crcs(state: Any) -> dict[str, str]:
     """'dtype:crc32c' of every array's bytes, by its path in `state`. The train state is
     replicated (`state.state_sharding`), so any process's host copy holds every value."""
     leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(state))
-    return {jax.tree_util.keystr(path): (f"{np.asarray(x).dtype}:"
-             f"{_crc(np.ascontiguousarray(x).reshape(-1).view(np.uint8))}")
+    return {jax.tree_util.keystr(path): _array_crc(np.ascontiguousarray(x))
             for path, x in leaves}
 
 
+def _array_crc(x: np.ndarray) -> str:
+    return f"{x.dtype}:{google_crc32c.value(x.reshape(-1).view(np.uint8))}"
+
+
 def _differing(saved: dict[str, str], restored: dict[str, str]) -> list[str]:
-    """Paths of the restored arrays whose bytes differ from the saved ones (an array restored
-    to another dtype, cast by Orbax, cannot be compared)."""
+    """Paths of the restored arrays whose bytes differ from the saved ones, or that have no
+    checksum (nothing passes unchecked). An array that Orbax cast to another dtype on restore
+    cannot be compared."""
     return [p for p, crc in restored.items()
-            if p in saved and saved[p].split(":")[0] == crc.split(":")[0] and saved[p] != crc]
+            if p not in saved or (saved[p].split(":")[0] == crc.split(":")[0]
+                                  and saved[p] != crc)]
 
 
 class _Manager(ocp.CheckpointManager):
@@ -297,7 +298,7 @@ class Checkpoints:
         A newest checkpoint that fails to restore (corrupt: its checksums differ or an item
         cannot be read; or half-written by a killed run) is moved aside to `corrupt-<step>`,
         with a warning, once an older one has restored; so is an older one whose metrics item
-        is damaged (Orbax would delete it, unranked, as the best). When none restores (e.g.
+        is damaged (unranked, Orbax would delete it, the best maybe). When none restores (e.g.
         the model changed) the first error is raised and nothing is moved. The data stream's
         position is set after the state, and its errors (another seed or batch size) are
         raised as they are. All processes take the same decisions.
