@@ -158,7 +158,8 @@ class Checkpoints:
         position = None if data is None else json.loads(data.get_state())
         metrics = metrics or {}  # {}, not None: a step without an evaluation ranks last
         items = {"state": ocp.args.PyTreeSave(state),
-                 "layout": ocp.args.JsonSave({"state": LAYOUT}),
+                 # "checksums": a step saved with them is corrupt without them.
+                 "layout": ocp.args.JsonSave({"state": LAYOUT, "checksums": True}),
                  "checksums": ocp.args.JsonSave(_checksums(state, position, metrics))}
         if position is not None:
             items["data"] = ocp.args.JsonSave(position)
@@ -258,7 +259,9 @@ class Checkpoints:
     def _saved_checksums(self, step: int) -> dict | None:
         """The checksums stored with `step`; None for a checkpoint written before them."""
         if not (self.directory / str(step) / "checksums").exists():
-            return None
+            if (self._layout_item(step) or {}).get("checksums"):
+                raise self._corrupt(step, "its checksums item is missing")
+            return None  # saved before checksums were
         try:
             return self.manager.restore(step, args=ocp.args.Composite(
                 checksums=ocp.args.JsonRestore()))["checksums"]
@@ -285,11 +288,18 @@ class Checkpoints:
         damaged checkpoint, which the state's restore then judges)."""
         if not (self.directory / str(step) / "layout").exists():
             return 1
+        item = self._layout_item(step)
         try:
-            saved = self.manager.restore(step, args=ocp.args.Composite(
-                layout=ocp.args.JsonRestore()))
-            return int(saved["layout"]["state"])
-        except Exception:  # noqa: BLE001 - damaged: see the docstring
+            return int(item["state"])
+        except (TypeError, KeyError, ValueError):  # damaged: see the docstring
+            return None
+
+    def _layout_item(self, step: int) -> dict | None:
+        """The "layout" item of `step`; None when it is missing or cannot be read."""
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(
+                layout=ocp.args.JsonRestore()))["layout"]
+        except Exception:  # noqa: BLE001 - missing or damaged: the callers judge
             return None
 
     def restore_latest(self, abstract_state: Any, data: Any = None) -> tuple[int, Any] | None:

@@ -173,12 +173,17 @@ def test_eval_refuses_a_corrupt_checkpoint_naming_it(tmp_path):
     assert ckpt.steps() == [2, 4]  # eval moves nothing
 
 
-@pytest.mark.parametrize("item", ["data/metadata", "metrics/metrics"])
+@pytest.mark.parametrize("item", ["data/metadata", "metrics/metrics", "checksums"])
 @pytest.mark.parametrize("damage", ["emptied", "deleted"])
 def test_a_damaged_data_stream_or_metrics_item_falls_back(tmp_path, item, damage, caplog):
+    # The checksums themselves too: deleted, the step would otherwise restore unchecked.
     _saved_run(tmp_path)
     path = tmp_path / "4" / item
-    path.write_text("") if damage == "emptied" else path.unlink()
+    if path.is_dir():
+        (shutil.rmtree(path) if damage == "deleted"
+         else [f.write_text("") for f in path.rglob("*") if f.is_file()])
+    else:
+        path.write_text("") if damage == "emptied" else path.unlink()
     ckpt = checkpoint.Checkpoints(tmp_path)
     position = Position()
     with caplog.at_level("WARNING"):

@@ -36,20 +36,41 @@ OVERRIDES = {"total_steps": 12, "batch_size": 8, "eval_batch_size": 16, "log_eve
 LOGGED_STEP = re.compile(r"\] \[(\d+)\] .*loss=")
 
 
-def _command(records_dir: Path, workdir: Path, overrides: dict) -> list[str]:
-    return [sys.executable, "-m", "abaw_jax.main", "--config=configs/va.py",
+# `python -m abaw_jax.main` whose process 1 reaches the end of the run SLOW_EXIT_S late (the
+# slow peer of a busy machine): process 0 must wait for it and exit 0, not abort in JAX's
+# shutdown at interpreter exit as it did (`CoordinationServiceAgent::SetError`, rc != 0).
+SLOW_EXIT_S = 15
+_SLOW_PEER = (
+    "import os, runpy, sys, time\n"
+    "from abaw_jax import parallel\n"
+    "shutdown = parallel.shutdown\n"
+    "def slow():\n"
+    f"    time.sleep({SLOW_EXIT_S} if os.environ['JAX_PROCESS_ID'] == '1' else 0)\n"
+    "    shutdown()\n"
+    "parallel.shutdown = slow\n"
+    "sys.argv[0] = 'abaw_jax.main'\n"
+    "runpy.run_module('abaw_jax.main', run_name='__main__')\n")
+
+
+def _command(records_dir: Path, workdir: Path, overrides: dict, slow_peer: bool = False
+             ) -> list[str]:
+    program = ["-c", _SLOW_PEER] if slow_peer else ["-m", "abaw_jax.main"]
+    return [sys.executable, *program, "--config=configs/va.py",
             f"--workdir={workdir}", f"--config.data.records={records_dir}",
             *(f"--config.{k}={v}" for k, v in {**OVERRIDES, **overrides}.items())]
 
 
 def _launch(processes: int, devices: int, records_dir: Path, workdir: Path,
-            terminate_after_step: int | None = None, **overrides) -> str:
+            terminate_after_step: int | None = None, slow_peer: bool = False,
+            **overrides) -> str:
     """Runs local.sh; with `terminate_after_step`, sends SIGTERM (to local.sh, which forwards
-    it to every process, as SLURM does) once that step is logged. Returns the output."""
+    it to every process, as SLURM does) once that step is logged; with `slow_peer`, process 1
+    finishes late. Returns the output."""
     env = {**os.environ, "LOCAL_DEVICES": str(devices), "ABAW_JAX_INIT_TIMEOUT": "120",
            "PYTHONUNBUFFERED": "1"}
     env.pop("XLA_FLAGS", None)  # local.sh sets the device count
-    proc = subprocess.Popen([LOCAL, str(processes), *_command(records_dir, workdir, overrides)],
+    command = _command(records_dir, workdir, overrides, slow_peer)
+    proc = subprocess.Popen([LOCAL, str(processes), *command],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     lines, deadline = [], time.monotonic() + 400
@@ -106,7 +127,8 @@ def runs(tiny_records, tmp_path_factory):
         out[name] = (workdir, _launch(processes, devices, tiny_records, workdir,
                                       checkpoint_every_steps=1, keep_checkpoints=12))
         workdir = base / f"{name}_preempted"
-        first = _launch(processes, devices, tiny_records, workdir, terminate_after_step=2)
+        first = _launch(processes, devices, tiny_records, workdir, terminate_after_step=2,
+                        slow_peer=processes > 1)
         stopped = _steps(workdir)
         second = _launch(processes, devices, tiny_records, workdir)
         out[f"{name}_preempted"] = (workdir, first, stopped, second)
