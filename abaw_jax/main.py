@@ -53,7 +53,7 @@ def main(argv):
     else:
         metrics = evaluate.run(FLAGS.config, workdir, FLAGS.checkpoint)
     logging.info("final metrics: %s",
-                 {k: v for k, v in metrics.items() if not isinstance(v, list)})
+                 {k: v for k, v in metrics.items() if not isinstance(v, list | dict)})
 
 
 if __name__ == "__main__":
