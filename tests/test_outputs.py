@@ -140,3 +140,33 @@ def test_converted_folder_without_classifier_gives_its_embedding(tmp_path, caplo
     out = predict(faces)
     assert out["embedding"].shape == (2, 128)
     np.testing.assert_array_equal(out["embedding"], predict(faces, embedding=True)["embedding"])
+
+
+def test_mtl_file_follows_the_test_list_and_fills_listed_images_without_a_crop(tmp_path):
+    annotations, data = tmp_path / "annotations", tmp_path / "records"
+    annotations.mkdir()
+    data.mkdir()
+    listed = ["b/00002.jpg", "a/00001.jpg", "a/00003.jpg", "b/00001.jpg"]  # a/00003: no crop
+    (annotations / "MTL_Challenge_test_set_release.txt").write_text("\n".join(listed) + "\n")
+    (data / "stats.json").write_text(json.dumps({"annotations": str(annotations)}))
+    video, frame = np.array([0, 1, 1]), np.array([1, 1, 2])  # the records: (video, frame) order
+    np.savez(records.frames_path(data, "test"), videos=np.array(["a", "b"]), video=video,
+             frame=frame, video_frames=np.array([3, 2]))
+    images, source = submission.mtl_test_images(data)
+    assert images == listed and source.endswith("MTL_Challenge_test_set_release.txt")
+    values = {"va": np.array([[0.5, -0.5], [0.1, 0.2], [0.3, 0.4]]), "expr": np.eye(8)[[1, 2, 3]],
+              "au": np.array([[0.9] * 12, [0.1] * 12, [0.6] * 12])}
+    path = submission.write_mtl(tmp_path / "mtl" / submission.MTL_FILE, images, ["a", "b"],
+                                video, frame, values, np.full(12, 0.5))
+    ones, zeros = ",".join(["1"] * 12), ",".join(["0"] * 12)
+    assert path.read_text().splitlines() == [
+        "image,valence,arousal,expression,aus", f"b/00002.jpg,0.3000,0.4000,3,{ones}",
+        f"a/00001.jpg,0.5000,-0.5000,1,{ones}",
+        f"a/00003.jpg,0.5000,-0.5000,1,{ones}",  # its video's nearest prediction
+        f"b/00001.jpg,0.1000,0.2000,2,{zeros}"]
+    assert submission.check_mtl(path.parent, listed) == []
+    assert submission.check_mtl(path.parent, sorted(listed))[0] == (
+        f"{path}:2: expected image a/00001.jpg: 'b/00002.jpg,0.3000,0.4000,3,{ones}'")
+    # Without the list (records moved away from their annotations): the records' order.
+    (data / "stats.json").write_text("{}")
+    assert submission.mtl_test_images(data)[0] == ["a/00001.jpg", "b/00001.jpg", "b/00002.jpg"]
