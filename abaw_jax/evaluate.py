@@ -3,7 +3,9 @@ writes `eval/<split>-step<N>/` (metrics.json, predictions/, plots; evaluators/ab
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import jax
 import ml_collections
@@ -21,6 +23,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, which: str = "be
     state_lib.check_workdir(config, workdir)
     restored = state_lib.restore_run(config, workdir, which)
     setup, step = restored.setup, restored.step
+    logging.info("evaluating %s", describe_checkpoint(which, step, restored.metrics,
+                                                      setup.task.score))
     data_dir = cache.records_for(config.data, config.task)
     name = config.data.eval_split
     predict = state_lib.bind(state_lib.predict_fn(setup), restored.state)
@@ -32,3 +36,14 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, which: str = "be
         abaw.write_outputs(out, data_dir, name, result, metrics, setup.task.heads)
         logging.info("eval outputs in %s", out)
     return metrics
+
+
+def describe_checkpoint(which: str | int, step: int, stored: Mapping[str, Any], score: str
+                        ) -> str:
+    """Which checkpoint a mode restored and why, for the console: the figures of a run's last
+    evaluation are those of its last step, `--mode=eval` and predict use the best one."""
+    if which != "best":
+        return f"checkpoint step {step} (--checkpoint={which})"
+    if score not in stored:
+        return f"checkpoint step {step} (the latest: no checkpoint has validation metrics)"
+    return f"checkpoint step {step} (best by {score}: {stored[score]:.4f} at training time)"

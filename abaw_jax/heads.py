@@ -158,7 +158,7 @@ class Binary(Head):
 HEADS: dict[str, Head] = {
     "va": Regression("va", ("valence", "arousal"), "ccc_mean", interpolate=True),
     "expr": Classes("expr", EXPR_NAMES, "f1_macro", interpolate=False),
-    "au": Binary("au", AU_NAMES, "f1_mean", interpolate=False),
+    "au": Binary("au", AU_NAMES, "f1_mean_thresholded", interpolate=False),
 }
 
 

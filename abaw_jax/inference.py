@@ -7,6 +7,10 @@ latest, checkpoint) or from a converted folder (`python -m abaw_jax.convert <fam
     out["va"]                     # (N, 2) valence, arousal in [-1, 1]
     out = predict(faces, embedding=True)   # + the model's other outputs ("embedding", ...)
 
+A converted folder without a classifier (DDAMFN converted without `--keep_fc`) has no task
+output: its predictor returns the model's other outputs ("embedding", ...), with a warning at
+load saying so.
+
 A temporal (clip) model takes the N faces as one clip (consecutive frames of one video, in
 order) and gives per-frame outputs. A model that takes more named inputs gets them as keyword
 arrays, e.g. `predict(faces, features=vectors)` with one row per face.
@@ -19,9 +23,10 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from absl import logging
 from flax import nnx
 
-from abaw_jax import convert, models, parallel
+from abaw_jax import convert, metrics, models, parallel
 from abaw_jax import state as state_lib
 from abaw_jax.data import augment
 from abaw_jax.errors import NotFoundError
@@ -31,7 +36,9 @@ class Predictor:
     """Applies the model's own preprocessing (resize, normalisation) and returns numpy.
 
     Outputs per task head: VA in [-1, 1], EXPR class probabilities, AU probabilities; for a
-    converted model kept with its classifier (DDAMFN `--keep_fc`), the raw `logits`.
+    converted model kept with its classifier (DDAMFN `--keep_fc`), the raw `logits`. A model
+    with no task output returns its other outputs (the embedding, ...) as `embedding=True`
+    does.
     """
 
     def __init__(self, model: nnx.Module, family: models.Family, inputs: tuple[str, ...],
@@ -72,7 +79,9 @@ class Predictor:
         batch["index"] = np.arange(n, dtype=np.int32)  # every frame real (frame_mask)
         heads, extra = jax.device_get(self._forward(self._state, batch))
         out = {k: np.asarray(v) for k, v in heads.items()}
-        if embedding:  # the model's other outputs: embeddings, DDAMFN's maps and heads
+        # The model's other outputs: embeddings, DDAMFN's maps and heads; all there is of a
+        # model without task outputs.
+        if embedding or not out:
             out.update({k: jax.tree.map(np.asarray, v) for k, v in extra.items()
                         if k not in out})
         return out
@@ -99,7 +108,7 @@ def _from_workdir(workdir: Path, which: str) -> Predictor:
     thresholds = restored.metrics.get("au/thresholds")
     model = setup.model(restored.state)
     return Predictor(model, setup.family, setup.inputs, setup.task.predict,
-                     None if thresholds is None else np.asarray(thresholds))
+                     None if thresholds is None else metrics.au_values(thresholds))
 
 
 def _from_converted(directory: Path) -> Predictor:
@@ -110,6 +119,12 @@ def _from_converted(directory: Path) -> Predictor:
                          **kwargs)
     family.load_into(model, directory)
     names = tuple(meta["outputs"] or {})
+    if not names:
+        logging.warning(
+            "%s holds no task output (converted without its classifier, e.g. DDAMFN without "
+            "--keep_fc): the predictor returns the model's embedding and its other outputs "
+            "instead; convert with --keep_fc for the classifier's logits, or train task layers "
+            "from it with --config.init_from", directory)
     return Predictor(model, family, tuple(model.inputs), _pick(names))
 
 

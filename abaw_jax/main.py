@@ -71,7 +71,9 @@ def main(argv):
         sys.exit(1)
     parallel.shutdown()
     if metrics:
-        logging.info("final metrics: %s",
+        which = ("the last step's" if FLAGS.mode == "train"
+                 else f"checkpoint step {metrics.get('step')}'s")
+        logging.info("final metrics (%s): %s", which,
                      {k: v for k, v in metrics.items() if not isinstance(v, list | dict)})
 
 

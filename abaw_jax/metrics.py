@@ -4,7 +4,11 @@ constant baseline, is in `heads`."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import numpy as np
+
+from abaw_jax.data.affwild2 import AU_NAMES
 
 THRESHOLD_GRID = np.round(np.arange(0.01, 1.0, 0.01), 2)
 
@@ -72,17 +76,32 @@ def search_thresholds(probs: np.ndarray, target: np.ndarray,
 
 def au_metrics(probs: np.ndarray, target: np.ndarray,
                thresholds: np.ndarray | None = None) -> dict:
-    """Mean AU F1 at 0.5, and with per-AU thresholds (searched here when not given)."""
+    """Mean AU F1 at 0.5 (`f1_mean_at_0.5`) and with per-AU thresholds (searched here when not
+    given: `f1_mean_thresholded`, the headline score, as submissions apply thresholds); per-AU
+    values and the thresholds keyed by AU name."""
     f1_05 = au_f1(probs, target, 0.5)
     if thresholds is None:
         thresholds = search_thresholds(probs, target)
     f1_t = au_f1(probs, target, thresholds)
-    return {"f1_mean": float(f1_05.mean()), "f1_per_au": f1_05.tolist(),
-            "f1_mean_thresholded": float(f1_t.mean()), "f1_per_au_thresholded": f1_t.tolist(),
-            "thresholds": np.asarray(thresholds).tolist()}
+    return {"f1_mean_at_0.5": float(f1_05.mean()), "f1_per_au_at_0.5": by_au(f1_05),
+            "f1_mean_thresholded": float(f1_t.mean()), "f1_per_au_thresholded": by_au(f1_t),
+            "thresholds": by_au(thresholds)}
+
+
+def by_au(values: Sequence[float] | np.ndarray) -> dict[str, float]:
+    """Per-AU values keyed by AU name, as metrics.json and checkpoints hold them."""
+    return {name: float(v) for name, v in zip(AU_NAMES, np.ravel(values), strict=True)}
+
+
+def au_values(stored: Mapping[str, float] | Sequence[float]) -> np.ndarray:
+    """Per-AU values in AU order from a dict keyed by AU name, or from a list in that order
+    (checkpoints written before the values were named)."""
+    if isinstance(stored, Mapping):
+        return np.array([stored[name] for name in AU_NAMES], np.float64)
+    return np.asarray(stored, np.float64)
 
 
 def p_score(va: dict, expr: dict, au: dict, thresholded: bool = False) -> float:
     """7th ABAW multi-task score P = CCC_mean + F1_EXPR + F1_AU."""
-    au_key = "f1_mean_thresholded" if thresholded else "f1_mean"
+    au_key = "f1_mean_thresholded" if thresholded else "f1_mean_at_0.5"
     return float(va["ccc_mean"] + expr["f1_macro"] + au[au_key])

@@ -10,7 +10,7 @@ matplotlib.use("Agg")  # files only; clusters have no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from abaw_jax import heads  # noqa: E402
+from abaw_jax import heads, metrics  # noqa: E402
 
 
 def confusion_matrix(probs: np.ndarray, target: np.ndarray, path: Path) -> Path:
@@ -35,36 +35,67 @@ def confusion_matrix(probs: np.ndarray, target: np.ndarray, path: Path) -> Path:
 
 
 def au_f1_bars(f1_05: np.ndarray, f1_t: np.ndarray, thresholds: np.ndarray, path: Path) -> Path:
-    """Per-AU F1 at 0.5 and at the searched thresholds (written above the bars)."""
+    """Per-AU F1 at 0.5 and at the searched thresholds, each threshold written above its bar."""
     names = heads.get("au").columns
     x = np.arange(len(names))
     fig, ax = plt.subplots(figsize=(9, 4))
     ax.bar(x - 0.2, f1_05, 0.4, label=f"threshold 0.5 (mean {np.mean(f1_05):.3f})")
-    ax.bar(x + 0.2, f1_t, 0.4, label=f"searched thresholds (mean {np.mean(f1_t):.3f})")
+    ax.bar(x + 0.2, f1_t, 0.4, label=f"searched thresholds (mean {np.mean(f1_t):.3f}); "
+                                     "the number above a bar is its threshold")
     for i, t in enumerate(thresholds):
         ax.text(i + 0.2, f1_t[i] + 0.01, f"{t:.2f}", ha="center", fontsize=7)
     ax.set(xticks=x, ylim=(0, 1.1), ylabel="F1", title="AU F1 per action unit")
     ax.set_xticklabels(names)
-    ax.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2, fontsize=8)  # below
     return _save(fig, path)
 
 
-def va_over_time(series: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], path: Path
-                 ) -> Path:
-    """Predicted vs true valence and arousal along a few videos: {video: (frames, pred, true)}."""
-    fig, axes = plt.subplots(len(series), 2, figsize=(11, 2.2 * len(series)), squeeze=False)
-    for row, (video, (frames, pred, true)) in zip(axes, series.items(), strict=True):
+VIDEOS_PER_PAGE = 8  # rows of one over-time figure; more videos go to further pages
+
+
+def va_over_time(series: dict[str, tuple[np.ndarray, ...]], path: Path, smoothing: str | None
+                 ) -> list[Path]:
+    """True, raw and (when a smoothing was chosen) smoothed valence and arousal along every
+    video, {video: (frames, raw, smoothed, true)}, with each video's CCC in its titles.
+
+    `VIDEOS_PER_PAGE` videos per figure: `path`, then `<stem>-2.png`, ...; returns the paths.
+    """
+    videos = list(series)
+    pages = [videos[i:i + VIDEOS_PER_PAGE] for i in range(0, len(videos), VIDEOS_PER_PAGE)]
+    paths = []
+    for number, page in enumerate(pages, 1):
+        name = path if number == 1 else path.with_name(f"{path.stem}-{number}{path.suffix}")
+        paths.append(_va_page({v: series[v] for v in page}, name, smoothing,
+                              f"page {number} of {len(pages)}"))
+    return paths
+
+
+def _va_page(series: dict[str, tuple[np.ndarray, ...]], path: Path, smoothing: str | None,
+             page: str) -> Path:
+    fig, axes = plt.subplots(len(series), 2, figsize=(11, 2.2 * len(series) + 0.8),
+                             squeeze=False)
+    for row, (video, (frames, raw, smoothed, true)) in zip(axes, series.items(), strict=True):
         for d, (ax, name) in enumerate(zip(row, heads.get("va").columns, strict=True)):
-            ax.plot(frames, true[:, d], lw=1, label="true")
-            ax.plot(frames, pred[:, d], lw=1, label="predicted")
-            ax.set(ylim=(-1.05, 1.05), title=f"{video}: {name}", xlabel="frame")
-            ax.legend(fontsize=7, loc="upper right")
-    return _save(fig, path)
+            ax.plot(frames, true[:, d], lw=1, color="k", label="true")
+            ax.plot(frames, raw[:, d], lw=1, alpha=0.7, label="predicted, raw")
+            title = f"{video}: {name}, CCC raw {metrics.ccc(raw[:, d], true[:, d]):.3f}"
+            if smoothing:
+                ax.plot(frames, smoothed[:, d], lw=1, label=f"predicted, smoothed ({smoothing})")
+                title += f", smoothed {metrics.ccc(smoothed[:, d], true[:, d]):.3f}"
+            ax.set(ylim=(-1.05, 1.05), title=title, xlabel="frame", ylabel=name)
+            ax.title.set_fontsize(9)
+    # One legend above the grid, outside every curve.
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=8,
+               bbox_to_anchor=(0.5, 1.0), title=f"valence and arousal over time ({page})")
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.7 / fig.get_figheight()))
+    return _save(fig, path, layout=False)
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig, path: Path, layout: bool = True) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    if layout:
+        fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from abaw_jax import heads as head_table
-from abaw_jax import submission
+from abaw_jax import metrics, submission
 
 SIGMAS = (1.0, 2.0, 4.0, 8.0, 16.0)
 WINDOWS = (3, 5, 9, 17, 33)
@@ -114,7 +114,7 @@ class Post:
             searched = head.search_thresholds(best[3], target)
             if searched is not None:  # AU: thresholds searched on the smoothed probabilities
                 thresholds = searched
-                report[f"post/{h}/thresholds"] = thresholds.tolist()
+                report[f"post/{h}/thresholds"] = metrics.by_au(thresholds)
         return cls(chosen, thresholds), report
 
     @classmethod
@@ -124,7 +124,7 @@ class Post:
         smoothing = {h: Smoothing(stored.get(f"post/{h}/method", "none"),
                                   float(stored.get(f"post/{h}/width", 0.0))) for h in heads}
         thresholds = stored.get("post/au/thresholds", stored.get("au/thresholds"))
-        return cls(smoothing, None if thresholds is None else np.asarray(thresholds))
+        return cls(smoothing, None if thresholds is None else metrics.au_values(thresholds))
 
     def apply(self, preds: Mapping[str, np.ndarray], video: np.ndarray, frame: np.ndarray
               ) -> dict[str, np.ndarray]:

@@ -7,7 +7,9 @@ Each member restores its checkpoint ('best' by default), predicts every test fra
 smoothing). Members are averaged (probabilities, VA values) or, for EXPR with
 `predict.combine="vote"`, vote; AU thresholds are the members' mean. Every frame of every test
 video gets a line (frames without a crop filled from their neighbours), and the files are
-checked by `submission.check` before the run ends.
+checked by `submission.check` before the run ends. The multi-task task writes one file instead,
+`mtl/predictions.txt` in the layout of the s-Aff-Wild2 annotation file, one line per image of
+the test list in its order (checked by `submission.check_mtl`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from abaw_jax import parallel, postprocess, submission, tasks
+from abaw_jax import evaluate, parallel, postprocess, submission, tasks
 from abaw_jax import state as state_lib
 from abaw_jax.data import affwild2, cache, records
 from abaw_jax.evaluators import split
@@ -33,7 +35,8 @@ def _predict_member(workdir: Path, config: ml_collections.ConfigDict, which: str
     post = postprocess.Post.from_metrics(restored.metrics, setup.task.heads)
     predict = state_lib.bind(state_lib.predict_fn(setup), restored.state)
     result = split.predict_run(predict, setup, data_dir, "test")
-    logging.info("%s step %d: smoothing %s, AU thresholds %s", workdir, step,
+    logging.info("%s: %s; smoothing %s, AU thresholds %s", workdir,
+                 evaluate.describe_checkpoint(which, step, restored.metrics, setup.task.score),
                  dict(post.smoothing), post.thresholds)
     return post.apply(result["preds"], video, frame), post, step
 
@@ -49,8 +52,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, which: str = "be
     folder. Members: `workdir` and the workdirs in `config.predict.ensemble`."""
     workdir = Path(workdir)
     task = tasks.get(config.task)
-    if config.task == "mtl":
-        raise NotImplementedError("multi-task submission files are not written yet (issue #5)")
     data_dir = cache.records_for(config.data, config.task, test=True)
     videos, video, frame = records.read_frame_index(data_dir, "test")
     lengths = records.read_video_frames(data_dir, "test")
@@ -73,7 +74,13 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, which: str = "be
     how = config.get("predict", {}).get("combine", "mean")
     out = workdir / "predict" / (f"test-step{steps[0]}" if not extra else "test-ensemble")
     def write():
-        _write(out, task.heads, members, posts, how, videos, video, frame, lengths)
+        values = {h: _combine([m[h] for m in members], h, how) for h in task.heads}
+        thresholds = (np.mean([p.thresholds for p in posts], 0)
+                      if all(p.thresholds is not None for p in posts) else 0.5)
+        if config.task == "mtl":
+            _write_mtl(out / "mtl", data_dir, values, thresholds, videos, video, frame)
+        else:
+            _write(out, values, thresholds, videos, video, frame, lengths)
         (out / "members.json").write_text(json.dumps(
             {"members": [str(m) for m in [workdir, *extra]], "steps": steps, "combine": how,
              "data": str(data_dir)}, indent=1))
@@ -83,13 +90,24 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, which: str = "be
     return out
 
 
-def _write(out: Path, heads, members, posts, how, videos, video, frame, lengths) -> None:
-    for h in heads:
-        values = _combine([m[h] for m in members], h, how)
-        thresholds = (np.mean([p.thresholds for p in posts], 0)
-                      if h == "au" and all(p.thresholds is not None for p in posts) else 0.5)
-        submission.write_videos(out / h, h, videos, video, frame, values, lengths, thresholds)
-        errors = submission.check(out / h, h, lengths)
-        if errors:
-            raise AssertionError(f"{out / h}: the written submission is invalid:\n"
-                                 + "\n".join(errors[:20]))
+def _write(out: Path, values: dict[str, np.ndarray], thresholds, videos, video, frame,
+           lengths) -> None:
+    for h, v in values.items():
+        submission.write_videos(out / h, h, videos, video, frame, v, lengths,
+                                thresholds if h == "au" else 0.5)
+        _raise_if_invalid(out / h, submission.check(out / h, h, lengths))
+
+
+def _write_mtl(out: Path, data_dir: Path, values: dict[str, np.ndarray], thresholds, videos,
+               video, frame) -> None:
+    images, source = submission.mtl_test_images(data_dir)
+    logging.info("multi-task submission: the %d images of %s", len(images), source)
+    submission.write_mtl(out / submission.MTL_FILE, images, videos, video, frame, values,
+                         thresholds)
+    _raise_if_invalid(out, submission.check_mtl(out, images))
+
+
+def _raise_if_invalid(out: Path, errors: list[str]) -> None:
+    if errors:
+        raise AssertionError(f"{out}: the written submission is invalid:\n"
+                             + "\n".join(errors[:20]))

@@ -58,7 +58,7 @@ def test_score_is_a_key_of_the_metrics():
     pred, target = _outputs(au, 80), _targets(au, 80)
     assert au.selection_score(pred, target) == au.metrics(pred, target)["f1_mean_thresholded"]
     fixed = np.full(12, 0.3)
-    assert au.metrics(pred, target, fixed)["thresholds"] == fixed.tolist()
+    assert list(au.metrics(pred, target, fixed)["thresholds"].values()) == fixed.tolist()
 
 
 def test_format_values():

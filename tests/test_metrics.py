@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score
 
-from abaw_jax import heads, losses, metrics, submission, tasks
+from abaw_jax import heads, losses, metrics, postprocess, submission, tasks
+from abaw_jax.data import affwild2
 
 RNG = np.random.default_rng(0)
 
@@ -46,12 +47,35 @@ def test_f1_metrics_match_sklearn():
 
 
 def test_threshold_search_beats_half_on_a_planted_case():
-    target = RNG.integers(0, 2, (2000, 3))
+    target = RNG.integers(0, 2, (2000, 12))
     # probabilities that are informative but shifted low: 0.5 misses most positives
     probs = np.clip(0.15 + 0.25 * target + RNG.normal(scale=0.08, size=target.shape), 0, 1)
     res = metrics.au_metrics(probs, target)
-    assert res["f1_mean_thresholded"] > res["f1_mean"] + 0.3
-    assert all(0.2 < t < 0.4 for t in res["thresholds"])
+    assert res["f1_mean_thresholded"] > res["f1_mean_at_0.5"] + 0.3
+    assert all(0.2 < t < 0.4 for t in res["thresholds"].values())
+
+
+def test_au_score_is_the_thresholded_f1_and_per_au_values_are_named():
+    target = RNG.integers(0, 2, (1000, 12))
+    probs = np.clip(0.15 + 0.25 * target + RNG.normal(scale=0.08, size=target.shape), 0, 1)
+    labels = {"au": target, "au_mask": np.ones(1000, bool)}
+    m = tasks.get("au").metrics({"au": probs}, labels)
+    # The score (best checkpoint, metrics.json) is F1 at the thresholds a submission applies.
+    assert m["score"] == m["au/f1_mean_thresholded"] > m["au/f1_mean_at_0.5"] + 0.3
+    names = list(affwild2.AU_NAMES)
+    for key in ("au/f1_per_au_at_0.5", "au/f1_per_au_thresholded", "au/thresholds"):
+        assert list(m[key]) == names
+    assert np.mean(list(m["au/f1_per_au_thresholded"].values())) == pytest.approx(
+        m["au/f1_mean_thresholded"])
+    # The thresholds searched after smoothing are named too; a checkpoint's stored thresholds
+    # read back in AU order, named or (older checkpoints) a list.
+    _, report = postprocess.Post.fit(("au",), {"au": probs}, labels, np.zeros(1000, int),
+                                     np.arange(1, 1001))
+    assert list(report["post/au/thresholds"]) == names
+    named = postprocess.Post.from_metrics(report, ("au",)).thresholds
+    old = {"post/au/thresholds": list(report["post/au/thresholds"].values())}
+    np.testing.assert_array_equal(named, postprocess.Post.from_metrics(old, ("au",)).thresholds)
+    assert 0.2 < named.mean() < 0.4
 
 
 def test_cross_entropy_and_bce_with_weights_match_formulas():
@@ -91,8 +115,11 @@ def test_mtl_task_reports_p_score_with_parts():
              "expr": np.eye(8)[labels["expr"]] + RNG.random((n, 8)),
              "au": np.clip(labels["au"] * 0.6 + RNG.random((n, 12)) * 0.4, 0, 1)}
     m = tasks.get("mtl").metrics(preds, labels)
-    assert m["score"] == m["p_score"] == pytest.approx(
-        m["va/ccc_mean"] + m["expr/f1_macro"] + m["au/f1_mean"])
+    assert m["p_score"] == pytest.approx(
+        m["va/ccc_mean"] + m["expr/f1_macro"] + m["au/f1_mean_at_0.5"])
+    # The score that picks the best checkpoint: AU at the thresholds a submission applies.
+    assert m["score"] == m["p_score_thresholded"] == pytest.approx(
+        m["va/ccc_mean"] + m["expr/f1_macro"] + m["au/f1_mean_thresholded"])
     assert m["expr/frames"] == labels["expr_mask"].sum()
     with pytest.raises(KeyError, match="unknown task 'vaa'"):
         tasks.get("vaa")

@@ -198,7 +198,7 @@ def test_multitask_two_stage_run_reports_p_and_holds_the_backbone_in_stage_1(tin
     before = jax.device_get(state_lib.init_state(config, setup).params)
     metrics = trainers.train_and_evaluate(config, tmp_path / "run")
     assert metrics["p_score"] == pytest.approx(
-        metrics["va/ccc_mean"] + metrics["expr/f1_macro"] + metrics["au/f1_mean"])
+        metrics["va/ccc_mean"] + metrics["expr/f1_macro"] + metrics["au/f1_mean_at_0.5"])
     after = state_lib.restore_run(config, tmp_path / "run", 2).state.params
     before, after = nnx.to_pure_dict(before), nnx.to_pure_dict(jax.device_get(after))
     for a, b in zip(jax.tree.leaves(before["features"]), jax.tree.leaves(after["features"]),
