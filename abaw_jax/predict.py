@@ -24,6 +24,7 @@ from absl import logging
 from abaw_jax import evaluate, parallel, postprocess, submission, tasks
 from abaw_jax import state as state_lib
 from abaw_jax.data import affwild2, cache, records
+from abaw_jax.errors import ConfigError
 from abaw_jax.evaluators import split
 
 
@@ -65,7 +66,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, which: str = "be
         if i == 0:
             state_lib.check_workdir(config, member)
         if member_config.task != config.task:
-            raise ValueError(f"{member}: a checkpoint of task {member_config.task!r}, not "
+            raise ConfigError(f"{member}: a checkpoint of task {member_config.task!r}, not "
                              f"{config.task!r}")
         preds, post, step = _predict_member(member, member_config, which, data_dir, video, frame)
         members.append(preds)
@@ -84,7 +85,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, which: str = "be
         (out / "members.json").write_text(json.dumps(
             {"members": [str(m) for m in [workdir, *extra]], "steps": steps, "combine": how,
              "data": str(data_dir)}, indent=1))
-        logging.info("submission files in %s (checked: %d videos)", out, len(videos))
+        heads_ = ["mtl"] if config.task == "mtl" else list(task.heads)
+        logging.info("submission files in %s (checked: %d videos); to check again: %s", out,
+                     len(videos), "; ".join(
+                         f"python -m abaw_jax.submission --dir={out / h} --head={h} "
+                         f"--records={data_dir}" for h in heads_))
 
     parallel.on_process_0(write, "writing the submission")
     return out

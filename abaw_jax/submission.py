@@ -62,6 +62,8 @@ def write_videos(out_dir: Path, head: str, videos: list[str], video: np.ndarray,
             continue
         n = max(int(video_frames.get(name, 0)), int(frame[rows].max()))
         per_frame = fill(frame[rows], values[rows], n, interpolate=interpolate)
+        # Records from elsewhere than prepare (which checks names) must not write outside.
+        affwild2.check_video_name(name, f"{out_dir}: the records' video {i}")
         path = out_dir / f"{name}.txt"
         path.write_text("\n".join(format_lines(head, name, per_frame, thresholds)) + "\n")
         paths.append(path)

@@ -170,3 +170,12 @@ def test_mtl_file_follows_the_test_list_and_fills_listed_images_without_a_crop(t
     # Without the list (records moved away from their annotations): the records' order.
     (data / "stats.json").write_text("{}")
     assert submission.mtl_test_images(data)[0] == ["a/00001.jpg", "b/00001.jpg", "b/00002.jpg"]
+
+
+def test_submission_files_never_leave_their_folder(tmp_path):
+    # Records not written by prepare (which checks names) may hold any video name.
+    out = tmp_path / "sub" / "va"
+    with pytest.raises(affwild2.DataError, match=r"video name '\.\./\.\./escaped'.*separator"):
+        submission.write_videos(out, "va", ["../../escaped"], np.zeros(3, np.int64),
+                                np.arange(1, 4), np.zeros((3, 2), np.float32), {})
+    assert not list(tmp_path.rglob("escaped*"))
