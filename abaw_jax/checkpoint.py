@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -227,7 +228,15 @@ class Checkpoints:
         items = {"state": ocp.args.PyTreeRestore(
             target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
             partial_restore=partial)}
-        state = self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+        try:
+            state = self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+        except ValueError as e:
+            if "DATA_LOSS" not in str(e):  # e.g. a changed model: not corruption
+                raise
+            # TensorStore's own CRC32C of its index (b-tree) nodes failed: say which file.
+            files = re.findall(r'local file "([^"]+)"', str(e).split("[tensorstore_spec")[0])
+            raise self._corrupt(step, "TensorStore cannot read it (DATA_LOSS"
+                                + (f" in {files[-1]})" if files else ")")) from e
         if partial:
             state = dataclasses.replace(abstract_state, **state)
         if checksums is not None:

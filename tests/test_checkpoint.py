@@ -217,3 +217,17 @@ def test_a_read_only_restore_warns_of_nothing(tmp_path, caplog):
         ckpt.save(6, _train_state(6))
     ckpt.close()
     assert checkpoint.Checkpoints(tmp_path).steps() == [2, 4]
+
+
+def test_a_damaged_tensorstore_index_is_a_corrupt_checkpoint(tmp_path):
+    # Bytes flipped in TensorStore's b-tree nodes fail its own CRC (DATA_LOSS) before ours.
+    _saved_run(tmp_path)
+    for f in (tmp_path / "4" / "state").rglob("d/*"):
+        data = bytearray(f.read_bytes())
+        data[len(data) // 3:len(data) // 3 + 64] = bytes(64)
+        f.write_bytes(bytes(data))
+    ckpt = checkpoint.Checkpoints(tmp_path, read_only=True)
+    with pytest.raises(checkpoint.CorruptCheckpointError,
+                       match=r"4 is corrupt: TensorStore cannot read it \(DATA_LOSS in .*/d/"):
+        ckpt.restore(4, TRAIN_ABSTRACT)
+    ckpt.close()
