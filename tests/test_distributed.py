@@ -5,12 +5,15 @@ Each run is a real `python -m abaw_jax.main` launch; the runs are shared by the 
 module fixture (about 6 launches, 20-40 s each on 2 cores with a warm compilation cache).
 """
 
+import contextlib
 import os
+import queue
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -70,23 +73,28 @@ def _launch(processes: int, devices: int, records_dir: Path, workdir: Path,
            "PYTHONUNBUFFERED": "1"}
     env.pop("XLA_FLAGS", None)  # local.sh sets the device count
     command = _command(records_dir, workdir, overrides, slow_peer)
-    proc = subprocess.Popen([LOCAL, str(processes), *command],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    lines, deadline = [], time.monotonic() + 400
+    # Its own session: a failed test kills every process of the launch, not just local.sh.
+    proc = subprocess.Popen([LOCAL, str(processes), *command], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [*map(lines.put, proc.stdout), lines.put(None)],
+                     daemon=True).start()
+    output, deadline = [], time.monotonic() + 400
     try:
-        for line in proc.stdout:
-            lines.append(line)
+        while (line := lines.get(timeout=max(deadline - time.monotonic(), 1))) is not None:
+            output.append(line)
             m = LOGGED_STEP.search(line)
             if terminate_after_step and m and int(m.group(1)) >= terminate_after_step:
                 proc.send_signal(signal.SIGTERM)
                 terminate_after_step = None
-            if time.monotonic() > deadline:
-                raise TimeoutError(_failure("".join(lines)))
         rc = proc.wait(timeout=60)
+    except (queue.Empty, subprocess.TimeoutExpired):  # a hung launch: say where it stood
+        raise TimeoutError(_failure("".join(output))) from None
     finally:
-        proc.kill()
-    output = "".join(lines)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    output = "".join(output)
     assert rc == 0, _failure(output)
     return output
 

@@ -57,6 +57,10 @@ def test_user_errors_are_one_line_and_the_traceback_is_a_flag(tmp_path):
     assert run.stderr.strip().splitlines()[-1] == (
         f"error: no checkpoints in {tmp_path / 'none' / 'checkpoints'}")
     assert "Traceback" not in run.stderr
+    # Nor the console's old noise: the tcmalloc advice (for train steps only), TensorFlow's
+    # oneDNN notice and absl's pre-init line (which came twice per process).
+    for noise in ("tcmalloc", "oneDNN", "absl::InitializeLog"):
+        assert noise not in run.stderr
     run = _main(*args, "--traceback")
     assert run.returncode == 1 and "Traceback" in run.stderr and "NoCheckpointError" in run.stderr
 

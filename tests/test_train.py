@@ -33,6 +33,8 @@ def test_train_checkpoint_resume_and_eval(tiny_records, tmp_path):
     assert ckpt.steps() == [2, 4] and ckpt.metrics(4)["score"] == pytest.approx(metrics["score"])
     ckpt.close()
     assert list(workdir.glob("events.out.tfevents.*"))  # TensorBoard
+    # The parameter table is a file (it was 156 of the console's 233 lines for DDAMFN).
+    assert "Total:" in (workdir / "parameters.txt").read_text()
     # A longer run on the same workdir resumes at step 4 and continues to 6.
     more = trainers.train_and_evaluate(tiny_config(tiny_records, total_steps=6), workdir)
     ckpt = checkpoint.Checkpoints(workdir / "checkpoints", read_only=True)
