@@ -132,9 +132,9 @@ def source_manifest(layout: affwild2.Layout, task: str,
     in place (the folder's own mtime would miss that). It cannot see an edit that keeps a file's
     size and mtime (a tool that restores the mtime; a rewrite within the file system's mtime
     granularity that keeps the size), nor changes outside the root's annotation files and
-    crops. Cost: one stat per file, ~2.3 us each with a warm page cache on the 2-core machine,
-    so ~7 s for 3M crops, per process and run start (`benchmarks/records.py` prints it);
-    keying on the folders only would cost ~1 ms but miss crops rewritten in place.
+    crops. Cost: one stat per file, 2.3-2.5 us each with a warm page cache on the 2-core
+    machine, so ~8 s for 3M crops, per process and run start (`benchmarks/records.py` prints
+    it); keying on the folders only would cost ~1 ms but miss crops rewritten in place.
     """
     files = [layout.test_list(task) if split == "test" else layout.task_dir(task, split)
              for split in splits]
