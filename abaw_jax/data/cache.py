@@ -188,8 +188,10 @@ def _builds(base: Path, name: str) -> list[Path]:
 
 def _remove_old_builds(base: Path, name: str) -> None:
     """Keeps the current build and the one before it (a run started earlier may still read it),
-    so that fixing the data again and again does not fill the disk."""
-    for old in _builds(base, name)[_KEEP_BUILDS:]:
+    so that fixing the data again and again does not fill the disk. `base/<name>` itself is a
+    build of the cache before content keys (records of unknown content): removed too."""
+    former = [base / name] if (base / name / "dataset_info.json").is_file() else []
+    for old in [*_builds(base, name)[_KEEP_BUILDS:], *former]:
         logging.info("removing the records of older data %s", old)
         shutil.rmtree(old, ignore_errors=True)
 
