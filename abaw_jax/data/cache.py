@@ -55,7 +55,7 @@ def _records_dir(path: Path, task: str) -> Path | None:
 def records_for(data: Mapping[str, Any], task: str, test: bool = False) -> Path:
     """The records folder (with dataset_info.json) of `task` for a config's `data` block: the
     train and validation splits, or with `test` the test split (the frames of the challenge's
-    test list), which the cache writes to a folder of its own (`<task>-test`)."""
+    test list), which the cache writes to a folder of its own (`<task>-test.<content key>`)."""
     if data.get("records"):
         return _given_records(Path(data["records"]), task, test)
     if data.get("root"):
