@@ -5,7 +5,9 @@ r"""Input pipeline throughput against its ceiling, and its memory over an epoch.
 Without --records it writes a synthetic Aff-Wild2 (24 videos x 300 frames) and its VA records to a
 temporary folder first. Prints frames/s of
   ceiling:        decode + augment of the same JPEGs in a bare loop (one core, no grain),
-  pipeline wN:    the training pipeline with N worker processes (0 = in the main process),
+  reads:          us per record of `RecordSource.read` with and without its CRC check,
+  pipeline wN:    the training pipeline with N worker processes (0 = in the main process; w0 also
+                  without the CRC check, side by side),
 and per-core efficiency (the ceiling's CPU time per frame over the pipeline's, every process and
 thread counted), plus the peak and first/last RSS of
 the whole process tree over the run (flat memory = no leak).
@@ -77,6 +79,19 @@ def ceiling(data: Path, n: int) -> float:
     return len(jpegs) / best
 
 
+def reads(data: Path) -> float:
+    """Seconds per `RecordSource.read` over the whole split, best of three."""
+    source = records.RecordSource(data, "train")
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for i in range(len(source)):
+            source.read(i)
+        best = min(best, time.perf_counter() - t0)
+    source.close()
+    return best / len(source)
+
+
 def run(data: Path, workers: int) -> tuple[float, float, list[int]]:
     """(frames/s, CPU seconds per frame over all processes, RSS samples)."""
     stream = pipeline.train_dataset(data, "train", batch_size=FLAGS.batch, seed=0,
@@ -113,12 +128,19 @@ def main(argv):
     print(f"records: {n} frames in {data}; cores: {cores}")
     print(f"ceiling: {top:.0f} frames/s per core (decode + augment, bare loop, "
           f"{1000 / top:.3f} ms/frame)")
-    for workers in sorted({0, 1, cores}):
+    checked = reads(data)
+    records.RecordSource.verify = False  # in this process only: the w0 line without the check
+    unchecked = reads(data)
+    print(f"reads: {checked * 1e6:.1f} us/record with the CRC check, {unchecked * 1e6:.1f} "
+          f"without ({(checked - unchecked) * top:.1%} of the ceiling's time per frame)")
+    for workers, verify in [(0, True), (0, False), *((w, True) for w in sorted({1, cores}))]:
+        records.RecordSource.verify = verify
         fps, cpu_per_frame, rss = run(data, workers)
         epochs = FLAGS.batches * FLAGS.batch / n
         # Per-core efficiency: the bare loop's CPU cost per frame over the pipeline's (all its
         # processes and threads counted), i.e. the share of the CPU doing decode + augment.
-        print(f"pipeline w{workers}: {fps:.0f} frames/s, {fps * cpu_per_frame:.2f} cores busy, "
+        print(f"pipeline w{workers}{'' if verify else ' without the CRC check'}: {fps:.0f} "
+              f"frames/s, {fps * cpu_per_frame:.2f} cores busy, "
               f"{1 / (top * cpu_per_frame):.0%} of the ceiling per core; rss peak "
               f"{max(rss) / 2**20:.0f} MiB, first {rss[0] / 2**20:.0f} MiB, last "
               f"{rss[-1] / 2**20:.0f} MiB over {epochs:.1f} epochs")

@@ -178,3 +178,67 @@ def test_a_test_list_naming_a_video_without_frames_is_an_error(tiny_tree, tmp_pa
     moved = affwild2.Layout(layout.annotations, layout.image_roots, tmp_path)
     with pytest.raises(affwild2.DataError, match="test video 'no_such_video' has no crops"):
         affwild2.curate(moved, "va", "test")
+
+
+def test_a_label_changed_in_place_fails_its_crc_naming_shard_and_record(tiny_records, tmp_path):
+    import shutil
+    import struct
+
+    copy = tmp_path / "va"
+    shutil.copytree(tiny_records, copy)
+    source = records.RecordSource(copy, "train")
+    shard, local = source.paths[1], 2  # a record inside a shard, not at its start
+    index = int(source._starts[1]) + local
+    framed_at = int(source._offsets[1][local])
+    data = bytearray(shard.read_bytes())
+    label = struct.pack("<f", float(source[index]["va"][0]))
+    at = data.index(label, framed_at + 12)  # the valence float inside this record's bytes
+    data[at:at + 4] = struct.pack("<f", 0.5)  # still a valid valence: only the CRC can tell
+    end = int(source._offsets[1][local + 1])
+    assert records.parse(bytes(data[framed_at + 12:end - 4]))["va"][0] == 0.5  # the label itself
+    shard.write_bytes(bytes(data))
+    fresh = records.RecordSource(copy, "train")
+    with pytest.raises(DataError, match=rf"{shard}: record {local} of this shard is corrupt "
+                                        r"\(TFRecord data CRC mismatch\)"):
+        fresh[index]
+    untouched = records.RecordSource(tiny_records, "train")
+    assert all(fresh.read(i) == untouched.read(i) for i in range(len(fresh)) if i != index)
+
+
+def test_array_record_hash_errors_name_shard_and_record(tiny_tree, tmp_path):
+    root, _ = tiny_tree
+    out = tmp_path / "ar"
+    prepare.prepare(affwild2.Layout.discover(root), "va", out, splits=["validation"],
+                    fmt="array_record", num_shards=1, workers=1, progress=False)
+    source = records.RecordSource(out, "validation")
+    shard = source.paths[0]
+    data = bytearray(shard.read_bytes())
+    middle = len(data) // 3
+    data[middle:middle + 4] = bytes(b ^ 0xFF for b in data[middle:middle + 4])
+    shard.write_bytes(bytes(data))
+    damaged = records.RecordSource(out, "validation")
+    errors = []
+    for i in range(len(damaged)):
+        try:
+            damaged.read(i)
+        except DataError as e:
+            errors.append(str(e))
+    assert errors and all(e.startswith(f"{shard}: record ") and "corrupt" in e for e in errors)
+
+
+def test_the_task_is_written_and_else_read_from_the_data(tiny_tree, tiny_records, tmp_path):
+    import shutil
+
+    assert json.loads((tiny_records / records.METADATA_FILE).read_text()) == {"task": "va"}
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_records, bare)
+    (bare / records.METADATA_FILE).unlink()
+    (bare / "stats.json").unlink()
+    assert records.written_task(bare) == "va"  # from the masks of the records
+    root, _ = tiny_tree
+    mtl = tmp_path / "mtl"
+    prepare.prepare(affwild2.Layout.discover(root), "mtl", mtl, splits=["validation"], workers=1,
+                    progress=False)
+    (mtl / records.METADATA_FILE).unlink()
+    (mtl / "stats.json").unlink()
+    assert records.written_task(mtl) == "mtl"

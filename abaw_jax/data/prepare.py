@@ -169,10 +169,10 @@ def prepare(layout: affwild2.Layout, task: str, out: str | os.PathLike,
             st["records"] = sum(lengths[split])
             stats[split] = st
     finally:
-        if pool:
-            pool.close()
+        if pool:  # idle after the last split; on an error, Ctrl-C or SIGTERM: stop writing now
+            pool.terminate()
             pool.join()
-    records.write_metadata(out, lengths, sizes, fmt, description=(
+    records.write_metadata(out, lengths, sizes, fmt, task, description=(
         f"Aff-Wild2 {task} frames curated by abaw_jax (strict={strict}, seed={seed})."))
     summary = {"task": task, "strict": strict, "seed": seed, "format": fmt,
                "annotations": str(layout.annotations),

@@ -5,7 +5,11 @@ exactly as stored on disk, the video name, the 1-based frame number, the labels 
 validity mask per task. A records folder is a TFDS dataset (`tfds.builder_from_directory(folder)`
 reads it) plus, for TFRecord shards, one offset index per shard (`<shard>.idx`: little-endian int64
 offsets of every record and of the end of file) that gives grain random access. ArrayRecord shards
-need no index.
+need no index. `metadata.json` (TFDS's metadata file) names the task the records were curated for.
+
+Every record read is verified: TFRecord's masked CRC32C of its length and of its data here,
+ArrayRecord's (Riegeli's) chunk hashes by its reader. A corrupt record is a `DataError` naming
+the shard and the record, never a silently wrong example.
 
 Neither writing nor reading imports TensorFlow (a multi-second import in every worker).
 """
@@ -28,6 +32,7 @@ from abaw_jax.data.affwild2 import AU_NAMES, DataError, FrameTable
 DATASET_NAME = "affwild2"
 FORMATS = ("tfrecord", "array_record")
 _TFRECORD_OVERHEAD = 16  # uint64 length + uint32 crc(length) + data + uint32 crc(data)
+METADATA_FILE = "metadata.json"  # TFDS's; written with {"task": ...}
 
 
 @functools.cache
@@ -108,6 +113,19 @@ def _masked_crc(data: bytes) -> bytes:
     return struct.pack("<I", (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
 
 
+def _unframe(framed: bytes, size: int) -> bytes:
+    """The data of one framed TFRecord (`_frame_tfrecord`'s layout) after checking its CRCs;
+    ValueError says what is wrong."""
+    if len(framed) != size:
+        raise ValueError(f"only {len(framed)} of its {size} bytes are readable")
+    header, data = framed[:8], framed[12:-4]
+    if framed[8:12] != _masked_crc(header) or struct.unpack("<Q", header)[0] != len(data):
+        raise ValueError("its length or the length's CRC does not match the offset index")
+    if framed[-4:] != _masked_crc(data):
+        raise ValueError("TFRecord data CRC mismatch")
+    return data
+
+
 def _frame_tfrecord(record: bytes) -> bytes:
     """TFRecord framing: length, masked CRC32C of the length, data, masked CRC32C of the data.
 
@@ -143,8 +161,9 @@ def write_shard(path: str | os.PathLike, records: Iterator[bytes], fmt: str) -> 
 
 
 def write_metadata(out: Path, split_lengths: dict[str, list[int]], split_bytes: dict[str, int],
-                   fmt: str, description: str) -> None:
-    """TFDS metadata (dataset_info.json, features.json) for the shards already in `out`."""
+                   fmt: str, task: str, description: str) -> None:
+    """TFDS metadata (dataset_info.json, features.json, metadata.json with the task) for the
+    shards already in `out`."""
     import tensorflow_datasets as tfds
 
     template = tfds.core.ShardedFileTemplate(
@@ -155,7 +174,8 @@ def write_metadata(out: Path, split_lengths: dict[str, list[int]], split_bytes: 
               for s, lengths in split_lengths.items()]
     tfds.folder_dataset.write_metadata(data_dir=out, features=features(), split_infos=splits,
                                        filename_template=template, check_data=False,
-                                       description=description)
+                                       description=description,
+                                       metadata=tfds.core.MetadataDict(task=task))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,11 +200,37 @@ def read_info(data_dir: str | os.PathLike) -> dict:
     return {"format": fmt, "splits": splits}
 
 
+def written_task(data_dir: str | os.PathLike, sample: int = 256) -> str | None:
+    """The task a records folder was curated for: from its metadata.json, else (folders written
+    before it existed) its stats.json, else from the data: the tasks whose validity mask is set
+    in the first `sample` records of a labelled split (one task -> it; several -> mtl). None when
+    nothing says (a folder with only the test split, which has no labels)."""
+    data_dir = Path(data_dir)
+    for name in (METADATA_FILE, "stats.json"):
+        path = data_dir / name
+        if path.is_file() and "task" in (written := json.loads(path.read_text())):
+            return written["task"]
+    splits = read_info(data_dir)["splits"]
+    for split in ("train", "validation"):
+        if split in splits:
+            source = RecordSource(data_dir, split)
+            examples = [source[i] for i in range(min(sample, len(source)))]
+            source.close()
+            tasks = [head for head, mask in zip(schema.HEADS, schema.MASKS, strict=True)
+                     if any(ex[mask] for ex in examples)]
+            if tasks:
+                return tasks[0] if len(tasks) == 1 else "mtl"
+    return None
+
+
 class RecordSource:
     """Random access to the records of one split: `len`, and `source[i]` -> parsed example.
 
     Picklable (file handles open lazily in each process), so grain can hand it to its workers.
     """
+
+    # Check TFRecord CRCs on every read. Off only in benchmarks/pipeline.py, to print its cost.
+    verify: bool = True
 
     def __init__(self, data_dir: str | os.PathLike, split: str):
         info = read_info(data_dir)
@@ -218,16 +264,28 @@ class RecordSource:
         return {**self.__dict__, "_files": {}}
 
     def read(self, index: int) -> bytes:
-        """The serialised record at a global index."""
+        """The serialised record at a global index, its checksums verified."""
         if not 0 <= index < len(self):
             raise IndexError(f"record {index} out of range for {len(self)} records")
         shard = int(np.searchsorted(self._starts, index, side="right")) - 1
         local = index - int(self._starts[shard])
         if self.format == "array_record":
-            return self._file(shard).read([local])[0]
+            try:
+                return self._file(shard).read([local])[0]
+            except RuntimeError as e:  # Riegeli's "chunk data hash mismatch" and kin
+                raise self._corrupt(shard, local, str(e).split(";")[0]) from None
         start, end = self._offsets[shard][local], self._offsets[shard][local + 1]
-        data = os.pread(self._file(shard), int(end - start), int(start))
-        return data[12:-4]
+        framed = os.pread(self._file(shard), int(end - start), int(start))
+        if not self.verify:
+            return framed[12:-4]
+        try:
+            return _unframe(framed, int(end - start))
+        except ValueError as e:
+            raise self._corrupt(shard, local, str(e)) from None
+
+    def _corrupt(self, shard: int, local: int, why: str) -> DataError:
+        return DataError(f"{self.paths[shard]}: record {local} of this shard is corrupt ({why}); "
+                         "write the records again with prepare")
 
     def _file(self, shard: int):
         if shard not in self._files:
