@@ -43,7 +43,7 @@ class Preemption:
     def check(self, what: str) -> None:
         """Raises `Preempted` if SIGTERM arrived (before the first step: `what` says where)."""
         if self._flag.is_set():
-            raise Preempted(f"SIGTERM during {what}")
+            raise Preempted(what)
 
     def reached(self, step: int) -> bool:
         if jax.process_count() == 1:

@@ -103,17 +103,17 @@ def test_synthetic_default_says_what_it_does(tmp_path, monkeypatch, caplog, capf
 
 _SLOW_BUILD = """
 import os, sys, time
-from abaw_jax.data import affwild2, cache
+from abaw_jax.data import cache, prepare
 os.cpu_count = lambda: 2  # prepare's writer pool, even on a 1-core machine
-curate, calls = affwild2.curate, []
+write_split, calls = prepare.write_split, []
 
-def slow_curate(*args, **kwargs):  # the train shards are written; hold before validation
+def slow_write_split(*args, **kwargs):  # the train shards are written; hold before validation
     calls.append(args)
     if len(calls) == 2:
         time.sleep(600)
-    return curate(*args, **kwargs)
+    return write_split(*args, **kwargs)
 
-affwild2.curate = slow_curate
+prepare.write_split = slow_write_split
 cache.records_for({"root": sys.argv[1]}, "va")
 """
 

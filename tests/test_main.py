@@ -3,6 +3,8 @@ one `error:` line (the traceback with --traceback), progress lines with an hones
 
 import errno
 import logging
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +22,33 @@ def _main(*args: str) -> subprocess.CompletedProcess:
     """`python -m abaw_jax.main ARGS` (8 fake devices: conftest's XLA_FLAGS are inherited)."""
     return subprocess.run([sys.executable, "-m", "abaw_jax.main", *args], cwd=ROOT, text=True,
                           capture_output=True, timeout=600)
+
+
+def test_sigterm_during_start_up_exits_0_with_preempted_and_leaves_no_half_cache(
+        tiny_tree, tmp_path):
+    # SIGTERM while the data cache is prepared (the first minutes of a first run): the writers
+    # stop, the half-written folder goes, PREEMPTED says so and the exit status asks a requeue.
+    workdir, cache_dir = tmp_path / "run", tmp_path / "cache"
+    env = {**os.environ, "ABAW_JAX_CACHE": str(cache_dir)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "abaw_jax.main", "--config=configs/va.py", f"--workdir={workdir}",
+         f"--config.data.root={tiny_tree[0]}"], cwd=ROOT, env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        output = []
+        for line in proc.stdout:  # the build logs its start; signal it then
+            output.append(line)
+            if "preparing the train/validation records" in line:
+                proc.send_signal(signal.SIGTERM)
+                break
+        output += proc.stdout.readlines()
+        assert proc.wait(timeout=300) == 0, "".join(output)
+    finally:
+        proc.kill()
+    output = "".join(output)
+    assert "SIGTERM during start-up" in output and "Traceback" not in output, output
+    assert (workdir / "PREEMPTED").read_text() == "start-up\n"
+    assert not list(cache_dir.glob("records-*/*.tmp-*")) and not (workdir / "checkpoints").exists()
 
 
 @pytest.mark.parametrize("key, value, message", [

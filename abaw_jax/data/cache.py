@@ -231,8 +231,12 @@ def _build_once(target: Path, build: Callable[[Path], Any]) -> Path:
 def _sigterm_raises(tmp: Path) -> Iterator[None]:
     """SIGTERM raises `Terminated` in the main thread, so that the prepare workers are stopped
     and `tmp` is removed on the way out; a handler installed before (e.g. the trainer's
-    preemption flag) is called first. Elsewhere than the main thread, signals stay as they are."""
-    if threading.current_thread() is not threading.main_thread():
+    preemption flag) is called first. Elsewhere than the main thread, signals stay as they are;
+    so do they with several processes, where JAX's preemption service holds SIGTERM (a Python
+    handler would replace its handler, and restoring Python's record of the previous one, the
+    default action, would not give it back): the run stops at its first step there."""
+    if (threading.current_thread() is not threading.main_thread()
+            or jax.process_count() > 1):
         yield
         return
     previous = signal.getsignal(signal.SIGTERM)

@@ -69,9 +69,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, trainer: ModuleT
     preemption = preemption_lib.Preemption()  # from here on SIGTERM stops the run cleanly
     try:
         return _run(config, workdir, trainer, mesh, preemption)
-    except preemption_lib.Preempted as e:
+    except (preemption_lib.Preempted, cache.Terminated) as e:  # the latter: while preparing
         _mark_preempted(workdir, None)
-        logging.warning("%s: stopped before the first step (run the same command to resume)", e)
+        logging.warning("SIGTERM during start-up (%s): stopped before the first step (run the "
+                        "same command to resume)",
+                        e if isinstance(e, preemption_lib.Preempted) else "the data preparation")
         return {}
     finally:
         preemption.close()
