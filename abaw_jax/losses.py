@@ -55,6 +55,27 @@ def binary_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array,
     return _masked_mean(jnp.mean(losses, -1), mask)
 
 
+def contrastive(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
+    """CLIP's symmetric contrastive loss (ABAW-8's CLIP system, eqs. 1-3) from the (B, C)
+    similarities of each image to each class prompt (cosine / temperature).
+
+    The batch's pairs are (image i, prompt of its class y_i), so S[i, j] = logits[i, y_j]; images
+    that share a class share their prompt, hence soft targets: uniform over the valid frames of
+    the same class. L_img is the cross-entropy of each row of S, L_text of each column; the loss
+    is their mean, over valid frames only (masked ones are neither pairs nor negatives).
+    """
+    valid = mask.astype(bool)
+    sim = logits[:, labels]  # S[i, j]: image i against the prompt of pair j
+    pair = (labels[:, None] == labels[None, :]) & valid[:, None] & valid[None, :]
+    targets = pair / jnp.maximum(jnp.sum(pair, 1, keepdims=True), 1)
+    neg_inf = jnp.finfo(logits.dtype).min
+    rows = jnp.where(valid[None, :], sim, neg_inf)  # image i against every valid pair's prompt
+    cols = jnp.where(valid[None, :], sim.T, neg_inf)  # prompt of pair i against every image
+    img = -jnp.sum(targets * jax.nn.log_softmax(rows, -1), -1)
+    text = -jnp.sum(targets * jax.nn.log_softmax(cols, -1), -1)
+    return _masked_mean((img + text) / 2, valid)
+
+
 def head_diversity(heads: Sequence[jax.Array]) -> jax.Array:
     """DDAMFN's attention-head loss: n_pairs / (sum of pairwise MSE + eps); 0 for one head.
 
@@ -81,11 +102,16 @@ def _au_bce(out: jax.Array, batch: Mapping[str, jax.Array], opts: Mapping[str, A
     return binary_cross_entropy(out, batch["au"], batch["au_mask"], opts.get("pos_weight"))
 
 
+def _expr_contrastive(out: jax.Array, batch: Mapping[str, jax.Array], opts: Mapping[str, Any]
+                      ) -> jax.Array:
+    return contrastive(out, batch["expr"], batch["expr_mask"])
+
+
 # The losses a head can train with, picked by `config.loss.<head>`: (head output, batch with the
 # labels and masks, config.loss) -> scalar.
 HEAD_LOSSES: dict[str, dict[str, Callable[..., jax.Array]]] = {
     "va": {"ccc": _va_ccc},
-    "expr": {"ce": _expr_ce},
+    "expr": {"ce": _expr_ce, "contrastive": _expr_contrastive},
     "au": {"bce": _au_bce},
 }
 

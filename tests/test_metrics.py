@@ -98,6 +98,35 @@ def test_cross_entropy_and_bce_with_weights_match_formulas():
     assert float(got) == pytest.approx(want, rel=1e-5)
 
 
+def test_contrastive_loss_matches_equations_1_to_3_with_shared_classes_and_masked_frames():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(6, 8)) * 3
+    labels = np.array([2, 5, 2, 7, 5, 1])  # classes 2 and 5 shared by two images each
+    mask = np.array([True, True, True, False, True, True])  # frame 3 is not a pair at all
+    pairs = [i for i in range(6) if mask[i]]
+    # S[i, j]: image i against the prompt of pair j; soft targets over pairs of one class.
+    s = np.array([[logits[i, labels[j]] for j in pairs] for i in pairs])
+    t = np.array([[float(labels[i] == labels[j]) for j in pairs] for i in pairs])
+    t /= t.sum(1, keepdims=True)
+
+    def ce(rows):
+        log_p = rows - np.log(np.exp(rows).sum(1, keepdims=True))
+        return -(t * log_p).sum(1).mean()
+
+    expected = (ce(s) + ce(s.T)) / 2  # (L_img + L_text) / 2
+    got = losses.contrastive(jnp.asarray(logits, jnp.float32), jnp.asarray(labels),
+                             jnp.asarray(mask))
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    # A masked frame's logits change nothing; with no valid frame the loss is 0.
+    moved = logits.copy()
+    moved[3] += 100
+    np.testing.assert_allclose(losses.contrastive(jnp.asarray(moved, jnp.float32),
+                                                  jnp.asarray(labels), jnp.asarray(mask)),
+                               expected, rtol=1e-5)
+    assert float(losses.contrastive(jnp.asarray(logits), jnp.asarray(labels),
+                                    jnp.zeros(6, bool))) == 0.0
+
+
 def test_head_diversity():
     a, b, c = (jnp.asarray(RNG.random((2, 7, 7, 4)), jnp.float32) for _ in range(3))
     mse = lambda u, v: float(jnp.mean((u - v) ** 2))  # noqa: E731
@@ -141,6 +170,7 @@ def test_submission_fill_and_lines():
 def test_head_losses_are_picked_by_name():
     task = tasks.get("mtl")
     task.check_losses({"va": "ccc", "expr": "ce", "au": "bce"})
-    with pytest.raises(KeyError, match=r"loss.expr='focal' is not a loss of head 'expr'.*\['ce'\]"):
+    with pytest.raises(KeyError, match=r"loss.expr='focal' is not a loss of head 'expr'.*"
+                                       r"\['ce', 'contrastive'\]"):
         task.check_losses({"expr": "focal"})
     assert losses.head_loss("va", "ccc") is losses.HEAD_LOSSES["va"]["ccc"]

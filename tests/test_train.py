@@ -24,9 +24,13 @@ from abaw_jax.data import affwild2, augment, cache, prepare, records
 from abaw_jax.trainers import loop, supervised
 
 
-def test_train_checkpoint_resume_and_eval(tiny_records, tmp_path):
+def test_train_checkpoint_resume_and_eval(tiny_records, tmp_path, caplog):
     workdir = tmp_path / "run"
-    metrics = trainers.train_and_evaluate(tiny_config(tiny_records), workdir)
+    with caplog.at_level("INFO"):
+        metrics = trainers.train_and_evaluate(tiny_config(tiny_records), workdir)
+    # The console says that `loss` is weighted and its logged parts are not.
+    assert "each `loss_<part>` is logged unweighted (weights other than 1: {'head': 0.1})" in (
+        caplog.text)
     assert set(metrics) >= {"va/ccc_valence", "va/ccc_arousal", "va/ccc_mean", "score"}
     assert metrics["va/frames"] == len(records.RecordSource(tiny_records, "validation"))
     ckpt = checkpoint.Checkpoints(workdir / "checkpoints", read_only=True)

@@ -10,7 +10,9 @@ model; they call through it and nothing else:
   `rngs` (dropout, masking), and returns a dict: one entry per requested output (task heads) and,
   when it has any, `"losses": {name: scalar}`: its own extra losses, which the trainer adds with
   `loss.<name>_weight` from `loss.<name>_start_step`.
-- `preprocess`: the image size and the mean / std (as fractions of 255) of its "image" input.
+- `preprocess`: the image size and the mean / std (as fractions of 255) of its "image" input;
+  or, for a family whose image size depends on the model built (CLIP's config), a function of
+  the model giving it.
 - `embed(model, inputs)`: a frame's embedding (N, D) for the feature cache (`--mode=extract`).
 - `backbone`: regexes over parameter paths of the part that cached embeddings replace (frozen by
   construction when a run trains on them, and copied from the extracting model).
@@ -68,7 +70,7 @@ class Preprocess:
 class Family:
     name: str
     build: Callable[..., nnx.Module]
-    preprocess: Preprocess | None = None
+    preprocess: Preprocess | Callable[[nnx.Module], Preprocess] | None = None
     embed: Callable[[nnx.Module, Inputs], jax.Array] | None = None
     backbone: tuple[str, ...] = ()
     frozen: tuple[str, ...] = ()
@@ -83,7 +85,10 @@ class Family:
 
     def image_preprocess(self, model: nnx.Module) -> Preprocess | None:
         frame = self.frame_model(model)
-        return frame[0].preprocess if frame else None
+        if frame is None or frame[0].preprocess is None:
+            return None
+        preprocess = frame[0].preprocess
+        return preprocess if isinstance(preprocess, Preprocess) else preprocess(frame[1])
 
     def load_into(self, model: nnx.Module, path: str | Path) -> Any:
         """init_from: converted weights into the frame model."""
