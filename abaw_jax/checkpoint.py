@@ -91,9 +91,17 @@ def _json_crc(value: Any) -> int | None:
 def _array_crcs(state: Any) -> dict[str, str]:
     """'dtype:crc32c' of every array's bytes, by its path in `state`. The train state is
     replicated (`state.state_sharding`), so any process's host copy holds every value."""
-    leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(state))
+    leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(jax.tree.map(_key_data, state)))
     return {jax.tree_util.keystr(path): _array_crc(np.ascontiguousarray(x))
             for path, x in leaves}
+
+
+def _key_data(x: Any) -> Any:
+    """A PRNG key array's bits (a model's dropout `Rngs` state holds keys, which have no bytes
+    of their own on the host)."""
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(x)
+    return x
 
 
 def _array_crc(x: np.ndarray) -> str:

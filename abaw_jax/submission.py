@@ -117,7 +117,7 @@ def mtl_test_images(data_dir: str | Path) -> tuple[list[str], str]:
         except affwild2.DataError:
             path = None
         if path is not None:
-            return affwild2.read_test_list(path), str(path)
+            return affwild2.read_test_list(path, images=True), str(path)
     videos, video, frame = records.read_frame_index(data_dir, "test")
     return ([f"{videos[v]}/{f:05d}.jpg" for v, f in zip(video, frame, strict=True)],
             f"{data_dir} (test records in video, frame order: no test list found)")

@@ -44,7 +44,8 @@ def test_mtl_predict_writes_the_checked_annotation_layout_and_eval_names_its_ste
     assert (workdir / "eval/validation-step2/au_f1.png").is_file()
 
     out = predict.run(config, workdir) / "mtl"
-    listed = affwild2.read_test_list(root / "test_lists" / "MTL_Challenge_test_set_release.txt")
+    listed = affwild2.read_test_list(root / "test_lists" / "MTL_Challenge_test_set_release.txt",
+                                     images=True)
     # One file in the layout of the multi-task annotation file: its reader takes it back, one
     # line per listed image in the list's order, expression 0-7 and AUs 0/1.
     ann = affwild2.read_mtl_annotation(out / submission.MTL_FILE)
