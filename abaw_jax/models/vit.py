@@ -65,14 +65,19 @@ class Attention(nnx.Module):
         """x (B, L, D); mask broadcastable to (B, heads, L, L), True where a query attends."""
         b, length, width = x.shape
         split = (b, length, self.heads, width // self.heads)
-        q = self.q_proj(x).reshape(split) * (split[-1] ** -0.5)
-        k = self.k_proj(x).reshape(split)
-        v = self.v_proj(x).reshape(split)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+
+        # Heads first (B, H, L, d): XLA:CPU's batched dots want leading batch dimensions. With
+        # (B, L, H, d) operands it transposed inside each product: the attention of a ViT-B/16
+        # layer (batch 32) took 221 ms against 85 ms, 130 ms with these explicit transposes.
+        def heads(dense, scale=1.0):
+            return (dense(x).reshape(split) * scale).transpose(0, 2, 1, 3)
+
+        q, k, v = heads(self.q_proj, split[-1] ** -0.5), heads(self.k_proj), heads(self.v_proj)
+        logits = jnp.matmul(q, k.swapaxes(-1, -2), preferred_element_type=jnp.float32)
         if mask is not None:  # the lowest finite value, as transformers: no NaN for empty rows
             logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
         weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+        out = (weights @ v).transpose(0, 2, 1, 3)
         return self.out_proj(out.reshape(b, length, width))
 
 
