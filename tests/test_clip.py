@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from safetensors.numpy import load_file, save_file
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 from transformers.activations import ACT2FN
@@ -16,7 +17,7 @@ from transformers.activations import ACT2FN
 from abaw_jax import convert
 from abaw_jax.convert import clip as conv
 from abaw_jax.errors import ConfigError, WeightsError
-from abaw_jax.models import vit
+from abaw_jax.models import clip, vit
 
 TOL = 1e-4
 # Character tokens, two merges ("fa", "face</w>"), and CLIP's specials with EOS as the last id.
@@ -203,3 +204,18 @@ def test_build_random(tmp_path):
     vision = _vision(out)
     assert vision(jnp.asarray(_images()))["image_embeds"].shape == (3, 16)
     assert conv.random_config("b16")["vision_config"]["patch_size"] == 16
+
+
+def test_bfloat16_compute_keeps_float32_params(tmp_path):
+    """dtype=bfloat16 computes in bfloat16 from the same float32 parameters, close to float32."""
+    out = conv.build_random(tmp_path / "out", "tiny", seed=0)
+    config = convert.read_meta(out)["config"]
+    images = jnp.asarray(_images())
+    want = _vision(out)(images)["image_embeds"]
+    model = nnx.eval_shape(lambda: clip.CLIP(config, text=False, dtype=jnp.bfloat16,
+                                             rngs=nnx.Rngs(0)))
+    convert.load_into(model, out)
+    got = model.vision(images)["image_embeds"]
+    assert got.dtype == jnp.bfloat16
+    assert model.vision.visual_projection.kernel[...].dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=0.1, rtol=0.1)
