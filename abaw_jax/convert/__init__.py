@@ -24,7 +24,7 @@ from flax import nnx
 
 from abaw_jax.errors import NotFoundError, WeightsError
 
-FAMILIES = {"ddamfn": "abaw_jax.convert.ddamfn"}
+FAMILIES = {"ddamfn": "abaw_jax.convert.ddamfn", "clip": "abaw_jax.convert.clip"}
 
 USAGE = f"usage: python -m abaw_jax.convert {{{','.join(FAMILIES)}}} [flags] (--help per family)"
 
