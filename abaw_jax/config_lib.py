@@ -13,6 +13,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from abaw_jax.errors import ConfigError
+from abaw_jax.models import clip as clip_lib
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
@@ -179,6 +180,38 @@ def temporal(task: str, arg: str | None = "", head: str = "lstm") -> ml_collecti
     c.data.clip_stride = 16 if real else 4  # half-overlapping windows
     c.batch_size = 16 if real else 4
     c.eval_batch_size = 32 if real else 8
+    return c
+
+
+def clip(task: str, arg: str | None = "", head: str | None = None) -> ml_collections.ConfigDict:
+    """ABAW-8's CLIP systems (configs/clip/): the frozen CLIP image tower and the contrastive
+    prompt head (`head=None`), or an LSTM over the tower's embeddings (`head="lstm"`).
+    Arguments: `real` (the papers' scale), `weights=<converted folder>` (else a tiny random
+    CLIP). The towers are frozen: `--config.data.features=<extract output>` trains on cached
+    embeddings."""
+    args = parse_arg(arg, real=False, weights="")
+    c = experiment(task, "real" if args.real else "")
+    frame = {"name": "clip", "hidden": 512, "temperature": 0.07, "learn_temperature": False,
+             # the tower's config, mean and std: kept in the workdir's config.json
+             **(clip_lib.model_kwargs(args.weights) if args.weights else {"clip": None})}
+    if head is None:
+        c.model = ml_collections.ConfigDict(frame)
+        c.loss.expr = "contrastive"
+    else:  # the LSTM's per-frame task layer trains with cross-entropy
+        c.model = ml_collections.ConfigDict({
+            "name": head, "backbone": "clip", "hidden": 512, "layers": 1, "bidirectional": False,
+            "backbone_kwargs": {k: v for k, v in frame.items() if k != "name"}})
+        # The public code's clips of 100 frames every 20; an eighth of that on the CPU demo.
+        c.data.clip_length, c.data.clip_stride = (100, 20) if args.real else (16, 8)
+        c.batch_size, c.eval_batch_size = (16, 32) if args.real else (8, 8)
+    if not args.real:  # the random tower trains with the head (see models/clip.py)
+        c.total_steps, c.optim.lr = 1000, 3e-3
+    c.init_from = args.weights or None  # the tower and the prompts
+    # Flips only: no erasing or affine jitter of what a frozen tower sees.
+    c.augment = ml_collections.ConfigDict({"flip": 0.5, "affine_prob": 0.0, "erase_prob": 0.0})
+    if args.real:
+        c.optim.lr = 1e-4
+    c.loss.head_weight = 0.0  # DDAMFN's attention-head loss: no such heads here
     return c
 
 

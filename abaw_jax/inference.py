@@ -26,7 +26,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from abaw_jax import convert, metrics, models, parallel
+from abaw_jax import convert, heads, metrics, models, parallel, tasks
 from abaw_jax import state as state_lib
 from abaw_jax.data import augment
 from abaw_jax.errors import NotFoundError
@@ -129,4 +129,7 @@ def _from_converted(directory: Path) -> Predictor:
 
 
 def _pick(names: tuple[str, ...]) -> Callable[[Mapping], dict]:
-    return lambda out: {k: out[k] for k in names}
+    """The converted model's outputs: a task head's as the task predicts it (EXPR class
+    probabilities from CLIP's prompt similarities), others raw (DDAMFN's `logits`)."""
+    task = tasks.Task("converted", tuple(n for n in names if n in heads.HEADS), "")
+    return lambda out: {**{k: out[k] for k in names}, **task.predict(out)}

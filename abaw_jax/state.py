@@ -124,7 +124,7 @@ def _inputs_and_frozen(config: ml_collections.ConfigDict, family: models.Family,
     `data.features` is set and the model does not take features itself; then its backbone is
     frozen by construction (it is not even run)."""
     name, inputs = config.model.name, tuple(model.inputs)
-    frozen = (*(config.optim.get("freeze") or ()), *family.frozen)
+    frozen = (*(config.optim.get("freeze") or ()), *family.frozen_patterns(model))
     cached = bool(feature_dirs(config))
     replaced = cached and "features" not in inputs
     if replaced:

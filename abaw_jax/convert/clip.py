@@ -43,10 +43,15 @@ from abaw_jax import convert
 from abaw_jax.data.affwild2 import EXPR_NAMES
 from abaw_jax.errors import ConfigError, NotFoundError, WeightsError
 from abaw_jax.models import clip
+from abaw_jax.models.clip import (  # noqa: F401  (the folder form, re-exported)
+    CLIP_MEAN,
+    CLIP_STD,
+    PROMPT_EMBEDS_FILE,
+    PROMPTS_FILE,
+    load_prompts,
+)
 
-FAMILY = "clip"
-PROMPTS_FILE = "prompts.json"
-PROMPT_EMBEDS_FILE = "prompt_embeds.npy"
+FAMILY = clip.FAMILY
 
 # The ABAW-8 CLIP system's public wording, one per class of EXPR_NAMES.
 DEFAULT_PROMPTS = ("A face showing neutrality.", "A face showing anger.",
@@ -54,8 +59,6 @@ DEFAULT_PROMPTS = ("A face showing neutrality.", "A face showing anger.",
                    "A face showing happiness.", "A face showing sadness.",
                    "A face showing surprise.", "A face showing an undefined emotion.")
 # transformers' CLIPImageProcessor defaults (OPENAI_CLIP_MEAN / STD).
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # Model path prefix -> key prefix; the projections sit at the top of transformers' CLIPModel.
 _PREFIXES = (("vision.visual_projection.", "visual_projection."), ("vision.", "vision_model."),
@@ -204,22 +207,13 @@ def write(out: str | Path, model: clip.CLIP, config: Mapping, prompts: Sequence[
     state = nnx.to_pure_dict(nnx.state(model))
     state.pop("text", None)
     meta = {"family": FAMILY, "model": FAMILY, "config": dict(config),
-            "image_size": model.vision.image_size, **meta}
+            "image_size": model.vision.image_size, "outputs": {"expr": len(prompts)},
+            "model_kwargs": {"clip": clip.vision_spec(config), "mean": list(meta["mean"]),
+                             "std": list(meta["std"])}, **meta}
     out = convert.save(out, state, meta, overwrite=overwrite)
     (out / PROMPTS_FILE).write_text(json.dumps(list(prompts), indent=2) + "\n")
     np.save(out / PROMPT_EMBEDS_FILE, np.asarray(embeds, np.float32))
     return out
-
-
-def load_prompts(directory: str | Path) -> tuple[list[str], np.ndarray]:
-    """(prompts, their (8, projection_dim) embeddings) of a converted CLIP folder."""
-    directory = Path(directory)
-    convert.read_meta(directory, FAMILY)
-    paths = [directory / PROMPTS_FILE, directory / PROMPT_EMBEDS_FILE]
-    for path in paths:
-        if not path.is_file():
-            raise NotFoundError(f"{directory}: no {path.name} (convert the model again)")
-    return json.loads(paths[0].read_text()), np.load(paths[1])
 
 
 def convert_folder(hf_dir: str | Path, out: str | Path, prompts: Sequence[str] | None = None,

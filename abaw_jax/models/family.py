@@ -16,7 +16,8 @@ model; they call through it and nothing else:
 - `embed(model, inputs)`: a frame's embedding (N, D) for the feature cache (`--mode=extract`).
 - `backbone`: regexes over parameter paths of the part that cached embeddings replace (frozen by
   construction when a run trains on them, and copied from the extracting model).
-- `frozen`: regexes over parameter paths the family never trains (e.g. CLIP's towers).
+- `frozen`: regexes over parameter paths the family never trains (e.g. CLIP's towers); or a
+  function of the model giving them (CLIP trains a random tower, which has nothing to keep).
 - `load_weights(model, path)`: loads a `python -m abaw_jax.convert` output (`init_from`).
 - `clips`: the model takes clips (B, T, ...) and gives per-frame outputs (B, T, ...).
 - A frame family (one with `embed`) whose models other families wrap (a temporal head's
@@ -73,7 +74,7 @@ class Family:
     preprocess: Preprocess | Callable[[nnx.Module], Preprocess] | None = None
     embed: Callable[[nnx.Module, Inputs], jax.Array] | None = None
     backbone: tuple[str, ...] = ()
-    frozen: tuple[str, ...] = ()
+    frozen: tuple[str, ...] | Callable[[nnx.Module], tuple[str, ...]] = ()
     load_weights: Callable[[nnx.Module, str | Path], Any] = convert.load_into
     clips: bool = False
     frame: Callable[[nnx.Module], tuple[Family, nnx.Module] | None] | None = None
@@ -89,6 +90,9 @@ class Family:
             return None
         preprocess = frame[0].preprocess
         return preprocess if isinstance(preprocess, Preprocess) else preprocess(frame[1])
+
+    def frozen_patterns(self, model: nnx.Module) -> tuple[str, ...]:
+        return self.frozen if isinstance(self.frozen, tuple) else self.frozen(model)
 
     def load_into(self, model: nnx.Module, path: str | Path) -> Any:
         """init_from: converted weights into the frame model."""

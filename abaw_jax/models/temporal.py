@@ -156,5 +156,15 @@ def frame(model: _Temporal) -> tuple[Family, nnx.Module] | None:
     return family_lib.get(model.backbone_name), model.backbone
 
 
+def frozen(model: _Temporal) -> tuple[str, ...]:
+    """What the backbone's family never trains (e.g. CLIP's pretrained tower), under `backbone/`."""
+    found = frame(model)
+    if found is None:
+        return ()
+    return tuple(f"^backbone/{p[1:]}" if p.startswith("^") else f"^backbone/.*{p}"
+                 for p in found[0].frozen_patterns(found[1]))
+
+
 for _name, _cls in (("lstm", LSTMHead), ("transformer", TransformerHead)):
-    register(Family(_name, _cls, backbone=("^backbone/",), clips=True, frame=frame))
+    register(Family(_name, _cls, backbone=("^backbone/",), frozen=frozen, clips=True,
+                    frame=frame))

@@ -1,0 +1,20 @@
+r"""8-class expression recognition with CLIP+LSTM (ABAW-8): an LSTM (512) over the frozen CLIP
+image tower's per-frame embeddings of clips (100 frames every 20 with `real`; short videos are
+padded into one clip), a per-frame task layer trained with cross-entropy.
+
+Synthetic Aff-Wild2 and, without weights, a tiny RANDOM CLIP trained with the head:
+  python -m abaw_jax.main --config=configs/clip/expr_lstm.py --workdir=workdirs/clip_expr_lstm
+With a converted CLIP (see configs/clip/expr.py), from cached embeddings:
+  python -m abaw_jax.main --config=configs/clip/expr.py:weights=weights/clip_b16 \
+    --workdir=workdirs/clip_frames --mode=extract
+  python -m abaw_jax.main --config=configs/clip/expr_lstm.py:real,weights=weights/clip_b16 \
+    --config.data.features=workdirs/clip_frames/features --workdir=workdirs/clip_lstm_real \
+    --config.data.root=/data/affwild2
+Arguments: real, weights=<converted folder>.
+"""
+
+from abaw_jax import config_lib
+
+
+def get_config(arg: str = ""):
+    return config_lib.clip("expr", arg, head="lstm")
