@@ -94,3 +94,17 @@ def test_clip_lstm_trains_on_clips(expr_records, tmp_path):
     assert config.model.backbone == "clip" and config.data.clip_length == 16
     metrics = trainers.train_and_evaluate(config, tmp_path / "run")
     assert metrics["expr/frames"] == len(records.RecordSource(expr_records, "validation"))
+
+
+@pytest.mark.parametrize("learn", [False, True])
+def test_similarities_over_the_temperature_which_trains_only_when_asked(learn):
+    model = clip.CLIPExpr(outputs={"expr": 8}, rngs=nnx.Rngs(0), temperature=0.07,
+                          learn_temperature=learn)
+    features = jax.random.normal(jax.random.key(1), (3, model.embed_dim))
+    out = model({"features": features})
+    z = model.fc2(jax.nn.relu(model.fc1(features)))
+    z /= np.linalg.norm(z, axis=-1, keepdims=True)
+    prompts = model.prompts[...] / np.linalg.norm(model.prompts[...], axis=-1, keepdims=True)
+    np.testing.assert_allclose(out["expr"], z @ prompts.T / 0.07, rtol=1e-5, atol=1e-5)
+    assert isinstance(model.log_scale, nnx.Param) == learn  # else a constant, not trained
+    assert not isinstance(model.prompts, nnx.Param)  # the prompts are never trained
