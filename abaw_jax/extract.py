@@ -10,6 +10,7 @@ end to end as well as from the cache.
 
 from __future__ import annotations
 
+import copy
 import functools
 from pathlib import Path
 
@@ -51,6 +52,37 @@ def _splits(config: ml_collections.ConfigDict) -> list[tuple[str, Path]]:
     except affwild2.DataError as e:  # no test list in this data: train/validation only
         logging.warning("no test split to extract (%s)", e)
     return splits
+
+
+AUTO = "auto"
+
+
+def resolve_features(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`data.features=auto`: the embeddings of `init_from`'s frame model (its converted
+    weights: CLIP's frozen tower) over the run's records, extracted into the data cache the
+    first time and read from there after (`$ABAW_JAX_CACHE/features-<key>/features`, keyed by
+    the weights folder's files, the records and the model). Other configs come back as they
+    are; the returned config names the folder, so a workdir's config.json does too."""
+    if config.data.get("features") != AUTO:
+        return config
+    if not config.init_from:
+        raise ConfigError("data.features=auto extracts with the converted weights of init_from: "
+                          "set init_from, or data.features to --mode=extract outputs")
+    frame = copy.deepcopy(config)
+    frame.data.features = None
+    weights = Path(config.init_from)
+    files = sorted((str(f.relative_to(weights)), f.stat().st_size, f.stat().st_mtime_ns)
+                   for f in weights.rglob("*") if f.is_file())
+    home = cache.cache_dir() / "features-{}".format(cache.content_key({
+        "weights": files, "records": str(cache.records_for(config.data, config.task)),
+        "model": config.model.to_dict(), "task": config.task}))
+    if not (home / "features" / features.META_FILE).is_file():
+        logging.info("extracting the frame embeddings of %s once into %s (data.features=auto)",
+                     weights, home)
+        run(frame, home)
+    resolved = copy.deepcopy(config)
+    resolved.data.features = str(home / "features")
+    return resolved
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path, which: str = "latest") -> Path:

@@ -44,6 +44,7 @@ class _LibraryInfoFilter(pylogging.Filter):
 
 def _run(config, workdir: str) -> dict | None:
     config_lib.check(config, jax.device_count())
+    config = extract.resolve_features(config)  # data.features=auto: extracted once, cached
     if FLAGS.mode == "train":
         parallel.check_host_allocator()  # advice for the train step: eval/predict need none
         return trainers.train_and_evaluate(config, workdir)

@@ -108,3 +108,26 @@ def test_similarities_over_the_temperature_which_trains_only_when_asked(learn):
     np.testing.assert_allclose(out["expr"], z @ prompts.T / 0.07, rtol=1e-5, atol=1e-5)
     assert isinstance(model.log_scale, nnx.Param) == learn  # else a constant, not trained
     assert not isinstance(model.prompts, nnx.Param)  # the prompts are never trained
+
+
+def test_with_weights_the_head_trains_on_embeddings_extracted_once(expr_records, converted,
+                                                                   tmp_path, monkeypatch,
+                                                                   caplog):
+    monkeypatch.setenv("ABAW_JAX_CACHE", str(tmp_path / "cache"))
+    config = load_config("clip/expr.py", f"weights={converted}")
+    assert config.data.features == "auto"
+    config.data.records = str(expr_records)
+    config.update_from_flattened_dict({"total_steps": 2, "batch_size": 8, "eval_batch_size": 16})
+    with caplog.at_level("INFO"):
+        trainers.train_and_evaluate(config, tmp_path / "first")
+    assert caplog.text.count("extracting the frame embeddings") == 1
+    (found,) = (tmp_path / "cache").glob("features-*/features")
+    saved = state_lib.read_config(tmp_path / "first")
+    assert saved.data.features == str(found)  # the workdir names the folder it trained on
+    stamp = (found / "meta.json").stat().st_mtime_ns
+    caplog.clear()
+    with caplog.at_level("INFO"):  # another run of the same weights and data reuses it
+        metrics = trainers.train_and_evaluate(config, tmp_path / "second")
+    assert "extracting the frame embeddings" not in caplog.text
+    assert (found / "meta.json").stat().st_mtime_ns == stamp
+    assert metrics["expr/frames"] == len(records.RecordSource(expr_records, "validation"))

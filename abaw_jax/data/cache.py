@@ -39,7 +39,8 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ABAW_JAX_CACHE", Path.home() / ".cache" / "abaw_jax"))
 
 
-def _key(payload: Mapping[str, Any]) -> str:
+def content_key(payload: Mapping[str, Any]) -> str:
+    """A short hash of a JSON-able payload: the cache's folder names."""
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -65,10 +66,10 @@ def records_for(data: Mapping[str, Any], task: str, test: bool = False) -> Path:
             return found
         options = {"root": str(root), "task": task, "strict": bool(data.get("strict", False)),
                    "format": data.get("format", "tfrecord"), "seed": data.get("seed", 0)}
-        base = cache_dir() / f"records-{_key(options)}"
+        base = cache_dir() / f"records-{content_key(options)}"
     else:
         spec = synthetic.SyntheticSpec(**dict(data.get("synthetic") or {}), audio=False)
-        root = cache_dir() / f"synthetic-{_key(spec.__dict__)}"
+        root = cache_dir() / f"synthetic-{content_key(spec.__dict__)}"
         if not root.exists():
             logging.info("generating the synthetic Aff-Wild2 (%d videos) in %s",
                          spec.num_videos, root)
@@ -100,7 +101,7 @@ def _current_build(base: Path, name: str, options: Mapping[str, Any],
     root = Path(options["root"])
     layout = affwild2.Layout.discover(root)
     manifest = source_manifest(layout, options["task"], splits)
-    target = base / f"{name}.{_key(manifest)}"
+    target = base / f"{name}.{content_key(manifest)}"
     if target.exists():
         with contextlib.suppress(OSError):  # newest = last used, for `_remove_old_builds`
             os.utime(target)

@@ -24,6 +24,8 @@ import numpy as np
 from abaw_jax.data import schema
 from abaw_jax.data.affwild2 import DataError
 
+META_FILE = "meta.json"
+
 
 def write_split(out: str | os.PathLike, split: str, embedding: np.ndarray,
                 labels: Mapping[str, np.ndarray], videos: list[str], video: np.ndarray,
@@ -43,13 +45,13 @@ def write_split(out: str | os.PathLike, split: str, embedding: np.ndarray,
 
 def write_meta(out: str | os.PathLike, meta: Mapping[str, Any], pad: np.ndarray) -> None:
     np.save(Path(out) / "pad.npy", np.asarray(pad, np.float32))
-    (Path(out) / "meta.json").write_text(json.dumps({**meta, "dim": int(np.size(pad))},
+    (Path(out) / META_FILE).write_text(json.dumps({**meta, "dim": int(np.size(pad))},
                                                     indent=1))
 
 
 def read_meta(directory: str | os.PathLike) -> dict:
     """meta.json of a feature cache: where its embeddings came from, its splits, `dim`."""
-    path = Path(directory) / "meta.json"
+    path = Path(directory) / META_FILE
     if not path.is_file():
         raise DataError(f"{directory}: not a feature cache (no meta.json); write one with "
                         "`python -m abaw_jax.main --mode=extract ...`")

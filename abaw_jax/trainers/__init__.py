@@ -8,6 +8,7 @@ from types import ModuleType
 
 import ml_collections
 
+from abaw_jax import extract
 from abaw_jax.errors import UnknownNameError
 from abaw_jax.trainers import loop, supervised
 
@@ -23,4 +24,5 @@ def get(name: str) -> ModuleType:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     """Trains `config` with its trainer in `workdir` (resuming from its latest checkpoint) and
     returns the final validation metrics."""
+    config = extract.resolve_features(config)  # data.features=auto (main resolves it too)
     return loop.run(config, workdir, get(config.get("trainer", "supervised")))

@@ -9,12 +9,9 @@ you, converted once; its tokenizer embeds the prompts there):
   python -m abaw_jax.convert clip --hf_dir=/models/clip-vit-base-patch16 --out=weights/clip_b16
   python -m abaw_jax.main --config=configs/clip/expr.py:real,weights=weights/clip_b16 \
     --workdir=workdirs/clip_expr_real --config.data.root=/data/affwild2
-The towers are frozen, so the head trains in minutes from cached image embeddings: extract them
-once, then train on them (arguments: real, weights=<dir>):
-  python -m abaw_jax.main --config=configs/clip/expr.py:weights=weights/clip_b16 \
-    --workdir=workdirs/clip_frames --mode=extract
-  python -m abaw_jax.main --config=configs/clip/expr.py:weights=weights/clip_b16 \
-    --config.data.features=workdirs/clip_frames/features --workdir=workdirs/clip_expr_cached
+The tower is frozen, so with weights the head trains on its embeddings, extracted once into
+the data cache by the first run (data.features=auto; --config.data.features=None trains end to
+end). Arguments: real, weights=<converted folder>.
 """
 
 from abaw_jax import config_lib

@@ -4,12 +4,9 @@ padded into one clip), a per-frame task layer trained with cross-entropy.
 
 Synthetic Aff-Wild2 and, without weights, a tiny RANDOM CLIP trained with the head:
   python -m abaw_jax.main --config=configs/clip/expr_lstm.py --workdir=workdirs/clip_expr_lstm
-With a converted CLIP (see configs/clip/expr.py), from cached embeddings:
-  python -m abaw_jax.main --config=configs/clip/expr.py:weights=weights/clip_b16 \
-    --workdir=workdirs/clip_frames --mode=extract
+With a converted CLIP (see configs/clip/expr.py), on its embeddings extracted once:
   python -m abaw_jax.main --config=configs/clip/expr_lstm.py:real,weights=weights/clip_b16 \
-    --config.data.features=workdirs/clip_frames/features --workdir=workdirs/clip_lstm_real \
-    --config.data.root=/data/affwild2
+    --workdir=workdirs/clip_lstm_real --config.data.root=/data/affwild2
 Arguments: real, weights=<converted folder>.
 """
 
