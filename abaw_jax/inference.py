@@ -44,7 +44,7 @@ class Predictor:
     def __init__(self, model: nnx.Module, family: models.Family, inputs: tuple[str, ...],
                  head_fn: Callable[[dict], dict], thresholds: np.ndarray | None = None):
         model.eval()
-        self.inputs, self.thresholds = inputs, thresholds
+        self.inputs, self.thresholds, self.returns = inputs, thresholds, family.returns
         self.preprocess = family.image_preprocess(model)
         graphdef, state = nnx.split(model)
         clips = family.clips
@@ -79,6 +79,7 @@ class Predictor:
         batch["index"] = np.arange(n, dtype=np.int32)  # every frame real (frame_mask)
         heads, extra = jax.device_get(self._forward(self._state, batch))
         out = {k: np.asarray(v) for k, v in heads.items()}
+        out.update({k: np.asarray(extra[k]) for k in self.returns if k in extra})
         # The model's other outputs: embeddings, DDAMFN's maps and heads; all there is of a
         # model without task outputs.
         if embedding or not out:

@@ -82,10 +82,11 @@ def test_pretrained_tower_and_prompts_load_stay_frozen_and_extract(expr_records,
     # inference from the converted folder: EXPR probabilities from the prompt similarities and
     # the projected image embedding; from the workdir the same tower gives the same embedding.
     faces = np.random.default_rng(0).integers(0, 255, (4, 70, 70, 3), np.uint8)
-    got = inference.load(converted)(faces, embedding=True)
+    got = inference.load(converted)(faces)
+    assert sorted(got) == ["expr", "image_embeds"]
     assert got["expr"].shape == (4, 8) and np.allclose(got["expr"].sum(1), 1, atol=1e-5)
     assert got["image_embeds"].shape == (4, 16)
-    run_out = inference.load(tmp_path / "run", "latest")(faces, embedding=True)
+    run_out = inference.load(tmp_path / "run", "latest")(faces)
     np.testing.assert_allclose(run_out["image_embeds"], got["image_embeds"], atol=1e-5)
 
 

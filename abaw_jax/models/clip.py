@@ -325,4 +325,4 @@ def embed(model: CLIPExpr, inputs: Inputs) -> jax.Array:
 # synthetic run reached macro F1 0.07-0.10 against a constant 0.055, and 0.33 trained).
 register(Family(FAMILY, lambda **kw: CLIPExpr(**kw), preprocess=lambda model: model.preprocess,
                 embed=embed, backbone=(r"^(clip/|prompts$)",), frozen=lambda model: model.frozen,
-                load_weights=load_weights))
+                load_weights=load_weights, returns=("image_embeds",)))

@@ -20,6 +20,7 @@ model; they call through it and nothing else:
   function of the model giving them (CLIP trains a random tower, which has nothing to keep).
 - `load_weights(model, path)`: loads a `python -m abaw_jax.convert` output (`init_from`).
 - `clips`: the model takes clips (B, T, ...) and gives per-frame outputs (B, T, ...).
+- `returns`: model outputs that inference gives beside the task heads (CLIP's `image_embeds`).
 - A frame family (one with `embed`) whose models other families wrap (a temporal head's
   `model.backbone`) also gives its models an `embed_dim` attribute and an "embedding" output
   (N, embed_dim) from {"image": ...}.
@@ -77,6 +78,7 @@ class Family:
     frozen: tuple[str, ...] | Callable[[nnx.Module], tuple[str, ...]] = ()
     load_weights: Callable[[nnx.Module, str | Path], Any] = convert.load_into
     clips: bool = False
+    returns: tuple[str, ...] = ()
     frame: Callable[[nnx.Module], tuple[Family, nnx.Module] | None] | None = None
 
     def frame_model(self, model: nnx.Module) -> tuple[Family, nnx.Module] | None:
