@@ -152,7 +152,7 @@ def decode(path: Path, sample_rate: int) -> np.ndarray:
     except av.error.FFmpegError as e:
         reason = getattr(e, "strerror", None) or str(e)
         raise DataError(f"{path}: cannot decode the audio ({reason})") from e
-    signal = np.concatenate(chunks, axis=1).mean(axis=0) if chunks else np.zeros(0)
+    signal = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
     if declared is not None and len(signal) / sample_rate < declared - _TRUNCATION_SLACK_S:
         raise DataError(f"{path}: truncated: the audio track decodes to "
                         f"{len(signal) / sample_rate:.2f} s of the {declared:.2f} s its header "
@@ -175,14 +175,14 @@ def _video_start(container) -> float:
 
 
 def _decode_stream(container, stream, sample_rate: int) -> tuple[list[np.ndarray], float | None]:
-    """(channels, samples) float32 chunks at `sample_rate`, and the first frame's time (s)."""
-    resampler = av.AudioResampler(format="fltp", rate=sample_rate)  # layout kept: averaged later
+    """Mono (channel mean) float32 chunks at `sample_rate`, and the first frame's time (s)."""
+    resampler = av.AudioResampler(format="fltp", rate=sample_rate)  # layout kept: averaged below
     chunks, first = [], None
     for frame in container.decode(stream):
         if first is None and frame.time is not None:
             first = float(frame.time)
-        chunks.extend(f.to_ndarray() for f in resampler.resample(frame))
-    chunks.extend(f.to_ndarray() for f in resampler.resample(None))
+        chunks.extend(f.to_ndarray().mean(axis=0) for f in resampler.resample(frame))
+    chunks.extend(f.to_ndarray().mean(axis=0) for f in resampler.resample(None))
     return chunks, first
 
 
@@ -297,13 +297,21 @@ def spec_augment(window: np.ndarray, rng: np.random.Generator, cfg: AudioConfig)
     overlap; each width is uniform in [0, max], the start uniform over where it fits)."""
     out = np.array(window, np.float32)
     steps, bands = out.shape
-    for count, widest, length, axis in ((cfg.freq_masks, cfg.freq_mask_bands, bands, 1),
-                                        (cfg.time_masks, cfg.time_mask_steps, steps, 0)):
-        for _ in range(count):
-            width = int(rng.integers(0, min(widest, length) + 1))
-            start = int(rng.integers(0, length - width + 1))
-            if axis:
-                out[:, start: start + width] = SILENCE_DB
-            else:
-                out[start: start + width] = SILENCE_DB
+    # One generator call for every draw, scalar arithmetic after: 10 us per default window
+    # against 16 us with two `rng.integers` calls per mask (the cut itself: ~5 us).
+    draws = iter(rng.random(2 * (cfg.freq_masks + cfg.time_masks)).tolist())
+    for _ in range(cfg.freq_masks):
+        lo, hi = _span(next(draws), next(draws), cfg.freq_mask_bands, bands)
+        out[:, lo:hi] = SILENCE_DB
+    for _ in range(cfg.time_masks):
+        lo, hi = _span(next(draws), next(draws), cfg.time_mask_steps, steps)
+        out[lo:hi] = SILENCE_DB
     return out
+
+
+def _span(u: float, v: float, widest: int, length: int) -> tuple[int, int]:
+    """(start, end) of a mask from two uniform [0, 1) draws: width uniform in 0..widest (at most
+    `length`), start uniform over where it fits."""
+    width = int(u * (min(widest, length) + 1))
+    start = int(v * (length - width + 1))
+    return start, start + width
