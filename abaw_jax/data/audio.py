@@ -22,6 +22,7 @@ import av
 import numpy as np
 
 from abaw_jax.data.affwild2 import DataError
+from abaw_jax.data.video import ffmpeg_reason
 from abaw_jax.errors import ConfigError
 
 AMIN = 1e-10  # the power floor of the dB conversion (librosa's power_to_db default)
@@ -150,8 +151,7 @@ def decode(path: Path, sample_rate: int) -> np.ndarray:
             start, declared = _video_start(container), _declared_seconds(stream)
             chunks, first = _decode_stream(container, stream, sample_rate)
     except av.error.FFmpegError as e:
-        reason = getattr(e, "strerror", None) or str(e)
-        raise DataError(f"{path}: cannot decode the audio ({reason})") from e
+        raise DataError(f"{path}: cannot decode the audio ({ffmpeg_reason(e)})") from e
     signal = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
     if declared is not None and len(signal) / sample_rate < declared - _TRUNCATION_SLACK_S:
         raise DataError(f"{path}: truncated: the audio track decodes to "

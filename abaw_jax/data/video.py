@@ -56,7 +56,7 @@ def index_videos(roots: Sequence[Path]) -> dict[str, Path]:
 
     The first root wins when several hold a name (and `.mp4` wins over `.avi` in one root); the
     duplicates are named in one warning. A file name that could not be a video name
-    (`affwild2.check_video_name`: `...mp4`, a comma) is a `DataError` naming the file.
+    (`affwild2.check_video_name`: a backslash, a comma) is a `DataError` naming the file.
     """
     found: dict[str, Path] = {}
     shadowed: list[str] = []
@@ -122,14 +122,15 @@ def probe(path: Path) -> VideoInfo:
             sample_rate = audio[0].sample_rate if audio else None
             width, height = stream.codec_context.width, stream.codec_context.height
     except av.error.FFmpegError as e:
-        raise DataError(f"{path}: cannot read the video ({_ffmpeg_reason(e)})") from e
+        raise DataError(f"{path}: cannot read the video ({ffmpeg_reason(e)})") from e
     fps = float(rate)
     return VideoInfo(fps=fps, num_frames=int(frames), duration=frames / fps, width=int(width),
                      height=int(height), sample_rate=sample_rate, source="video")
 
 
-def _ffmpeg_reason(error: Exception) -> str:
-    """FFmpeg's message without the file name PyAV appends (the caller names the file)."""
+def ffmpeg_reason(error: Exception) -> str:
+    """FFmpeg's message of a PyAV error without the file name PyAV appends (the caller's
+    `DataError` names the file)."""
     return getattr(error, "strerror", None) or str(error)
 
 
