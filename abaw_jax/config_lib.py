@@ -7,11 +7,13 @@ passes "real,task=au" to the file's `get_config(arg)`, which reads it with `pars
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
 
+from abaw_jax.data import audio
 from abaw_jax.errors import ConfigError
 from abaw_jax.models import clip as clip_lib
 
@@ -104,6 +106,11 @@ def base() -> ml_collections.ConfigDict:
     c.data.features = config_dict.placeholder(str)
     c.data.loader = ml_collections.ConfigDict(
         {"num_workers": 0, "read_threads": 1, "worker_buffer": 2})
+    # The `audio` input (models that take it): each raw video's log-mel spectrogram, prepared
+    # once with the records, and per frame a window centred on its timestamp (data/audio.py
+    # for every key; `missing="error"` stops on a video without audio instead of silence).
+    c.data.audio = ml_collections.ConfigDict(dataclasses.asdict(audio.AudioConfig()))
+    c.data.audio.fmax = config_dict.placeholder(float)  # None: sample_rate / 2
 
     # DDAMFN's RAF-DB augmentation (see abaw_jax/data/augment.py for every key).
     c.augment = ml_collections.ConfigDict({"flip": 0.5, "affine_prob": 0.5, "rotate": 5.0,

@@ -56,6 +56,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, which: str = "be
     data_dir = cache.records_for(config.data, config.task, test=True)
     videos, video, frame = records.read_frame_index(data_dir, "test")
     lengths = records.read_video_frames(data_dir, "test")
+    _warn_last_crop_counts(data_dir)
     empty = [v for i, v in enumerate(videos) if not np.any(video == i)]
     if empty:
         raise affwild2.DataError(f"{data_dir}: test videos with no frame to predict: {empty}")
@@ -93,6 +94,17 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, which: str = "be
 
     parallel.on_process_0(write, "writing the submission")
     return out
+
+
+def _warn_last_crop_counts(data_dir: Path) -> None:
+    """Test videos whose frame count (their submission's lines) is the last crop's: no raw
+    video or video_info.csv line said how long they are (prepare's stats.json)."""
+    counts = json.loads((data_dir / "stats.json").read_text())["splits"]["test"].get(
+        "frame_counts", {})
+    if counts.get("without_video"):
+        logging.warning("%d test videos without a raw video: their submission files end at the "
+                        "last crop, which may miss trailing frames: %s", counts["without_video"],
+                        ", ".join(counts["videos_without_video"][:5]))
 
 
 def _write(out: Path, values: dict[str, np.ndarray], thresholds, videos, video, frame,

@@ -28,6 +28,7 @@ import optax
 from flax import nnx, struct
 
 from abaw_jax import checkpoint, models, optim, parallel, tasks
+from abaw_jax.data import audio as audio_lib
 from abaw_jax.data import features as features_lib
 from abaw_jax.errors import ConfigError, NotFoundError
 
@@ -47,18 +48,20 @@ class TrainState:
 @dataclasses.dataclass(frozen=True)
 class Feed:
     """What the pipelines load for a run: images at `size` (0: none), the feature caches
-    concatenated into "features", and clips (`clip_length` 0: frames)."""
+    concatenated into "features", the "audio" windows (None: none), and clips (`clip_length`
+    0: frames)."""
 
     size: int
     features: tuple[str, ...]
     clip_length: int
     clip_stride: int
+    audio: audio_lib.AudioConfig | None = None
 
     def stream_options(self) -> dict[str, Any]:
         """The pipelines' keyword arguments for it (eval and clip datasets)."""
         clips = {"length": self.clip_length, "stride": self.clip_stride} if self.clip_length \
             else {}
-        return {"size": self.size, "features": self.features, **clips}
+        return {"size": self.size, "features": self.features, "audio": self.audio, **clips}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +87,9 @@ class Setup:
         c = self.config
         return Feed(self.preprocess.size if "image" in self.inputs else 0,
                     feature_dirs(c) if "features" in self.inputs else (),
-                    int(c.data.get("clip_length") or 0), int(c.data.get("clip_stride") or 1))
+                    int(c.data.get("clip_length") or 0), int(c.data.get("clip_stride") or 1),
+                    audio_lib.AudioConfig.from_config(c.data.get("audio"))
+                    if "audio" in self.inputs else None)
 
     def model(self, state: TrainState, train: bool = False) -> nnx.Module:
         graphdef = self.graphdef if train else self.eval_graphdef

@@ -242,16 +242,21 @@ def read_test_list(path: str | os.PathLike, images: bool = False) -> list[str]:
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """Paths of one Aff-Wild2 copy: the annotation folder and one or more image roots."""
+    """Paths of one Aff-Wild2 copy: the annotation folder, one or more image roots, and the
+    folders of the raw videos (and `.wav`s) with `video_info.csv` when there are any."""
 
     annotations: Path
     image_roots: tuple[Path, ...]
     root: Path | None = None
+    video_roots: tuple[Path, ...] = ()
+    video_info: Path | None = None
 
     @classmethod
     def discover(cls, root: str | os.PathLike, annotations: str | os.PathLike | None = None,
-                 image_roots: Iterable[str | os.PathLike] | None = None) -> Layout:
-        """Finds the annotation folder and the `cropped_aligned*` image roots under `root`."""
+                 image_roots: Iterable[str | os.PathLike] | None = None,
+                 video_roots: Iterable[str | os.PathLike] | None = None) -> Layout:
+        """Finds the annotation folder, the `cropped_aligned*` image roots, the raw video
+        folders (`video*`, `raw_video*`) and `video_info.csv` under `root`."""
         root = Path(root)
         if not root.is_dir():
             raise DataError(f"{root}: Aff-Wild2 root is not a directory")
@@ -268,7 +273,16 @@ class Layout:
         for r in roots:
             if not r.is_dir():
                 raise DataError(f"{r}: image root is not a directory")
-        return cls(ann, roots, root)
+        if video_roots is not None:
+            videos = tuple(Path(r) for r in video_roots)
+            for r in videos:
+                if not r.is_dir():
+                    raise DataError(f"{r}: video root is not a directory")
+        else:
+            videos = tuple(sorted(p for p in root.iterdir() if p.is_dir()
+                                  and p.name.lower().startswith(("video", "raw_video"))))
+        info = root / VIDEO_INFO_FILE
+        return cls(ann, roots, root, videos, info if info.is_file() else None)
 
     def task_dir(self, task: str, split: str) -> Path:
         path = self.annotations / CHALLENGE_DIRS[task]
@@ -282,6 +296,9 @@ class Layout:
             if hits:
                 return hits[0]
         raise DataError(f"no test list `{pattern}` under {self.root or self.annotations.parent}")
+
+
+VIDEO_INFO_FILE = "video_info.csv"
 
 
 def _candidate_dirs(root: Path, annotations: Path) -> list[Path]:

@@ -27,7 +27,7 @@ from typing import Any
 import jax
 from absl import logging
 
-from abaw_jax.data import affwild2, prepare, records, synthetic
+from abaw_jax.data import affwild2, audio, prepare, records, synthetic
 
 SOURCE_FILE = "source.json"  # the manifest a cached build was prepared from
 _KEEP_BUILDS = 2  # per cache entry: the current build and the one before it
@@ -65,7 +65,8 @@ def records_for(data: Mapping[str, Any], task: str, test: bool = False) -> Path:
         if found and not test:
             return found
         options = {"root": str(root), "task": task, "strict": bool(data.get("strict", False)),
-                   "format": data.get("format", "tfrecord"), "seed": data.get("seed", 0)}
+                   "format": data.get("format", "tfrecord"), "seed": data.get("seed", 0),
+                   "audio": _audio_options(data)}
         base = cache_dir() / f"records-{content_key(options)}"
     else:
         spec = synthetic.SyntheticSpec(**dict(data.get("synthetic") or {}), audio=False)
@@ -75,10 +76,18 @@ def records_for(data: Mapping[str, Any], task: str, test: bool = False) -> Path:
                          spec.num_videos, root)
         _build_once(root, lambda out: synthetic.generate(out, spec, progress=_is_first()))
         options = {"root": str(root), "task": task, "strict": bool(data.get("strict", False)),
-                   "format": "tfrecord", "seed": 0}
+                   "format": "tfrecord", "seed": 0,
+                   "audio": _audio_options(data)}
         base = root.parent / f"{root.name}-records"
     name, splits = (f"{task}-test", ("test",)) if test else (task, affwild2.SPLITS)
     return _current_build(base, name, options, splits)
+
+
+def _audio_options(data: Mapping[str, Any]) -> dict[str, Any]:
+    """What of `data.audio` the prepared records depend on: the stored spectrogram's parameters
+    and what a missing track does (`error` stops preparation)."""
+    cfg = audio.AudioConfig.from_config(data.get("audio"))
+    return {**cfg.key(), "missing": cfg.missing}
 
 
 def _given_records(path: Path, task: str, test: bool) -> Path:
@@ -101,7 +110,7 @@ def _current_build(base: Path, name: str, options: Mapping[str, Any],
     root = Path(options["root"])
     layout = affwild2.Layout.discover(root)
     manifest = source_manifest(layout, options["task"], splits)
-    target = base / f"{name}.{content_key(manifest)}"
+    target = base / f"{name}.{content_key({'sources': manifest, 'audio': options['audio']})}"
     if target.exists():
         with contextlib.suppress(OSError):  # newest = last used, for `_remove_old_builds`
             os.utime(target)
@@ -111,7 +120,8 @@ def _current_build(base: Path, name: str, options: Mapping[str, Any],
 
     def build(out: Path) -> None:
         prepare.prepare(layout, options["task"], out, splits=splits, fmt=options["format"],
-                        seed=options["seed"], strict=options["strict"], progress=_is_first())
+                        seed=options["seed"], strict=options["strict"], progress=_is_first(),
+                        audio=audio.AudioConfig(**options["audio"]))
         (out / SOURCE_FILE).write_text(json.dumps(manifest))
 
     _build_once(target, build)
@@ -151,6 +161,11 @@ def source_manifest(layout: affwild2.Layout, task: str,
             for video in videos:
                 if video.is_dir():
                     entries[os.path.relpath(video.path, base) + "/"] = _folder_digest(video.path)
+    for folder in layout.video_roots:  # the raw videos and .wavs: audio and frame counts
+        entries[os.path.relpath(folder, base) + "/"] = _folder_digest(str(folder))
+    if layout.video_info:
+        st = layout.video_info.stat()
+        entries[os.path.relpath(layout.video_info, base)] = [st.st_size, st.st_mtime_ns]
     return entries
 
 

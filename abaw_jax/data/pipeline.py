@@ -7,7 +7,8 @@ iterator whose checkpoint state is the number of the next batch. Close streams (
 done, or the workers and their shared memory outlive them.
 
 Batches are dicts of numpy arrays, named as the models' inputs: `image` uint8 (B, S, S, 3) (clips:
-(B, T, S, S, 3)) and/or `features` (B, D) float32 from feature caches, labels and masks of every
+(B, T, S, S, 3)) and/or `features` (B, D) float32 from feature caches, `audio` (B, W, M) float32
+log-mel windows around each frame's timestamp (data/audio_table.py), labels and masks of every
 task, `index` (the record index within the split, -1 for padding) and, for eval
 and clip batches, `mask` (False on padding). Map an `index` back to (video, frame) with
 `records.read_frame_index`.
@@ -29,7 +30,8 @@ import grain
 import numpy as np
 from absl import flags
 
-from abaw_jax.data import augment, records, schema
+from abaw_jax.data import audio as audio_lib
+from abaw_jax.data import audio_table, augment, records, schema
 from abaw_jax.data import features as features_lib
 from abaw_jax.data.affwild2 import AU_NAMES, DataError
 
@@ -64,16 +66,20 @@ class FrameReader:
 
     `size` > 0: the decoded (and for training augmented) "image" at that size. `features`:
     feature caches of these records (data/features.py), concatenated per frame into "features";
-    without images the labels come from the first cache and no record is read. Index -1 is a
-    padding frame: a zero image, the caches' padding embedding, every mask False.
+    without images the labels come from the first cache and no record is read. `audio`: the
+    log-mel window of each frame as "audio" (masked at random when training). Index -1 is a
+    padding frame: a zero image, the caches' padding embedding, silence, every mask False.
     """
 
     def __init__(self, data_dir: str | os.PathLike, split: str, *, size: int = 0,
-                 features: Sequence[str | os.PathLike] = ()):
-        if not size and not features:
-            raise ValueError("a frame reader needs an image size or feature caches")
+                 features: Sequence[str | os.PathLike] = (),
+                 audio: audio_lib.AudioConfig | None = None):
+        if not size and not features and not audio:
+            raise ValueError("a frame reader needs an image size, feature caches or audio")
+        self.audio = audio_table.AudioTable(data_dir, audio) if audio else None
         self.size = size
-        self.records = records.RecordSource(data_dir, split) if size else None
+        # The records give the image and, unless a feature cache does, the labels.
+        self.records = records.RecordSource(data_dir, split) if size or not features else None
         self.caches = [features_lib.FeatureSource(d, split) for d in features]
         index = records.read_frame_index(data_dir, split)
         for d in features:  # the caches must hold these records' frames, in this order
@@ -86,22 +92,37 @@ class FrameReader:
 
     def __call__(self, index: int, cfg: augment.AugmentConfig | None = None,
                  rng: np.random.Generator | None = None) -> dict:
-        out = self._image(index, cfg, rng) if self.records else self.caches[0].labels_of(index)
+        out = self._record(index, cfg, rng) if self.records else self.caches[0].labels_of(index)
         if self.caches:
             out["features"] = np.concatenate([c.embeddings(index) for c in self.caches])
+        if self.audio:
+            out["audio"] = self._audio(index, rng)
         return {**out, "index": np.int32(index)}
 
-    def _image(self, index: int, cfg, rng) -> dict:
+    def _audio(self, index: int, rng) -> np.ndarray:
+        """The frame's window; masked at random when training (an rng: training streams only),
+        after the image so that its augmentation draws the same numbers with or without audio."""
         if index < 0:
-            return {"image": np.zeros((self.size, self.size, 3), np.uint8),
-                    "va": np.zeros(2, np.float32), "expr": np.int32(0),
-                    "au": np.zeros(len(AU_NAMES), np.int32), "va_mask": np.False_,
-                    "expr_mask": np.False_, "au_mask": np.False_}
+            return self.audio.silence
+        window = self.audio.window(self.videos[self.video[index]], int(self.frame[index]))
+        return window if rng is None else audio_lib.spec_augment(window, rng, self.audio.cfg)
+
+    def _record(self, index: int, cfg, rng) -> dict:
+        """The labels and, with a size, the (augmented) image of a record."""
+        if index < 0:
+            pad = {"va": np.zeros(2, np.float32), "expr": np.int32(0),
+                   "au": np.zeros(len(AU_NAMES), np.int32), "va_mask": np.False_,
+                   "expr_mask": np.False_, "au_mask": np.False_}
+            return {"image": np.zeros((self.size, self.size, 3), np.uint8), **pad} \
+                if self.size else pad
         ex = self.records[int(index)]
-        name = f"{self.split} record {index} ({ex['video']}/{int(ex['frame']):05d}.jpg)"
-        image = augment.decode(ex["image"], name)
-        image = augment.augment(image, cfg, rng) if cfg else augment.resize(image, self.size)
-        return {"image": image, **{k: ex[k] for k in schema.LABEL_KEYS}}
+        out = {}
+        if self.size:
+            name = f"{self.split} record {index} ({ex['video']}/{int(ex['frame']):05d}.jpg)"
+            image = augment.decode(ex["image"], name)
+            out["image"] = augment.augment(image, cfg, rng) if cfg else \
+                augment.resize(image, self.size)
+        return {**out, **{k: ex[k] for k in schema.LABEL_KEYS}}
 
 
 class Stream:
@@ -251,8 +272,8 @@ class _Indices:
 
 def train_dataset(data_dir: str | os.PathLike, split: str, *, batch_size: int, seed: int,
                   augment_cfg: augment.AugmentConfig | None, shard: Shard = Shard(),
-                  loader: Loader = Loader(), features: Sequence[str | os.PathLike] = ()
-                  ) -> Stream:
+                  loader: Loader = Loader(), features: Sequence[str | os.PathLike] = (),
+                  audio: audio_lib.AudioConfig | None = None) -> Stream:
     """Endless augmented frames, shuffled per epoch from `seed`: this process's `batch_size`
     block of every global batch (see `_GlobalOrder`). `augment_cfg` None: no image (cached
     `features` only).
@@ -261,7 +282,7 @@ def train_dataset(data_dir: str | os.PathLike, split: str, *, batch_size: int, s
     different stream; the augmentation, worker count and process count may change between runs.
     """
     reader = FrameReader(data_dir, split, size=augment_cfg.size if augment_cfg else 0,
-                         features=features)
+                         features=features, audio=audio)
     element = functools.partial(_train_frame, reader, augment_cfg)
     return _finish(_GlobalOrder(len(reader), seed, batch_size, shard), batch_size, loader,
                    element, seed + 1, split=split, seed=seed, records=len(reader),
@@ -292,10 +313,11 @@ def _host_indices(n: int, batch_size: int, shard: Shard) -> np.ndarray:
 
 def eval_dataset(data_dir: str | os.PathLike, split: str, *, batch_size: int, size: int,
                  shard: Shard = Shard(), loader: Loader = Loader(),
-                 features: Sequence[str | os.PathLike] = ()) -> Stream:
+                 features: Sequence[str | os.PathLike] = (),
+                 audio: audio_lib.AudioConfig | None = None) -> Stream:
     """Every record exactly once over all processes, in order, padded (mask False) so that
     every process runs `eval_steps` batches. `size` 0: no image (cached `features` only)."""
-    reader = FrameReader(data_dir, split, size=size, features=features)
+    reader = FrameReader(data_dir, split, size=size, features=features, audio=audio)
     return _finish(_Indices(_host_indices(len(reader), batch_size, shard), batch_size),
                    batch_size, loader, functools.partial(_eval_frame, reader))
 
@@ -334,9 +356,9 @@ def clip_index(video: np.ndarray, frame: np.ndarray, length: int, stride: int) -
     return np.stack(clips) if clips else np.zeros((0, length), np.int64)
 
 
-def _clips(data_dir, split: str, length: int, stride: int, size: int, features
+def _clips(data_dir, split: str, length: int, stride: int, size: int, features, audio
            ) -> tuple[FrameReader, np.ndarray]:
-    reader = FrameReader(data_dir, split, size=size, features=features)
+    reader = FrameReader(data_dir, split, size=size, features=features, audio=audio)
     return reader, clip_index(reader.video, reader.frame, length, stride)
 
 
@@ -351,11 +373,12 @@ def _clip(reader, clips, cfg, clip, rng=None):
 def clip_train_dataset(data_dir: str | os.PathLike, split: str, *, length: int, stride: int,
                        batch_size: int, seed: int, augment_cfg: augment.AugmentConfig | None,
                        shard: Shard = Shard(), loader: Loader = Loader(),
-                       features: Sequence[str | os.PathLike] = ()) -> Stream:
+                       features: Sequence[str | os.PathLike] = (),
+                 audio: audio_lib.AudioConfig | None = None) -> Stream:
     """Endless shuffled clips of `length` consecutive frames for temporal models (of cached
     `features` only when `augment_cfg` is None)."""
     reader, clips = _clips(data_dir, split, length, stride,
-                           augment_cfg.size if augment_cfg else 0, features)
+                           augment_cfg.size if augment_cfg else 0, features, audio)
     element = functools.partial(_clip, reader, clips, augment_cfg)
     return _finish(_GlobalOrder(len(clips), seed, batch_size, shard), batch_size, loader,
                    element, seed + 1, split=split, seed=seed, clips=len(clips), length=length,
@@ -364,10 +387,10 @@ def clip_train_dataset(data_dir: str | os.PathLike, split: str, *, length: int, 
 
 def clip_eval_dataset(data_dir: str | os.PathLike, split: str, *, length: int, stride: int,
                       batch_size: int, size: int, shard: Shard = Shard(),
-                      loader: Loader = Loader(), features: Sequence[str | os.PathLike] = ()
-                      ) -> Stream:
+                      loader: Loader = Loader(), features: Sequence[str | os.PathLike] = (),
+                      audio: audio_lib.AudioConfig | None = None) -> Stream:
     """Every clip once over all processes, in order, padded like `eval_dataset`."""
-    reader, clips = _clips(data_dir, split, length, stride, size, features)
+    reader, clips = _clips(data_dir, split, length, stride, size, features, audio)
     return _finish(_Indices(_host_indices(len(clips), batch_size, shard), batch_size),
                    batch_size, loader, functools.partial(_eval_clip, reader, clips, length))
 

@@ -4,7 +4,8 @@ r"""Curates Aff-Wild2 and writes sharded records, their TFDS metadata, offset in
 
 writes `<out>/<task>/`: `affwild2-<split>.<format>-NNNNN-of-MMMMM` shards (+ `.idx` offset
 indices for TFRecord), `frames-<split>.npz` ((video, frame) per record), TFDS `dataset_info.json` /
-`features.json`, and `stats.json`. The train split is shuffled with `--seed` before sharding; the
+`features.json`, `stats.json` and, when the raw videos are there, the audio side table `audio/`
+(data/audio_table.py). The train split is shuffled with `--seed` before sharding; the
 other splits keep (video, frame) order. The output depends only on the inputs, the seed and
 `--num_shards`, never on `--workers`.
 """
@@ -24,9 +25,11 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags, logging
 
-from abaw_jax.data import affwild2, augment, records
+from abaw_jax.data import affwild2, audio_table, augment, records, video
+from abaw_jax.data import audio as audio_lib
 
 EXAMPLES_PER_SHARD = 10_000
+DEFAULT_AUDIO = audio_lib.AudioConfig()
 _MAX_LISTED = 50  # corrupt files named in stats.json; the count covers all of them
 
 
@@ -143,8 +146,9 @@ def write_split(table: affwild2.FrameTable, out: Path, split: str, fmt: str, num
 def prepare(layout: affwild2.Layout, task: str, out: str | os.PathLike,
             splits: Sequence[str] = affwild2.SPLITS, fmt: str = "tfrecord", num_shards: int = 0,
             seed: int = 0, workers: int | None = None, strict: bool = False,
-            progress: bool = True) -> dict:
-    """Curates and writes the records of one task; returns {split: stats} (also in stats.json)."""
+            progress: bool = True, audio: audio_lib.AudioConfig | None = DEFAULT_AUDIO) -> dict:
+    """Curates and writes the records of one task; returns {split: stats} (also in stats.json).
+    With `audio` and raw videos in the layout, also the audio side table of their videos."""
     if fmt not in records.FORMATS:
         raise affwild2.DataError(f"unknown --format {fmt!r}; expected one of {records.FORMATS}")
     out = Path(out)
@@ -157,6 +161,9 @@ def prepare(layout: affwild2.Layout, task: str, out: str | os.PathLike,
     pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
     try:
         curated = {split: _curate(layout, task, split, strict, index) for split in splits}
+        raws = _raw_videos(layout, {v for table, _ in curated.values() for v in table.videos})
+        for split in splits:
+            curated[split] = _frame_counts(*curated[split], raws, split)
         for split in splits:
             table, st = curated[split]
             t1 = time.perf_counter()
@@ -168,6 +175,7 @@ def prepare(layout: affwild2.Layout, task: str, out: str | os.PathLike,
             st["seconds"]["write"] = round(time.perf_counter() - t1, 2)
             st["records"] = sum(lengths[split])
             stats[split] = st
+        sound = _write_audio(out, raws, audio, stats, pool, progress)
     finally:
         if pool:  # idle after the last split; on an error, Ctrl-C or SIGTERM: stop writing now
             pool.terminate()
@@ -176,7 +184,9 @@ def prepare(layout: affwild2.Layout, task: str, out: str | os.PathLike,
         f"Aff-Wild2 {task} frames curated by abaw_jax (strict={strict}, seed={seed})."))
     summary = {"task": task, "strict": strict, "seed": seed, "format": fmt,
                "annotations": str(layout.annotations),
-               "image_roots": [str(r) for r in layout.image_roots], "splits": stats}
+               "image_roots": [str(r) for r in layout.image_roots],
+               "video_roots": [str(r) for r in layout.video_roots],
+               "raw_videos": _video_counts(raws), "audio": sound, "splits": stats}
     (out / "stats.json").write_text(json.dumps(summary, indent=1))
     return stats
 
@@ -193,6 +203,86 @@ def _curate(layout: affwild2.Layout, task: str, split: str, strict: bool,
         logging.warning("%s %s: %s, the first at %s (counts in stats.json)", task, split, reason,
                         where)
     return table, stats
+
+
+def _raw_videos(layout: affwild2.Layout, names: set[str]
+                ) -> dict[str, tuple[Path | None, video.VideoInfo | None]]:
+    """Each raw video of `names` (`_left`/`_right` share one): its file, and its fps and frame
+    count probed from it (or read from video_info.csv when it is missing or unreadable)."""
+    files = video.index_videos(layout.video_roots) if layout.video_roots else {}
+    listed = video.read_info_csv(layout.video_info) if layout.video_info else {}
+    out = {}
+    for raw in sorted({video.raw_name(n) for n in names}):
+        path, info = files.get(raw), None
+        if path is not None:
+            try:
+                info = video.probe(path)
+            except affwild2.DataError as e:
+                logging.warning("%s (its frame count from %s if listed there)", e,
+                                affwild2.VIDEO_INFO_FILE)
+                path = None
+        out[raw] = (path, info or listed.get(raw))
+    return out
+
+
+def _video_counts(raws: dict) -> dict[str, int]:
+    sources = [info.source if info else "none" for _, info in raws.values()]
+    return {"raw_videos": len(raws), "files": sum(p is not None for p, _ in raws.values()),
+            **{f"frames_from_{s}": sources.count(s) for s in sorted(set(sources))}}
+
+
+def _frame_counts(table: affwild2.FrameTable, stats: dict, raws: dict, split: str
+                  ) -> tuple[affwild2.FrameTable, dict]:
+    """Test videos take their frame count (the submission's lines) from the raw video; without
+    one, from the last crop, warned. Labelled videos keep their annotation's count, and a raw
+    video of another length is counted (`frame_count_mismatch`)."""
+    counts = table.video_frames.copy()
+    mismatch, fallback = [], []
+    for i, name in enumerate(table.videos):
+        info = raws[video.raw_name(name)][1]
+        if info is None:
+            fallback.append(name)
+        elif split == "test":
+            counts[i] = info.num_frames
+        elif info.num_frames != counts[i]:
+            mismatch.append(f"{name}: {counts[i]} annotation lines, {info.num_frames} video "
+                            f"frames ({info.source})")
+    stats["frame_counts"] = {"from_video": len(table.videos) - len(fallback),
+                             "without_video": len(fallback), "mismatch": len(mismatch),
+                             "videos_without_video": fallback[:_MAX_LISTED]}
+    if split == "test" and fallback:
+        logging.warning("%d test videos without a raw video or video_info.csv line, their "
+                        "frame count (submission lines) from the last crop: %s", len(fallback),
+                        ", ".join(fallback[:5]))
+    if mismatch:
+        stats["first"].setdefault("frame_count_mismatch", mismatch[0])
+    return dataclasses.replace(table, video_frames=counts), stats
+
+
+def _write_audio(out: Path, raws: dict, cfg: audio_lib.AudioConfig | None, stats: dict,
+                 pool, progress: bool) -> dict | None:
+    """The audio side table of the raw videos (none without any video or `.wav`), and per
+    split the frames whose timestamp lies past their audio (`audio_past_end`)."""
+    if cfg is None or not any(p or info for p, info in raws.values()):
+        return None
+    sources = {raw: audio_table.Source(
+        video=str(path) if path else None,
+        wav=str(w) if path and (w := video.wav_beside(path)) else None,
+        fps=info.fps if info else None, track_rate=info.sample_rate if info else None)
+        for raw, (path, info) in raws.items()}
+    counts = audio_table.write(out, sources, cfg, pool, progress)
+    for split, st in stats.items():
+        past, first = audio_table.frames_past_end(out, *records.read_frame_index(out, split))
+        if past and cfg.missing == "error":
+            raise affwild2.DataError(f"{first}: frame past the end of its audio "
+                                     "(data.audio.missing=error)")
+        st["audio_past_end"] = past
+        if first:
+            st["first"].setdefault("audio_past_end", first)
+    for reason, raw in counts["first"].items():
+        logging.warning("audio: %d raw videos with %s, the first %s (silence for their frames; "
+                        "counts in stats.json)", counts[reason], reason, raw)
+    return counts
 
 
 def _count_skipped(stats: dict, skipped: list[tuple[int, str]]) -> None:
@@ -212,10 +302,12 @@ def main(argv: Sequence[str]) -> None:
     if not FLAGS.root or not FLAGS.out:
         raise app.UsageError("--root and --out are required")
     try:
-        layout = affwild2.Layout.discover(FLAGS.root, FLAGS.annotations, FLAGS.image_roots)
+        layout = affwild2.Layout.discover(FLAGS.root, FLAGS.annotations, FLAGS.image_roots,
+                                          FLAGS.video_roots)
         out = Path(FLAGS.out) / FLAGS.task
         stats = prepare(layout, FLAGS.task, out, FLAGS.splits, FLAGS.format, FLAGS.num_shards,
-                        FLAGS.seed, FLAGS.workers or None, FLAGS.strict)
+                        FLAGS.seed, FLAGS.workers or None, FLAGS.strict,
+                        audio=DEFAULT_AUDIO if FLAGS.audio else None)
     except affwild2.DataError as e:
         raise SystemExit(f"error: {e}") from None
     print(affwild2.format_stats({FLAGS.task: stats}))
@@ -236,6 +328,10 @@ def define_flags() -> None:
     flags.DEFINE_bool("strict", False, "mtl: drop a frame when any task is invalid (7th ABAW).")
     flags.DEFINE_string("annotations", None, "Annotation folder, if not found under --root.")
     flags.DEFINE_list("image_roots", None, "Image roots, if not the cropped_aligned* under --root.")
+    flags.DEFINE_list("video_roots", None, "Raw video folders, if not the video*/raw_video* "
+                      "under --root.")
+    flags.DEFINE_bool("audio", True, "Write the audio side table (default parameters) when "
+                      "the raw videos are there.")
 
 
 if __name__ == "__main__":

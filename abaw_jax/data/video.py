@@ -21,10 +21,10 @@ import av
 import numpy as np
 from absl import logging
 
+from abaw_jax.data.affwild2 import VIDEO_INFO_FILE as INFO_FILE
 from abaw_jax.data.affwild2 import DataError, _read_lines, check_video_name
 
 VIDEO_SUFFIXES = (".mp4", ".avi")  # in order of preference when both hold the same name
-INFO_FILE = "video_info.csv"
 INFO_HEADER = ("video", "fps", "num_frames")
 INFO_SIZE = ("width", "height")  # optional trailing columns
 PERSON_SUFFIXES = ("_left", "_right")  # videos with two people: one annotation per person

@@ -18,10 +18,11 @@ Predict = Callable[[Mapping[str, jax.Array]], Mapping[str, jax.Array]]
 
 def predict_split(predict: Predict, data_dir: Path, split: str, *, batch_size: int, mesh,
                   loader: pipeline.Loader, size: int = 0, features: Sequence[str] = (),
-                  length: int = 0, stride: int = 1) -> dict[str, Any]:
+                  length: int = 0, stride: int = 1, audio=None) -> dict[str, Any]:
     """{"preds": {name: (n, ...)}, "labels": {...}} in record order for all n records.
 
-    `predict` maps a global batch of named inputs ("image" at `size`, cached "features", and
+    `predict` maps a global batch of named inputs ("image" at `size`, cached "features", the
+    "audio" windows of `audio` (an `AudioConfig`), and
     "index": the record indices, -1 for padding) to per-frame outputs. Each process reads its
     block of the split; predictions and labels are all-gathered and placed by record index.
     Frames: every index must be filled exactly once. Clips (`length` > 0, windows every
@@ -32,7 +33,7 @@ def predict_split(predict: Predict, data_dir: Path, split: str, *, batch_size: i
     local_batch = parallel.check_batch_size(batch_size, mesh)
     shard = pipeline.Shard(jax.process_index(), jax.process_count())
     common = dict(batch_size=local_batch, size=size, shard=shard, loader=loader,
-                  features=features)
+                  features=features, audio=audio)
     stream = (pipeline.clip_eval_dataset(data_dir, split, length=length, stride=stride, **common)
               if length else pipeline.eval_dataset(data_dir, split, **common))
     sums: dict[str, np.ndarray] = {}

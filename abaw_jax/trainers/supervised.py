@@ -32,7 +32,8 @@ def train_stream(config: ml_collections.ConfigDict, setup: state_lib.Setup, reco
     common = dict(batch_size=local_batch, seed=config.seed, shard=shard,
                   augment_cfg=augment.AugmentConfig.from_config(config.augment, feed.size)
                   if feed.size else None,
-                  loader=pipeline.Loader.from_config(config.data.loader), features=feed.features)
+                  loader=pipeline.Loader.from_config(config.data.loader), features=feed.features,
+                  audio=feed.audio)
     if feed.clip_length:
         return pipeline.clip_train_dataset(records, config.data.train_split,
                                            length=feed.clip_length, stride=feed.clip_stride,
