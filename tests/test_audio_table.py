@@ -5,9 +5,13 @@ caches; frame counts from the raw videos; bad input counted per reason."""
 import json
 import shutil
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
+from helpers import tiny_config
 
+from abaw_jax import models, trainers
 from abaw_jax.data import (
     affwild2,
     audio,
@@ -226,3 +230,29 @@ def test_without_a_raw_video_the_count_is_the_last_crop_with_a_warning(tree, tmp
     crops = [int(p.stem) for r in layout.image_roots for p in (r / name).glob("*.jpg")]
     assert records.read_video_frames(tmp_path / "r", "test")[name] == max(crops)
     assert "from the last crop" in caplog.text and name in caplog.text
+
+
+class Hears(nnx.Module):
+    """A model of the audio alone: the window's mean over time, a linear task layer."""
+
+    inputs = ("audio",)
+
+    def __init__(self, outputs, *, rngs: nnx.Rngs, **kwargs):
+        self.outputs = dict(outputs)
+        self.tasks = nnx.Dict({k: nnx.Linear(CFG.n_mels, n, rngs=rngs)
+                               for k, n in outputs.items()})
+
+    def __call__(self, inputs, rngs=None):
+        assert inputs["audio"].shape[1:] == (CFG.window_steps, CFG.n_mels)
+        pooled = jnp.mean(inputs["audio"], axis=1) / 100
+        return {k: self.tasks[k](pooled) for k in self.outputs}
+
+
+def test_a_model_that_takes_audio_trains_and_evaluates_on_it(prepared, tmp_path, monkeypatch):
+    out, _ = prepared
+    monkeypatch.setitem(models.FAMILIES, "hears", models.Family("hears", Hears))
+    config = tiny_config(out, "expr", **{"data.audio": {k: v for k, v in CFG.__dict__.items()}})
+    config.model = {"name": "hears"}
+    metrics = trainers.train_and_evaluate(config, tmp_path / "run")
+    assert metrics["expr/frames"] == len(records.RecordSource(out, "validation"))
+    assert np.isfinite(metrics["expr/f1_macro"])
