@@ -4,6 +4,7 @@ caches; frame counts from the raw videos; bad input counted per reason."""
 
 import json
 import shutil
+import wave
 
 import jax.numpy as jnp
 import numpy as np
@@ -256,3 +257,39 @@ def test_a_model_that_takes_audio_trains_and_evaluates_on_it(prepared, tmp_path,
     metrics = trainers.train_and_evaluate(config, tmp_path / "run")
     assert metrics["expr/frames"] == len(records.RecordSource(out, "validation"))
     assert np.isfinite(metrics["expr/f1_macro"])
+
+
+def test_bad_videos_are_counted_per_reason_and_past_the_end_is_silence_or_an_error(
+        tree, tmp_path):
+    """A corrupt video, a truncated one, a .wav at another rate than the track, and a track
+    shorter than its video: counted in stats.json; `missing=error` names the video."""
+    root, planted = tree
+    copy = tmp_path / "tree"
+    shutil.copytree(root, copy)
+    ok = [r for r in planted["expr"] if r not in (planted["silent"], planted["missing"])]
+    (short,) = ok  # the one video of the expr records with a full track: make it short
+    info = planted["info"][short]
+    path = copy / "videos" / f"{short}.mp4"
+    path.unlink()
+    half = _signal(info.num_frames, info.fps, 0)[: round(info.num_frames / info.fps * SR / 2)]
+    video.write_video(path, info.fps, info.num_frames, audio=half, sample_rate=SR)
+    wav_signal = np.zeros(round(info.num_frames / info.fps * 8000) // 2, np.int16)
+    with wave.open(str(path.with_suffix(".wav")), "wb") as w:  # the .wav is what is read
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(8000)
+        w.writeframes(wav_signal.tobytes())
+    (copy / "videos" / f"{planted['silent']}.mp4").write_bytes(b"\0" * 4096)  # corrupt
+    layout = affwild2.Layout.discover(copy)
+    stats = prepare.prepare(layout, "expr", tmp_path / "r", workers=1, progress=False,
+                            audio=CFG)
+    counts = json.loads((tmp_path / "r" / "stats.json").read_text())["audio"]
+    assert counts["unreadable"] == 1 and counts["first"]["unreadable"] == planted["silent"]
+    assert counts["sample_rate_mismatch"] == 1 and counts["ok"] == 1
+    past = sum(st["audio_past_end"] for st in stats.values())
+    assert past > 0  # the second half of `short`'s frames: silence
+    table = audio_table.AudioTable(tmp_path / "r", CFG)
+    np.testing.assert_array_equal(table.window(short, info.num_frames), audio.SILENCE_DB)
+    with pytest.raises(DataError, match=planted["silent"]):
+        prepare.prepare(layout, "expr", tmp_path / "e", workers=1, progress=False,
+                        audio=audio.AudioConfig(missing="error"))

@@ -208,7 +208,8 @@ def _curate(layout: affwild2.Layout, task: str, split: str, strict: bool,
 def _raw_videos(layout: affwild2.Layout, names: set[str]
                 ) -> dict[str, tuple[Path | None, video.VideoInfo | None]]:
     """Each raw video of `names` (`_left`/`_right` share one): its file, and its fps and frame
-    count probed from it (or read from video_info.csv when it is missing or unreadable)."""
+    count probed from it (or read from video_info.csv when it is missing or unreadable: its
+    audio then counts as `unreadable`)."""
     files = video.index_videos(layout.video_roots) if layout.video_roots else {}
     listed = video.read_info_csv(layout.video_info) if layout.video_info else {}
     out = {}
@@ -220,7 +221,6 @@ def _raw_videos(layout: affwild2.Layout, names: set[str]
             except affwild2.DataError as e:
                 logging.warning("%s (its frame count from %s if listed there)", e,
                                 affwild2.VIDEO_INFO_FILE)
-                path = None
         out[raw] = (path, info or listed.get(raw))
     return out
 
