@@ -28,7 +28,7 @@ def main(argv):
         root = Path(tempfile.mkdtemp(prefix="bench_curation_"))
         t0 = time.perf_counter()
         synthetic.generate(root, synthetic.SyntheticSpec(
-            num_videos=520, frames_per_video=5000, images=False, audio=False))
+            num_videos=520, frames_per_video=5000, images=False, videos=False, audio=False))
         (root / "cropped_aligned").mkdir(exist_ok=True)
         print(f"generated annotations in {time.perf_counter() - t0:.1f} s: {root}")
     layout = affwild2.Layout.discover(root)

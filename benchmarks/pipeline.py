@@ -60,7 +60,7 @@ def _records() -> Path:
     if FLAGS.records:
         return Path(FLAGS.records)
     tmp = Path(tempfile.mkdtemp(prefix="bench_pipeline_"))
-    synthetic.generate(tmp / "tree", synthetic.SyntheticSpec(audio=False))
+    synthetic.generate(tmp / "tree", synthetic.SyntheticSpec(videos=False, audio=False))
     prepare.prepare(affwild2.Layout.discover(tmp / "tree"), "va", tmp / "va", progress=False,
                     splits=["train"])
     return tmp / "va"

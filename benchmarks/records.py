@@ -29,7 +29,7 @@ def main(argv):
     root = Path(FLAGS.root) if FLAGS.root else tmp / "tree"
     if not FLAGS.root:
         synthetic.generate(root, synthetic.SyntheticSpec(num_videos=60, frames_per_video=500,
-                                                          audio=False))
+                                                          videos=False, audio=False))
     layout = affwild2.Layout.discover(root)
     # All cores first: its pool forks before this process imports TensorFlow (the in-process
     # writer below imports it; forking a process that holds TF's threads is unsafe).

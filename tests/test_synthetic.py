@@ -8,8 +8,10 @@ import json
 import subprocess
 import sys
 import wave
+from fractions import Fraction
 from pathlib import Path
 
+import av
 import cv2
 import numpy as np
 import pytest
@@ -74,7 +76,8 @@ def test_same_seed_gives_identical_bytes_in_process_and_in_a_pool(tree, tmp_path
     first, second = _tree(out), _tree(tmp_path)
     assert first.keys() == second.keys()
     assert first == second
-    assert any(k.endswith(".jpg") for k in first) and any(k.endswith(".wav") for k in first)
+    for suffix in (".jpg", ".wav", ".mp4", ".avi"):
+        assert any(k.endswith(suffix) for k in first), suffix
 
 
 def test_another_seed_differs(tree, tmp_path):
@@ -83,7 +86,8 @@ def test_another_seed_differs(tree, tmp_path):
     assert other["counts"] != manifest["counts"] or other["videos"] != manifest["videos"]
     first, second = _tree(out), _tree(tmp_path)
     common = [k for k in first.keys() & second.keys() if not k.endswith("manifest.json")]
-    assert all(first[k] != second[k] for k in common if k.endswith((".txt", ".jpg", ".wav")))
+    media = (".txt", ".jpg", ".wav", ".mp4")
+    assert all(first[k] != second[k] for k in common if k.endswith(media))
     assert first != second
 
 
@@ -164,20 +168,149 @@ def test_pairs_second_root_and_test_videos(tree):
     assert any(len(c) == 4 for c in annotated) and any(len(c) < 3 for c in annotated)
 
 
-def test_video_info_and_audio(tree):
+def test_video_info_agrees_with_the_manifest(tree):
     out, manifest = tree
     lines = (out / "video_info.csv").read_text().splitlines()
     assert lines[0] == "video,fps,num_frames,width,height"
-    raws = {v["raw"] for v in manifest["videos"].values()}
+    raws = manifest["raw_videos"]
     assert len(lines) - 1 == SPEC.num_videos == len(raws)
     for line in lines[1:]:
-        raw, fps, frames, _, _ = line.split(",")
+        raw, fps, frames, width, height = line.split(",")
         tracks = [v for v in manifest["videos"].values() if v["raw"] == raw]
-        assert int(fps) in (25, 30) and int(frames) == max(v["num_frames"] for v in tracks)
-        with wave.open(str(out / "audio" / f"{raw}.wav")) as wav:
-            assert (wav.getnchannels(), wav.getsampwidth()) == (1, 2)
-            assert wav.getframerate() == SPEC.sample_rate
-            assert wav.getnframes() == round(int(frames) * SPEC.sample_rate / int(fps))
+        assert int(fps) in (25, 30) and all(v["fps"] == int(fps) for v in tracks)
+        assert int(frames) == max(v["num_frames"] for v in tracks) == raws[raw]["num_frames"]
+        assert (int(width), int(height)) == (raws[raw]["width"], raws[raw]["height"])
+        assert raws[raw]["tracks"] == [n for n, v in manifest["videos"].items() if v["raw"] == raw]
+
+
+def test_raw_videos_and_wavs_are_the_files_the_manifest_lists(tree):
+    out, manifest = tree
+    raws = manifest["raw_videos"]
+    listed = {raw[key] for raw in raws.values() for key in ("file", "wav") if raw[key]}
+    assert {f"videos/{p.name}" for p in (out / "videos").iterdir()} == listed
+    suffixes = [Path(raw["file"]).suffix for raw in raws.values()]
+    assert suffixes.count(".avi") == 1 and suffixes.count(".mp4") == len(raws) - 1
+    assert all(Path(raw["file"]).stem == name for name, raw in raws.items())
+    for raw in raws.values():
+        if raw["wav"]:
+            assert raw["wav"] == str(Path(raw["file"]).with_suffix(".wav"))
+            assert raw["has_audio"]
+        if raw["has_audio"]:
+            assert raw["audio_follows"] == raw["tracks"][0]
+    # The planted audio cases: none at all, the track only, the odd rate once.
+    voiced = [raw for raw in raws.values() if raw["has_audio"]]
+    assert 0 < len(voiced) < len(raws)
+    assert all(raw["audio_track"] for raw in voiced)
+    assert any(not raw["wav"] for raw in voiced)
+    assert sum(bool(raw["wav"]) for raw in voiced) > len(voiced) / 2
+    rates = [raw["sample_rate"] for raw in voiced]
+    assert rates.count(22050) == 1 and set(rates) == {22050, SPEC.sample_rate}
+    assert all(raw["sample_rate"] is None for raw in raws.values() if not raw["has_audio"])
+    pairs = [raw for raw in raws.values() if len(raw["tracks"]) == 2]
+    assert pairs and all(raw["tracks"][0].endswith("_left") for raw in pairs)
+
+
+def _decode_video(path: Path) -> tuple[Fraction, list[np.ndarray], list[float]]:
+    """The video stream's average frame rate, its frames as BGR and their times in seconds."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = list(container.decode(stream))
+        rate = stream.average_rate  # read while open: PyAV answers None after closing
+    return rate, [f.to_ndarray(format="bgr24") for f in frames], [f.time for f in frames]
+
+
+def test_decoded_videos_have_the_manifests_frames_fps_and_size(tree):
+    out, manifest = tree
+    for name, raw in manifest["raw_videos"].items():
+        rate, frames, times = _decode_video(out / raw["file"])
+        assert len(frames) == raw["num_frames"], name
+        assert rate == raw["fps"], name
+        assert frames[0].shape == (raw["height"], raw["width"], 3), name
+        assert np.allclose(times, np.arange(len(frames)) / raw["fps"]), name
+
+
+def test_video_frames_show_the_crops_where_the_manifest_says(tree):
+    out, manifest = tree
+    for raw in manifest["raw_videos"].values():
+        _, frames, _ = _decode_video(out / raw["file"])
+        ends = [x for x, _ in raw["crop_places"][1:]] + [raw["width"]]
+        for name, (x, y), end in zip(raw["tracks"], raw["crop_places"], ends, strict=True):
+            video = manifest["videos"][name]
+            width = min(video["size"], end - x)  # a pair's right person is in front
+            errors = []
+            for frame in range(1, video["num_frames"] + 1, 5):
+                crop = _crop(out, video, name, frame)
+                if crop.exists():
+                    pasted = frames[frame - 1][y : y + video["size"], x : x + width]
+                    jpg = cv2.imread(str(crop))[:, :width]
+                    errors.append(np.abs(pasted.astype(float) - jpg).mean())
+            # Two lossy codecs apart: about 5 (one crop moved by 2 pixels: 9 to 12).
+            assert len(errors) > 3 and np.mean(errors) < 7.5, (name, np.mean(errors))
+        assert np.ptp(frames[0][:4, :4], axis=(0, 1)).max() < 10  # a plain frame around them
+
+
+def _decode_audio(path: Path) -> tuple[int, int, np.ndarray] | None:
+    """(sample rate, channels, mono samples in [-1, 1]) of the file's first audio stream."""
+    with av.open(str(path)) as container:
+        if not container.streams.audio:
+            return None
+        stream = container.streams.audio[0]
+        rate, channels = stream.rate, stream.channels
+        frames = [f.to_ndarray() for f in container.decode(stream)]
+    samples = np.concatenate(frames, axis=-1).reshape(-1)
+    if samples.dtype == np.int16:  # the AVI's PCM; AAC decodes to float
+        return rate, channels, samples.astype(np.float32) / 32768
+    return rate, channels, samples
+
+
+def _read_wav(path: Path) -> tuple[int, np.ndarray]:
+    with wave.open(str(path)) as wav:
+        assert (wav.getnchannels(), wav.getsampwidth()) == (1, 2)
+        pcm = np.frombuffer(wav.readframes(wav.getnframes()), "<i2")
+        return wav.getframerate(), pcm.astype(np.float32) / 32768
+
+
+def test_audio_tracks_and_wavs_have_the_manifests_rate_and_length(tree):
+    out, manifest = tree
+    for name, raw in manifest["raw_videos"].items():
+        track = _decode_audio(out / raw["file"])
+        if not raw["has_audio"]:
+            assert track is None and not raw["wav"], name
+            continue
+        expected = round(raw["num_frames"] * raw["sample_rate"] / raw["fps"])
+        rate, channels, samples = track
+        assert (rate, channels) == (raw["sample_rate"], 1), name
+        # AAC pads its last 1024-sample frame; the AVI's PCM is exact.
+        assert expected <= samples.size < expected + 1024, name
+        if raw["wav"]:
+            wav_rate, wav = _read_wav(out / raw["wav"])
+            assert wav_rate == raw["sample_rate"] and wav.size == expected, name
+            # The same sound, aligned: the lossy track follows the wav sample for sample.
+            assert np.corrcoef(samples[:expected], wav)[0, 1] > 0.99, name
+
+
+def test_switches_write_no_videos_or_no_audio(tmp_path):
+    base = SyntheticSpec(num_videos=5, frames_per_video=20, images=False)
+    silent = generate(tmp_path / "silent", SyntheticSpec(**{**vars(base), "audio": False}))
+    assert not list((tmp_path / "silent").rglob("*.wav"))
+    for raw in silent["raw_videos"].values():
+        assert _decode_audio(tmp_path / "silent" / raw["file"]) is None
+        assert not raw["has_audio"] and not raw["audio_track"] and raw["sample_rate"] is None
+    # Without videos every voice is a .wav, those that would be a track only included.
+    voiced = generate(tmp_path / "voiced", base)["raw_videos"]
+    wavs = generate(tmp_path / "wavs", SyntheticSpec(**{**vars(base), "videos": False}))
+    assert {p.suffix for p in (tmp_path / "wavs" / "videos").iterdir()} == {".wav"}
+    for name, raw in wavs["raw_videos"].items():
+        assert raw["file"] is None and not raw["audio_track"]
+        assert raw["has_audio"] == voiced[name]["has_audio"]
+        assert bool(raw["wav"]) == raw["has_audio"]
+        assert raw["sample_rate"] == voiced[name]["sample_rate"]
+    assert any(raw["has_audio"] and not raw["wav"] for raw in voiced.values())
+
+
+def test_sample_rate_must_suit_the_encoders(tmp_path):
+    with pytest.raises(ValueError, match="sample_rate"):
+        generate(tmp_path, SyntheticSpec(sample_rate=22050))
 
 
 def test_manifest_counts_match_a_recount_of_the_files(tree):
@@ -241,7 +374,9 @@ def test_mtl_counts_match_a_recount(tree):
 
 def test_mtl_dirt_on_longer_videos(tmp_path):
     # Tiny videos have ~12 MTL rows each, too few for the 1 % of all-invalid rows to appear.
-    spec = SyntheticSpec(num_videos=8, frames_per_video=500, images=False, audio=False)
+    spec = SyntheticSpec(
+        num_videos=8, frames_per_video=500, images=False, videos=False, audio=False
+    )
     manifest = generate(tmp_path, spec)
     missing = {name: set(v["missing"]) for name, v in manifest["videos"].items()}
 
@@ -271,9 +406,9 @@ def test_mtl_rows_use_every_kth_frame_and_the_challenge_labels(tree):
 
 def test_annotation_only_mode_writes_no_jpgs_and_the_same_annotations(tree, tmp_path):
     out, manifest = tree
-    spec = SyntheticSpec(**{**vars(SPEC), "images": False, "audio": False})
+    spec = SyntheticSpec(**{**vars(SPEC), "images": False, "videos": False, "audio": False})
     bare = generate(tmp_path, spec, workers=1)
-    assert not list(tmp_path.rglob("*.jpg")) and not list(tmp_path.rglob("*.wav"))
+    assert not list(tmp_path.rglob("*.jpg")) and not (tmp_path / "videos").exists()
     assert bare["images"] is False and manifest["images"] is True
     assert bare["counts"] == manifest["counts"] and bare["videos"] == manifest["videos"]
     full, ann = _tree(out), _tree(tmp_path)
@@ -285,7 +420,10 @@ def test_annotation_only_mode_writes_no_jpgs_and_the_same_annotations(tree, tmp_
 def test_rerun_replaces_a_tree_and_foreign_directories_are_refused(tmp_path):
     spec = SyntheticSpec(num_videos=3, frames_per_video=20, images=False, audio=False)
     generate(tmp_path, spec)
+    (tmp_path / "audio").mkdir()  # where earlier versions wrote the .wavs
     manifest = generate(tmp_path, SyntheticSpec(**{**vars(spec), "seed": 9}))
+    assert not (tmp_path / "audio").exists()
+    assert {p.stem for p in (tmp_path / "videos").iterdir()} == set(manifest["raw_videos"])
     on_disk = {p.stem for p in (tmp_path / "annotations").rglob("*_Set/*.txt")}
     assert on_disk <= set(manifest["videos"])
     assert json.loads((tmp_path / "manifest.json").read_text()) == manifest
@@ -371,7 +509,7 @@ def test_expression_class_is_readable_from_the_forehead(tree):
 
 def test_cli_writes_a_tree_and_prints_a_summary(tmp_path):
     out = tmp_path / "cli"
-    args = ["--out", str(out), "--videos=3", "--frames=20", "--noimages", "--noaudio"]
+    args = ["--out", str(out), "--videos=3", "--frames=20", "--noimages", "--novideos", "--noaudio"]
     result = subprocess.run(
         [sys.executable, "-m", "abaw_jax.data.synthetic", *args],
         capture_output=True,
@@ -381,3 +519,80 @@ def test_cli_writes_a_tree_and_prints_a_summary(tmp_path):
     assert "3 raw videos" in result.stdout
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["spec"]["num_videos"] == 3 and manifest["images"] is False
+    assert manifest["spec"]["videos"] is False and not (out / "videos").exists()
+
+
+# --- The labels are audible ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def voices(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """Wavs only (no crops, no videos): enough validation frames of several classes."""
+    out = tmp_path_factory.mktemp("voices")
+    spec = SyntheticSpec(
+        num_videos=16, frames_per_video=150, seed=5, images=False, videos=False, sample_rate=16000
+    )
+    return out, generate(out, spec)
+
+
+def _band_energies(out: Path, manifest: dict, task: str, edges: np.ndarray):
+    """Per valid annotated frame of each split: log energies of the bands between edges (Hz) in
+    a 64 ms Hann window centred on the frame's time, and the label row."""
+    features = {split: [] for split in SPLIT_DIRS}
+    labels = {split: [] for split in SPLIT_DIRS}
+    for name, video, split in _annotated(manifest, task):
+        raw = manifest["raw_videos"][video["raw"]]
+        if raw["audio_follows"] != name:
+            continue
+        rate, wav = _read_wav(out / raw["wav"])
+        half = round(0.032 * rate)
+        padded = np.pad(wav, half)
+        bands = np.searchsorted(np.fft.rfftfreq(2 * half, 1 / rate), edges)
+        path = out / "annotations" / CHALLENGES[task] / SPLIT_DIRS[split] / f"{name}.txt"
+        for frame, row in enumerate(_data_lines(path)[1], start=1):
+            if _invalid(task, row):
+                continue
+            centre = round((frame - 1) / raw["fps"] * rate) + half
+            window = padded[centre - half : centre + half] * np.hanning(2 * half)
+            power = np.abs(np.fft.rfft(window)) ** 2
+            energy = [power[lo:hi].sum() for lo, hi in zip(bands[:-1], bands[1:], strict=True)]
+            features[split].append(np.log(np.array(energy) + 1e-9))
+            labels[split].append([float(v) for v in row])
+    return (
+        {split: np.array(f) for split, f in features.items()},
+        {split: np.array(v) for split, v in labels.items()},
+    )
+
+
+def _macro_f1(truth: np.ndarray, predicted: np.ndarray) -> float:
+    scores = []
+    for c in np.union1d(truth, predicted):
+        tp = np.sum((truth == c) & (predicted == c))
+        scores.append(2 * tp / (np.sum(truth == c) + np.sum(predicted == c)))
+    return float(np.mean(scores))
+
+
+def test_expression_class_is_learnable_from_the_audio(voices):
+    out, manifest = voices
+    # 18 log-spaced bands over 450 Hz to 3.8 kHz, where the class tones are (the voice is below).
+    x, y = _band_energies(out, manifest, "expr", np.geomspace(450, 3800, 19))
+    train, val = y["train"][:, 0].astype(int), y["validation"][:, 0].astype(int)
+    assert np.unique(val).size >= 4 and val.size > 200
+    # Nearest centroid in standardised log band energies, fitted on the train videos only.
+    mean, std = x["train"].mean(0), x["train"].std(0)
+    z_train, z_val = (x["train"] - mean) / std, (x["validation"] - mean) / std
+    classes = np.unique(train)
+    centroids = np.stack([z_train[train == c].mean(0) for c in classes])
+    predicted = classes[((z_val[:, None] - centroids[None]) ** 2).sum(-1).argmin(1)]
+    constant = np.full_like(val, np.bincount(train).argmax())
+    learnt, baseline = _macro_f1(val, predicted), _macro_f1(val, constant)
+    assert learnt > baseline + 0.4, (learnt, baseline)  # seeds 5-7: 0.60-0.72 against 0.01-0.12
+
+
+def test_arousal_is_audible_in_the_low_bands(voices):
+    out, manifest = voices
+    x, y = _band_energies(out, manifest, "va", np.array([60.0, 450.0]))  # the voice's band
+    loudness, arousal = x["train"][:, 0], y["train"][:, 1]
+    speaking = loudness > np.percentile(loudness, 30)  # pauses are a fifth of the frames
+    assert speaking.sum() > 300
+    assert np.corrcoef(loudness[speaking], arousal[speaking])[0, 1] > 0.6  # seeds 5-7: 0.67-0.98

@@ -7,14 +7,24 @@ from any video. Each challenge's annotation file writes its task's labels with i
 planted at known rates; the exact planted counts go to manifest.json so tests can check a reader's
 curation against them.
 
+Raw videos: videos/<raw>.mp4 (H.264 + AAC; one raw video .avi: MPEG-4 + PCM), the face crops of
+each frame pasted into a plain frame, at a reduced size (video_info.csv and the manifest give the
+size written). Their sound carries arousal (pitch and loudness of a voice-like tone) and the
+expression class (a tone of the class's own frequency while its segment lasts), silent in pauses
+(a fifth of the time); a two-person video's sound follows its _left person. Most videos also have
+videos/<raw>.wav; some have audio only as the track, some none at all, one another sample rate
+(manifest.json: "raw_videos").
+
 Determinism: each raw video draws from its own SeedSequence([seed, 1, index, track, purpose]) and
-the global choices (pairs, splits, challenge membership, file dirt) from SeedSequence([seed, 0]),
-so a spec writes byte-identical files whatever the number of workers or the order of work.
+the global choices from SeedSequence([seed, 0]) (pairs, splits, challenge membership, file dirt)
+and SeedSequence([seed, 2]) (containers and audio: a separate stream, so adding them changed no
+annotation), so a spec writes byte-identical files whatever the number of workers or the order of
+work (the encoders run single-threaded for that).
 
 No jax here: data modules run inside data-loader worker processes.
 
 CLI: python -m abaw_jax.data.synthetic --out=DIR [--videos=24] [--frames=300] [--size=112]
-     [--seed=0] [--noimages] [--noaudio] [--workers=N]
+     [--seed=0] [--noimages] [--novideos] [--noaudio] [--workers=N]
 """
 
 import copy
@@ -28,9 +38,12 @@ import os
 import shutil
 import time
 import wave
+from collections.abc import Iterator
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+import av
 import cv2
 import numpy as np
 from absl import app, flags
@@ -75,7 +88,35 @@ _ANNOTATION_ONLY_COST = 1 / 40  # cost of an annotation-only frame relative to a
 
 # Purposes of the per-video random streams: each has its own, so that e.g. images=False does not
 # change the annotations.
-_META, _LABELS, _DIRT, _MTL_DIRT, _RENDER, _AUDIO = range(6)
+_META, _LABELS, _DIRT, _MTL_DIRT, _RENDER, _AUDIO, _VIDEO = range(7)
+
+# --- Raw videos and their sound.
+_NO_AUDIO_FRACTION = 0.1  # raw videos without any audio (at least one from 4 videos)
+_TRACK_ONLY_FRACTION = 0.2  # of those with audio: the track only, no .wav beside the video
+_ODD_SAMPLE_RATE = 22050  # exactly one video with audio has this rate, in its track and wav
+# Rates AAC takes, high enough for the cue tones below (the odd rate is not the spec's).
+SAMPLE_RATES = (8000, 11025, 12000, 16000, 24000, 32000, 44100, 48000, 64000, 88200, 96000)
+# Containers: extension -> (video codec, its options, audio codec, its options). The encoders run
+# single-threaded: their output then depends on nothing but the input (x264's frame threads
+# change the bytes). x264 ultrafast with B-frames (so readers meet reordered timestamps): 0.15 ms
+# a 298x168 frame against 0.36 for veryfast; AAC's fast coder halves its cost. PCM in the AVI:
+# MP3 there starts 1105 samples late (no edit list to say so) and shifted the video by a frame.
+_CONTAINERS = {
+    "mp4": (
+        "libx264",
+        {"preset": "ultrafast", "crf": "30", "x264-params": "bframes=2"},
+        "aac",
+        {"aac_coder": "fast"},
+    ),
+    "avi": ("mpeg4", {"qmax": "4"}, "pcm_s16le", {}),
+}
+# Expression cue: class k sounds a tone at _EXPR_TONES[k] Hz (detuned per video by up to
+# _TONE_DETUNE) while its segment lasts, above the arousal voice (fundamental 90-210 Hz, one
+# harmonic) and below 4 kHz (the Nyquist frequency of 8 kHz). Neighbours are 4 bands apart on a
+# 64-band mel scale to 8 kHz, and still 2.6 when detuned towards each other.
+_EXPR_TONES = (500, 700, 950, 1250, 1600, 2000, 2500, 3100)
+_TONE_DETUNE = 0.04
+_SPEAKING_SHARE = 0.8  # share of frames with voice and tone (pauses of 2-10 frames on average)
 
 # --- Face drawing, in units of the face scale u (fractions of the crop size) around its centre.
 _SKIN_TONES = ((150, 180, 225), (120, 160, 210), (95, 130, 185), (70, 100, 150), (50, 75, 115))
@@ -137,9 +178,10 @@ class SyntheticSpec:
     second_root_fraction: float = 0.2  # share of videos whose crops go to cropped_aligned_new/
     crlf_fraction: float = 0.3  # share of annotation files with Windows line endings
     mtl_stride: int = 5  # s-Aff-Wild2 takes every k-th frame of the MTL videos
-    images: bool = True  # False: annotations only (for big curation benchmarks)
-    audio: bool = True
-    sample_rate: int = 16000
+    images: bool = True  # False: no jpg crops (annotations only, with videos=audio=False)
+    videos: bool = True  # raw videos (False: no video files; the .wavs then cover every voice)
+    audio: bool = True  # False: no audio at all (no tracks, no .wavs)
+    sample_rate: int = 44100  # of every voiced video but one (_ODD_SAMPLE_RATE); in SAMPLE_RATES
 
     def invalid_rates(self) -> dict[str, float]:
         return {
@@ -170,13 +212,26 @@ class _Track:
 
 
 @dataclasses.dataclass(frozen=True)
+class _Media:
+    """What a raw video is written as: its file, frame size and audio (as the spec allows)."""
+
+    file: str | None  # "videos/<raw>.mp4" or ".avi", relative to the root; None: no video
+    width: int  # frame size written (video_info.csv's): the name's, scaled (_frame_size)
+    height: int
+    sample_rate: int | None  # None: no audio at all
+    track: bool  # an audio stream in the video file
+    wav: str | None  # "videos/<raw>.wav"
+
+
+@dataclasses.dataclass(frozen=True)
 class _RawVideo:
     index: int
     name: str
     fps: int
-    width: int
+    width: int  # the resolution of the name
     height: int
     tracks: tuple[_Track, ...]
+    media: _Media
 
 
 @dataclasses.dataclass(frozen=True)
@@ -334,8 +389,45 @@ def _plan(spec: SyntheticSpec) -> tuple[list[_RawVideo], dict[str, _FileStyle]]:
         size = round(spec.image_size * 8 / 7) if alt_size[k] else spec.image_size
         root = IMAGE_ROOTS[int(second_root[k])]
         tracks[i].append(_Track(name, t, metas[i][4][t], size, root, memberships[k], styles[k]))
-    raws = [_RawVideo(i, m[0], m[1], m[2], m[3], tuple(tracks[i])) for i, m in enumerate(metas)]
+    media = _media_plan(spec, metas)
+    raws = [
+        _RawVideo(i, m[0], m[1], m[2], m[3], tuple(tracks[i]), media[i])
+        for i, m in enumerate(metas)
+    ]
     return raws, mtl_styles
+
+
+def _frame_size(width: int, height: int, image_size: int) -> tuple[int, int]:
+    """The named resolution scaled to 1.5 crops high, even (for 4:2:0 chroma).
+
+    The picture is only pasted crops: full HD would cost 40x the pixels of 298x168, and 2 crops
+    high (398x224) cost 1.25x the CPU of this size (whole generation, videos only).
+    """
+    scale = 1.5 * image_size / height
+    return 2 * round(width * scale / 2), 2 * round(height * scale / 2)
+
+
+def _media_plan(spec: SyntheticSpec, metas: list[tuple]) -> list[_Media]:
+    """Container, frame size and audio of each raw video; the choices ignore spec.videos/audio."""
+    rng = np.random.default_rng(np.random.SeedSequence([spec.seed, 2]))
+    n = spec.num_videos
+    voiced = np.flatnonzero(~_exact(rng, n, _NO_AUDIO_FRACTION, at_least_one=n >= 4))
+    order = rng.permutation(voiced).tolist()  # the odd rate first, then the track-only ones
+    odd = set(order[:1]) if len(order) >= 2 else set()
+    rest = order[len(odd) :]
+    track_only = set(rest[: _count(len(rest), _TRACK_ONLY_FRACTION, len(rest) >= 2)])
+    # The .avi has audio when any video has: its decoder path is then exercised too.
+    avi = int(rng.choice(voiced if voiced.size else n)) if n >= 2 else -1
+    media = []
+    for i, (name, _, width, height, _) in enumerate(metas):
+        voice = spec.audio and i in voiced
+        track = voice and spec.videos
+        wav = voice and not (track and i in track_only)
+        rate = (_ODD_SAMPLE_RATE if i in odd else spec.sample_rate) if voice else None
+        file = f"videos/{name}.{'avi' if i == avi else 'mp4'}" if spec.videos else None
+        size = _frame_size(width, height, spec.image_size)
+        media.append(_Media(file, *size, rate, track, f"videos/{name}.wav" if wav else None))
+    return media
 
 
 # --------------------------------------------------------------------------------------------
@@ -574,15 +666,11 @@ def _render(
     return img
 
 
-def _write_images(
-    folder: Path,
-    size: int,
-    labels: _Labels,
-    missing: np.ndarray,
-    ident: _Identity,
-    rng: np.random.Generator,
-) -> None:
-    n = missing.size
+def _crops(
+    size: int, labels: _Labels, ident: _Identity, rng: np.random.Generator, wanted: np.ndarray
+) -> Iterator[np.ndarray | None]:
+    """The noisy face crop of each frame in order (None where not wanted)."""
+    n = wanted.size
     reach = max(1, round(2 * size / 112))
     jitter = rng.integers(-reach, reach + 1, (n, 2))
     # A small bank of Gaussian noise tiles, cropped at random offsets: per-frame noise for the
@@ -591,34 +679,119 @@ def _write_images(
     bank = np.rint(rng.normal(0, 5, (4, size + margin, size + margin, 3))).astype(np.int16)
     tiles = rng.integers(0, bank.shape[0], n)
     offsets = rng.integers(0, margin + 1, (n, 2))
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in np.flatnonzero(~missing).tolist():
+    for i in range(n):
+        if not wanted[i]:
+            yield None
+            continue
         img = _render(size, ident, labels.va[i], int(labels.expr[i]), labels.au[i], jitter[i])
         oy, ox = offsets[i]
         noise = bank[tiles[i], oy : oy + size, ox : ox + size]
-        noisy = np.clip(img.astype(np.int16) + noise, 0, 255).astype(np.uint8)
-        ok, jpeg = cv2.imencode(".jpg", noisy, [cv2.IMWRITE_JPEG_QUALITY, 90])
-        if not ok:
-            raise RuntimeError(f"JPEG encoding failed for {folder}/{i + 1:05d}.jpg")
-        jpeg.tofile(folder / f"{i + 1:05d}.jpg")
+        yield np.clip(img.astype(np.int16) + noise, 0, 255).astype(np.uint8)
 
 
-def _write_audio(
-    path: Path, arousal: np.ndarray, fps: int, sample_rate: int, rng: np.random.Generator
-) -> None:
-    """A voiced tone whose pitch and loudness follow arousal, plus a little noise."""
-    samples = round(arousal.size * sample_rate / fps)
-    frame_pos = np.arange(samples) * (fps / sample_rate)
-    a = np.interp(frame_pos, np.arange(arousal.size), arousal)
-    phase = 2 * np.pi * np.cumsum(150 + 60 * a) / sample_rate
-    signal = (0.08 + 0.06 * (a + 1)) * (np.sin(phase) + 0.4 * np.sin(2 * phase))
-    signal += rng.normal(0, 0.01, samples)
-    pcm = np.clip(np.rint(signal * 32767), -32768, 32767).astype("<i2")
+def _write_jpg(path: Path, img: np.ndarray) -> None:
+    ok, jpeg = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    if not ok:
+        raise RuntimeError(f"JPEG encoding failed for {path}")
+    jpeg.tofile(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Sound and video files
+
+
+def _oscillator(frequency: np.ndarray, rate: int) -> np.ndarray:
+    """The phase (in [0, 2 pi), float32) of a tone whose frequency in Hz changes per sample."""
+    phase = np.cumsum(frequency * (2 * np.pi / rate))  # float64: it grows to 1e5 rad
+    return np.remainder(phase, 2 * np.pi).astype(np.float32)  # float32 sin costs a fifth
+
+
+def _audio_pcm(labels: _Labels, fps: int, rate: int, rng: np.random.Generator) -> np.ndarray:
+    """16-bit mono: while the person speaks, a voice-like tone whose pitch and loudness follow
+    arousal and a steady tone at the expression class's frequency; a little noise throughout.
+    Frame k (1-based) sounds from (k - 1.5) / fps to (k - 0.5) / fps: centred on its
+    timestamp (k - 1) / fps, that of the video's k-th frame."""
+    n = labels.expr.size
+    samples = round(n * rate / fps)
+    frame_pos = np.arange(samples) * (fps / rate)
+    # Pauses (a fifth of the time, in runs): the sound alone does not give every frame's labels.
+    speaking = _binary_chain(rng, n, _SPEAKING_SHARE).astype(np.float32)
+    gate = np.interp(frame_pos, np.arange(n), speaking).astype(np.float32)
+    a = np.interp(frame_pos, np.arange(n), labels.va[:, 1]).astype(np.float32)
+    voice = _oscillator(150 + 60 * a, rate)
+    signal = (0.08 + 0.06 * (a + 1)) * (np.sin(voice) + 0.4 * np.sin(2 * voice))
+    tones = np.array(_EXPR_TONES) * rng.uniform(1 - _TONE_DETUNE, 1 + _TONE_DETUNE, 8)
+    frame = np.minimum(np.rint(frame_pos).astype(np.int64), n - 1)
+    # One continuous-phase tone that changes frequency with the class: no click at a change.
+    signal += rng.uniform(0.04, 0.07) * np.sin(_oscillator(tones[labels.expr[frame]], rate))
+    signal = gate * signal + 0.01 * rng.standard_normal(samples, dtype=np.float32)
+    return np.clip(np.rint(signal * 32767), -32768, 32767).astype(np.int16)
+
+
+def _write_wav(path: Path, pcm: np.ndarray, rate: int) -> None:
     with wave.open(str(path), "wb") as wav:
         wav.setnchannels(1)
         wav.setsampwidth(2)
-        wav.setframerate(sample_rate)
-        wav.writeframes(pcm.tobytes())
+        wav.setframerate(rate)
+        wav.writeframes(pcm.astype("<i2").tobytes())
+
+
+class _VideoWriter:
+    """One raw video file: the frames given in order, the audio (if any) interleaved with them."""
+
+    def __init__(self, path: Path, raw: _RawVideo, pcm: np.ndarray | None) -> None:
+        video_codec, video_options, audio_codec, audio_options = _CONTAINERS[path.suffix[1:]]
+        self.container = av.open(str(path), "w")
+        self.video = self.container.add_stream(video_codec, rate=raw.fps, options=video_options)
+        self.video.width, self.video.height = raw.media.width, raw.media.height
+        self.video.pix_fmt = "yuv420p"
+        self.video.codec_context.thread_count = 1
+        self.frames, self.pcm, self.sent = 0, pcm, 0
+        if pcm is not None:
+            rate = raw.media.sample_rate
+            self.audio = self.container.add_stream(
+                audio_codec, rate=rate, layout="mono", options=audio_options
+            )
+            self.audio.codec_context.thread_count = 1
+            self.samples_per_frame = Fraction(rate, raw.fps)
+
+    def write(self, bgr: np.ndarray) -> None:
+        # OpenCV's BT.601 limited-range conversion (swscale's) costs a third of swscale's, and
+        # wrapping its array a twentieth of copying it (libavcodec copies what it keeps).
+        yuv = cv2.cvtColor(bgr, cv2.COLOR_BGR2YUV_I420)
+        frame = av.VideoFrame.from_numpy_buffer(yuv, format="yuv420p")
+        frame.pts = self.frames
+        self.container.mux(self.video.encode(frame))
+        self.frames += 1
+        if self.pcm is not None:
+            self._send_audio(round(self.frames * self.samples_per_frame))
+
+    def _send_audio(self, until: int) -> None:
+        chunk = self.pcm[self.sent : until]
+        if chunk.size:
+            frame = av.AudioFrame.from_ndarray(chunk[None], format="s16", layout="mono")
+            frame.sample_rate = self.audio.rate
+            frame.pts, frame.time_base = self.sent, Fraction(1, self.audio.rate)
+            self.container.mux(self.audio.encode(frame))
+            self.sent += chunk.size
+
+    def close(self) -> None:
+        self.container.mux(self.video.encode())
+        if self.pcm is not None:
+            self._send_audio(self.pcm.size)
+            self.container.mux(self.audio.encode())
+        self.container.close()
+
+
+def _crop_places(raw: _RawVideo) -> list[tuple[int, int]]:
+    """Top-left corner of each person's crop: centred, or around 1/4 and 3/4 of the width, inside
+    the frame (two people in a 4:3 frame overlap; the right one is in front)."""
+    k, width, height = len(raw.tracks), raw.media.width, raw.media.height
+    places = []
+    for t in raw.tracks:
+        x = (2 * t.index + 1) * width // (2 * k) - t.size // 2
+        places.append((min(max(x, 0), width - t.size), max(height // 2 - t.size // 2, 0)))
+    return places
 
 
 # --------------------------------------------------------------------------------------------
@@ -646,9 +819,18 @@ def _mtl_part(
     return {"lines": lines.tolist(), "counts": _mtl_counts(invalid, missing[rows])}
 
 
-def _make_track(
-    spec: SyntheticSpec, out: Path, raw: _RawVideo, track: _Track
-) -> tuple[dict[str, Any], _Labels]:
+@dataclasses.dataclass(frozen=True)
+class _Made:
+    """A track whose annotations are written: its manifest part, and what its crops come from."""
+
+    result: dict[str, Any]
+    labels: _Labels
+    missing: np.ndarray
+    ident: _Identity
+    render: np.random.Generator
+
+
+def _make_track(spec: SyntheticSpec, out: Path, raw: _RawVideo, track: _Track) -> _Made:
     n = track.num_frames
     labels = _latent_labels(_stream(spec.seed, raw.index, track.index, _LABELS), n)
     dirt = _stream(spec.seed, raw.index, track.index, _DIRT)
@@ -661,9 +843,6 @@ def _make_track(
         _write_text(split_dir / f"{track.name}.txt", HEADERS[task], lines, style)
     render = _stream(spec.seed, raw.index, track.index, _RENDER)
     ident = _identity(render)
-    if spec.images:
-        folder = out / track.image_root / track.name
-        _write_images(folder, track.size, labels, missing, ident, render)
     result = {
         "missing": (np.flatnonzero(missing) + 1).tolist(),
         "counts": {task: _task_counts(invalid[task], missing) for task in TASKS},
@@ -671,18 +850,52 @@ def _make_track(
     }
     if "mtl" in track.challenges:
         result["mtl"] = _mtl_part(spec, raw, track, labels, missing)
-    return result, labels
+    return _Made(result, labels, missing, ident, render)
+
+
+def _write_frames(
+    spec: SyntheticSpec, out: Path, raw: _RawVideo, made: list[_Made], pcm: np.ndarray | None
+) -> None:
+    """The jpg crops (where the detector found the face) and the raw video (every frame's face
+    pasted into a plain frame), in one pass over the frames."""
+    writer = _VideoWriter(out / raw.media.file, raw, pcm) if raw.media.file else None
+    crops = []
+    for track, part in zip(raw.tracks, made, strict=True):
+        wanted = np.ones_like(part.missing) if writer else ~part.missing
+        crops.append(_crops(track.size, part.labels, part.ident, part.render, wanted))
+        if spec.images:
+            (out / track.image_root / track.name).mkdir(parents=True, exist_ok=True)
+    colour = _stream(spec.seed, raw.index, 0, _VIDEO).integers(30, 226, 3)
+    background = np.empty((raw.media.height, raw.media.width, 3), np.uint8)
+    background[:] = colour
+    places = _crop_places(raw)
+    for i in range(max(track.num_frames for track in raw.tracks)):
+        frame = background.copy()
+        for track, part, stream, (x, y) in zip(raw.tracks, made, crops, places, strict=True):
+            crop = next(stream) if i < track.num_frames else None
+            if spec.images and crop is not None and not part.missing[i]:
+                _write_jpg(out / track.image_root / track.name / f"{i + 1:05d}.jpg", crop)
+            if crop is not None:
+                frame[y : y + track.size, x : x + track.size] = crop
+        if writer:
+            writer.write(frame)
+    if writer:
+        writer.close()
 
 
 def _make_raw(job: tuple[SyntheticSpec, str, _RawVideo]) -> list[dict[str, Any]]:
     spec, out_dir, raw = job
     out = Path(out_dir)
     made = [_make_track(spec, out, raw, track) for track in raw.tracks]
-    if spec.audio:  # the first track is the longest: it spans the raw video
+    media, pcm = raw.media, None
+    if media.sample_rate:  # the first track is the longest: it spans the raw video
         rng = _stream(spec.seed, raw.index, 0, _AUDIO)
-        arousal = made[0][1].va[:, 1]
-        _write_audio(out / "audio" / f"{raw.name}.wav", arousal, raw.fps, spec.sample_rate, rng)
-    return [result for result, _ in made]
+        pcm = _audio_pcm(made[0].labels, raw.fps, media.sample_rate, rng)
+    if media.wav:
+        _write_wav(out / media.wav, pcm, media.sample_rate)
+    if spec.images or media.file:
+        _write_frames(spec, out, raw, made, pcm if media.track else None)
+    return [part.result for part in made]
 
 
 def _run_jobs(
@@ -690,7 +903,7 @@ def _run_jobs(
 ) -> list[list[dict[str, Any]]]:
     jobs = [(spec, str(out), raw) for raw in raws]
     frames = sum(t.num_frames for raw in raws for t in raw.tracks)
-    work = frames if spec.images else frames * _ANNOTATION_ONLY_COST
+    work = frames if spec.images or spec.videos else frames * _ANNOTATION_ONLY_COST
     workers = min(workers or os.cpu_count() or 1, len(jobs))
     with tqdm(total=len(jobs), unit="video", disable=not progress) as bar:
         if workers < 2 or work < _MIN_POOL_FRAMES:
@@ -713,7 +926,8 @@ _OWNED = (
     *IMAGE_ROOTS,
     "annotations",
     "test_lists",
-    "audio",
+    "videos",
+    "audio",  # the .wavs of earlier versions: a rerun over such a tree clears it
     "video_info.csv",
     "manifest.json",
     "manifest.json.tmp",
@@ -736,8 +950,8 @@ def _prepare_out_dir(out: Path, spec: SyntheticSpec) -> None:
         (out / "annotations" / CHALLENGE_DIRS[task] / split).mkdir(parents=True)
     (out / "annotations" / MTL_DIR).mkdir()
     (out / "test_lists").mkdir()
-    if spec.audio:
-        (out / "audio").mkdir()
+    if spec.videos or spec.audio:
+        (out / "videos").mkdir()
 
 
 def _empty_counts() -> dict[str, Any]:
@@ -798,10 +1012,31 @@ def _assemble(
         "spec": dataclasses.asdict(spec),
         "images": spec.images,
         "videos": videos,
+        "raw_videos": {raw.name: _raw_entry(raw) for raw in raws},
         "counts": counts,
         "test": {**tests, "mtl": len(mtl_lines["test"])},
     }
     return manifest, mtl_lines
+
+
+def _raw_entry(raw: _RawVideo) -> dict[str, Any]:
+    """What is written for a raw video: the truth a reader's fps, counts and audio must match."""
+    media = raw.media
+    voiced = media.sample_rate is not None
+    return {
+        "file": media.file,
+        "fps": raw.fps,
+        "num_frames": max(t.num_frames for t in raw.tracks),
+        "width": media.width,
+        "height": media.height,
+        "tracks": [t.name for t in raw.tracks],
+        "crop_places": [list(xy) for xy in _crop_places(raw)] if media.file else None,
+        "has_audio": voiced,
+        "sample_rate": media.sample_rate,
+        "audio_track": media.track,
+        "wav": media.wav,
+        "audio_follows": raw.tracks[0].name if voiced else None,
+    }
 
 
 def _write_lists(
@@ -823,7 +1058,7 @@ def _write_lists(
     info = ["video,fps,num_frames,width,height"]
     for raw in raws:
         frames = max(t.num_frames for t in raw.tracks)
-        info.append(f"{raw.name},{raw.fps},{frames},{raw.width},{raw.height}")
+        info.append(f"{raw.name},{raw.fps},{frames},{raw.media.width},{raw.media.height}")
     (out / "video_info.csv").write_text("\n".join(info) + "\n")
 
 
@@ -835,8 +1070,10 @@ _SHARE_FIELDS = {
 def _validate(spec: SyntheticSpec) -> None:
     if spec.num_videos < 1 or spec.frames_per_video < 2 or spec.mtl_stride < 1:
         raise ValueError(f"need num_videos >= 1, frames_per_video >= 2, mtl_stride >= 1: {spec}")
-    if spec.image_size < 32 or spec.sample_rate < 1:
-        raise ValueError(f"need image_size >= 32 and sample_rate >= 1: {spec}")
+    if spec.image_size < 32:
+        raise ValueError(f"need image_size >= 32: {spec}")
+    if spec.sample_rate not in SAMPLE_RATES:
+        raise ValueError(f"sample_rate must be one of {SAMPLE_RATES}, got {spec.sample_rate}")
     for field in dataclasses.fields(spec):
         value = getattr(spec, field.name)
         if field.name in _SHARE_FIELDS and not 0 <= value <= 1:
@@ -876,8 +1113,10 @@ def _define_flags() -> None:
     flags.DEFINE_integer("frames", SyntheticSpec.frames_per_video, "Mean frames per video.")
     flags.DEFINE_integer("size", SyntheticSpec.image_size, "Crop size in pixels.")
     flags.DEFINE_integer("seed", SyntheticSpec.seed, "Random seed.")
-    flags.DEFINE_bool("images", True, "Write the jpg crops (--noimages: annotations only).")
-    flags.DEFINE_bool("audio", True, "Write the wav tracks.")
+    flags.DEFINE_bool("images", True, "Write the jpg crops.")
+    # --videos counts raw videos, so the switch is a flag of its own.
+    flags.DEFINE_bool("novideos", False, "Write no raw videos (the .wavs then cover every voice).")
+    flags.DEFINE_bool("audio", True, "Write audio (tracks in the videos, .wavs beside them).")
     flags.DEFINE_integer("workers", None, "Worker processes (default: all cores).")
 
 
@@ -891,6 +1130,7 @@ def main(argv: list[str]) -> None:
         image_size=f.size,
         seed=f.seed,
         images=f.images,
+        videos=not f.novideos,
         audio=f.audio,
     )
     start = time.perf_counter()
