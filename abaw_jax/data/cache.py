@@ -69,7 +69,7 @@ def records_for(data: Mapping[str, Any], task: str, test: bool = False) -> Path:
                    "audio": _audio_options(data)}
         base = cache_dir() / f"records-{content_key(options)}"
     else:
-        spec = synthetic.SyntheticSpec(**dict(data.get("synthetic") or {}), audio=False)
+        spec = synthetic.SyntheticSpec(**dict(data.get("synthetic") or {}))
         root = cache_dir() / f"synthetic-{content_key(spec.__dict__)}"
         if not root.exists():
             logging.info("generating the synthetic Aff-Wild2 (%d videos) in %s",
