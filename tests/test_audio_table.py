@@ -233,7 +233,8 @@ def test_without_a_raw_video_the_count_is_the_last_crop_with_a_warning(tree, tmp
 
 
 class Hears(nnx.Module):
-    """A model of the audio alone: the window's mean over time, a linear task layer."""
+    """A model of the audio alone: the mean level of each mel band over the 11 steps around the
+    frame's (110 ms), a linear task layer."""
 
     inputs = ("audio",)
 
@@ -243,8 +244,9 @@ class Hears(nnx.Module):
                                for k, n in outputs.items()})
 
     def __call__(self, inputs, rngs=None):
-        assert inputs["audio"].shape[1:] == (CFG.window_steps, CFG.n_mels)
-        pooled = jnp.mean(inputs["audio"], axis=1) / 100
+        x = inputs["audio"]
+        centre = x.shape[1] // 2
+        pooled = (jnp.mean(x[:, centre - 5: centre + 6], axis=1) - audio.SILENCE_DB) / 50
         return {k: self.tasks[k](pooled) for k in self.outputs}
 
 
@@ -292,3 +294,20 @@ def test_bad_videos_are_counted_per_reason_and_past_the_end_is_silence_or_an_err
     with pytest.raises(DataError, match=planted["silent"]):
         prepare.prepare(layout, "expr", tmp_path / "e", workers=1, progress=False,
                         audio=audio.AudioConfig(missing="error"))
+
+
+def test_an_audio_model_learns_the_synthetic_expressions(tmp_path, monkeypatch):
+    """The whole path: the synthetic tree's raw videos (a tone per expression class), the data
+    cache's audio table, the windows, a linear model of band levels through the trainer."""
+    monkeypatch.setenv("ABAW_JAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(models.FAMILIES, "hears", models.Family("hears", Hears))
+    config = tiny_config(None, "expr", **{
+        "total_steps": 1000, "eval_every_steps": 1000, "log_every_steps": 500,
+        "checkpoint_every_steps": 1000, "batch_size": 32, "optim.lr": 3e-2,
+        "data.synthetic": {"num_videos": 16, "frames_per_video": 150, "seed": 0}})
+    config.model = {"name": "hears"}
+    assert config.data.audio.window_ms == 1000  # the default window
+    metrics = trainers.train_and_evaluate(config, tmp_path / "run")
+    baseline = metrics["expr/constant_baseline"]
+    # 0.316 against 0.052 when measured (1,000 steps, 4 s).
+    assert metrics["expr/f1_macro"] > max(3 * baseline, baseline + 0.15), metrics
