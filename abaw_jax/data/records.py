@@ -351,9 +351,6 @@ def _frames_file(data_dir: str | os.PathLike, split: str) -> Path:
 # The labels of every annotation line (the organisers' scoring frames)
 
 LABELS_FORMAT = 1
-# Stored dtypes: EXPR and AU labels are small integers (-1 marks an invalid line).
-_LABEL_DTYPES = {"va": np.float32, "expr": np.int8, "au": np.int8}
-_READ_DTYPES = {"va": np.float32, "expr": np.int32, "au": np.int32}
 
 
 def labels_path(data_dir: str | os.PathLike, split: str) -> Path:
@@ -371,7 +368,7 @@ def write_labels(data_dir: Path, split: str, annotated: affwild2.Annotated) -> N
     of every annotation line (its invalid marker where it has none), the lines' frames only when
     they are not 1..n per video (s-Aff-Wild2 lists images), and the CRC32C of each array."""
     arrays = {"videos": np.asarray(annotated.videos, dtype=str), "offsets": annotated.offsets,
-              **{t: v.astype(_LABEL_DTYPES[t]) for t, v in annotated.labels.items()}}
+              **annotated.labels}
     if not np.array_equal(annotated.frame,
                           affwild2.line_frames(np.diff(annotated.offsets))):
         arrays["frame"] = annotated.frame
@@ -398,7 +395,7 @@ def read_labels(data_dir: str | os.PathLike, split: str) -> affwild2.Annotated:
         raise DataError(f"{path}: corrupt ({', '.join(bad)}: CRC32C mismatch); {again}")
     offsets = arrays.pop("offsets")
     frame = arrays.pop("frame", None)
-    labels = {t: v.astype(_READ_DTYPES[t]) for t, v in arrays.items() if t in _READ_DTYPES}
+    labels = {t: v for t, v in arrays.items() if t in affwild2.ANNOTATED_DTYPES}
     return affwild2.Annotated(
         arrays["videos"].tolist(), offsets,
         affwild2.line_frames(np.diff(offsets)) if frame is None else frame, labels,

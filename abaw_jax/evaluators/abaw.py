@@ -46,13 +46,16 @@ def challenge(task: tasks.Task, smoothed: dict[str, np.ndarray], thresholds: np.
     `submission.filled_videos`, AU at `thresholds`) over every annotation line of the split with
     a valid label (`records.read_labels`), crop or not: `<head>/challenge_<metric>`,
     `<head>/challenge_frames` (lines scored) and `<head>/challenge_frames_missing` (valid lines
-    the files have no line for: 0 unless a video has no prediction at all), and
+    the files have no line for: a video without any prediction, a line past the video's frame
+    count; 0 on data as prepared), and
     `challenge_score`. Multi-task (s-Aff-Wild2): the listed images only, as `write_mtl` submits
     them (an image without a crop takes its video's nearest prediction, interpolated for VA);
     `challenge_score` is P. {} when the records predate the labels file (with a warning)."""
     if not records.labels_path(data_dir, split).is_file():
-        logging.warning("%s: no %s, so no challenge figures: the best checkpoint is picked by "
-                        "%s over the frames with a crop (prepare the records again to get them)",
+        logging.warning("%s: no %s (records prepared before it was kept), so no challenge "
+                        "figures: the best checkpoint is picked by %s over the frames with a "
+                        "crop. Prepare the records again to get them (a data cache folder: "
+                        "delete it, and the next run prepares it again)",
                         data_dir, records.labels_path(data_dir, split).name, task.score)
         return {}
     annotated = records.read_labels(data_dir, split)
