@@ -41,9 +41,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, which: str = "be
 def describe_checkpoint(which: str | int, step: int, stored: Mapping[str, Any], score: str
                         ) -> str:
     """Which checkpoint a mode restored and why, for the console: the figures of a run's last
-    evaluation are those of its last step, `--mode=eval` and predict use the best one."""
+    evaluation are those of its last step, `--mode=eval` and predict use the best one. `score`:
+    the task's, for checkpoints whose metrics do not name theirs (`score_metric`)."""
     if which != "best":
         return f"checkpoint step {step} (--checkpoint={which})"
+    score = stored.get("score_metric", score)  # challenge_score where the records allow it
     if score not in stored:
         return f"checkpoint step {step} (the latest: no checkpoint has validation metrics)"
     return f"checkpoint step {step} (best by {score}: {stored[score]:.4f} at training time)"

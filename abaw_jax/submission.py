@@ -6,7 +6,7 @@ test image."""
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -49,19 +49,26 @@ def format_lines(head: str, video: str, values: np.ndarray,
     return [record.header, *(f"{n},{b}" for n, b in zip(names, body, strict=True))]
 
 
+def filled_videos(head: str, videos: list[str], video: np.ndarray, frame: np.ndarray,
+                  values: np.ndarray, video_frames: Mapping[str, int]
+                  ) -> Iterator[tuple[int, str, np.ndarray]]:
+    """(index, name, outputs of frames 1..N) of every video with predictions, N its frame count
+    (or its last predicted frame, if later): the rows of its per-video submission file."""
+    interpolate = heads.get(head).interpolate
+    for i, name in enumerate(videos):
+        rows = np.flatnonzero(video == i)
+        if len(rows):
+            n = max(int(video_frames.get(name, 0)), int(frame[rows].max()))
+            yield i, name, fill(frame[rows], values[rows], n, interpolate=interpolate)
+
+
 def write_videos(out_dir: Path, head: str, videos: list[str], video: np.ndarray,
                  frame: np.ndarray, values: np.ndarray, video_frames: Mapping[str, int],
                  thresholds: np.ndarray | float = 0.5) -> list[Path]:
     """Writes `<out_dir>/<video>.txt` for every video with predictions; returns the paths."""
-    interpolate = heads.get(head).interpolate
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for i, name in enumerate(videos):
-        rows = np.flatnonzero(video == i)
-        if not len(rows):
-            continue
-        n = max(int(video_frames.get(name, 0)), int(frame[rows].max()))
-        per_frame = fill(frame[rows], values[rows], n, interpolate=interpolate)
+    for i, name, per_frame in filled_videos(head, videos, video, frame, values, video_frames):
         # Records from elsewhere than prepare (which checks names) must not write outside.
         affwild2.check_video_name(name, f"{out_dir}: the records' video {i}")
         path = out_dir / f"{name}.txt"
@@ -130,7 +137,7 @@ def write_mtl(path: Path, images: list[str], videos: list[str], video: np.ndarra
     `video/NNNNN.jpg,v,a,expr,au1..au12` for every listed image in order, images without a
     prediction filled from their video's neighbours as in the per-video files."""
     pairs = [_image_frame(image) for image in images]
-    body = {h: heads.get(h).format_values(_at_images(pairs, videos, video, frame, values[h], h),
+    body = {h: heads.get(h).format_values(at_images(pairs, videos, video, frame, values[h], h),
                                           thresholds if h == "au" else 0.5)
             for h in ("va", "expr", "au")}
     lines = [",".join(affwild2.MTL_HEADER),
@@ -146,9 +153,10 @@ def _image_frame(image: str) -> tuple[str, int]:
     return name, int(file.removesuffix(".jpg"))
 
 
-def _at_images(pairs: list[tuple[str, int]], videos: list[str], video: np.ndarray,
-               frame: np.ndarray, values: np.ndarray, head: str) -> np.ndarray:
-    """`values` (one row per record) at the listed (video, frame) pairs, filled per video."""
+def at_images(pairs: list[tuple[str, int]], videos: list[str], video: np.ndarray,
+              frame: np.ndarray, values: np.ndarray, head: str) -> np.ndarray:
+    """`values` (one row per record) at the listed (video, frame) pairs, filled per video: the
+    rows of the multi-task submission."""
     names = np.array([v for v, _ in pairs])
     wanted = np.array([f for _, f in pairs], np.int64)
     out = np.zeros((len(pairs), *np.shape(values)[1:]))

@@ -77,6 +77,7 @@ class Task:
             out["p_score"] = metrics.p_score(parts["va"], parts["expr"], parts["au"])
             out["p_score_thresholded"] = metrics.p_score(parts["va"], parts["expr"], parts["au"],
                                                          thresholded=True)
+        out["score_metric"] = self.score  # the figure `score` is (evaluators.abaw may change it)
         out["score"] = out[self.score]
         return out
 

@@ -33,3 +33,21 @@ def tiny_records(tiny_tree, tmp_path_factory):
     layout = affwild2.Layout.discover(root)
     prepare.prepare(layout, "va", out, num_shards=3, workers=1, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_task_records(tiny_tree, tiny_records, tmp_path_factory):
+    """task -> records folder of the tiny tree for that task, each prepared once when first
+    asked for (VA: `tiny_records`)."""
+    root, _ = tiny_tree
+    made = {"va": tiny_records}
+
+    def get(task: str):
+        if task not in made:
+            out = tmp_path_factory.mktemp("records") / task
+            prepare.prepare(affwild2.Layout.discover(root), task, out, num_shards=2, workers=1,
+                            progress=False)
+            made[task] = out
+        return made[task]
+
+    return get

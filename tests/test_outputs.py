@@ -37,9 +37,9 @@ def test_mtl_predict_writes_the_checked_annotation_layout_and_eval_names_its_ste
     # --mode=eval says which checkpoint its figures are from, and by which metric it is best.
     caplog.set_level(logging.INFO)
     metrics = evaluate.run(config, workdir)
-    assert "evaluating checkpoint step 2 (best by p_score_thresholded: " in caplog.text
+    assert "evaluating checkpoint step 2 (best by challenge_score: " in caplog.text
     stored = json.loads((workdir / "eval/validation-step2/metrics.json").read_text())
-    assert stored["score"] == stored["p_score_thresholded"] == pytest.approx(metrics["score"])
+    assert stored["score"] == stored["challenge_score"] == pytest.approx(metrics["score"])
     assert list(stored["au/thresholds"]) == list(affwild2.AU_NAMES)
     assert (workdir / "eval/validation-step2/au_f1.png").is_file()
 

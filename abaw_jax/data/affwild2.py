@@ -44,6 +44,8 @@ DROP_REASONS = ("invalid_label", *LABEL_FAULTS, "missing_image")
 MTL_DROP_REASONS = ("invalid_all", *LABEL_FAULTS, "missing_image")
 STRICT_DROP_REASONS = ("invalid_any", *LABEL_FAULTS, "missing_image")
 INVALID_MARKERS = {"va": -5, "expr": -1, "au": -1}  # the organisers' "no label here"
+# `Annotated` labels: the smallest dtypes that hold every label and marker (AU train: 22 MB).
+ANNOTATED_DTYPES = {"va": np.float32, "expr": np.int8, "au": np.int8}
 _IMAGE_NAME = re.compile(r"^(\d+)\.jpg$")
 
 
@@ -356,6 +358,42 @@ def _listdir(path: Path) -> list[str]:
 # Curation
 
 
+@dataclasses.dataclass(frozen=True)
+class Annotated:
+    """The labels of EVERY annotation line of a labelled split, frames without a crop and invalid
+    labels included: what the organisers score a submission against. Lines are grouped by video:
+    video i holds rows `offsets[i]:offsets[i + 1]`."""
+
+    videos: list[str]
+    offsets: np.ndarray  # int64 (len(videos) + 1,)
+    frame: np.ndarray  # int32 (n,), 1-based frame of each line
+    labels: dict[str, np.ndarray]  # task -> (n, ...) in ANNOTATED_DTYPES: `kept_labels`
+    masks: dict[str, np.ndarray]  # task -> bool (n,): `valid_mask`
+
+    @classmethod
+    def build(cls, videos: list[str], video: np.ndarray, frame: np.ndarray,
+              labels: dict[str, np.ndarray]) -> Annotated:
+        """From lines in any order (`video` indexes `videos`; labels as written, nan
+        included), ordered by (video, frame)."""
+        order = np.lexsort((frame, video))
+        counts = np.bincount(video, minlength=len(videos))
+        masks = {t: valid_mask(t, v)[order] for t, v in labels.items()}
+        return cls(list(videos), np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+                   np.asarray(frame, np.int32)[order],
+                   {t: kept_labels(t, v[order], masks[t]) for t, v in labels.items()}, masks)
+
+    def rows(self, i: int) -> slice:
+        """The lines of video i."""
+        return slice(int(self.offsets[i]), int(self.offsets[i + 1]))
+
+
+def kept_labels(task: str, labels: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Labels as `Annotated` keeps them: the label where valid, the task's invalid marker
+    elsewhere (nan, out of range), in `ANNOTATED_DTYPES`."""
+    valid = valid.reshape(-1, *[1] * (labels.ndim - 1))
+    return np.where(valid, labels, INVALID_MARKERS[task]).astype(ANNOTATED_DTYPES[task])
+
+
 @dataclasses.dataclass
 class FrameTable:
     """Curated frames as numpy columns; every task's labels with a validity mask per task."""
@@ -373,15 +411,18 @@ class FrameTable:
     au_mask: np.ndarray
     video_frames: np.ndarray  # int32 (len(videos),): frames of each video (annotation lines, or
     #                           the last listed / cropped frame where there is no annotation file)
+    annotated: Annotated | None = None  # every annotation line (labelled splits only)
 
     def __len__(self) -> int:
         return len(self.frame)
 
     def take(self, rows: np.ndarray) -> FrameTable:
-        """The given rows (per-frame columns sliced; video names and lengths kept)."""
+        """The given rows (per-frame columns sliced; video names and lengths kept; `annotated`
+        left out, so that a shard's job pickles only its rows)."""
         per_frame = ("video", "frame", "root", "va", "expr", "au", "va_mask", "expr_mask",
                      "au_mask")
-        return dataclasses.replace(self, **{k: getattr(self, k)[rows] for k in per_frame})
+        return dataclasses.replace(self, annotated=None,
+                                   **{k: getattr(self, k)[rows] for k in per_frame})
 
     def image_path(self, i: int) -> str:
         video = self.videos[self.video[i]]
@@ -389,7 +430,7 @@ class FrameTable:
 
     @classmethod
     def build(cls, videos: list[str], roots: Sequence[Path], columns: dict[str, list[np.ndarray]],
-              video_frames: Sequence[int]) -> FrameTable:
+              video_frames: Sequence[int], annotated: Annotated | None = None) -> FrameTable:
         n = sum(len(c) for c in columns["frame"])
         cat = {k: np.concatenate(v) if v else None for k, v in columns.items()}
         defaults = {"va": np.zeros((n, 2), np.float32), "expr": np.zeros(n, np.int32),
@@ -400,7 +441,8 @@ class FrameTable:
         fields = {k: (cat[k] if cat.get(k) is not None else d).astype(d.dtype, copy=False)
                   for k, d in defaults.items()}
         return cls(videos=videos, image_roots=tuple(str(r) for r in roots),
-                   video_frames=np.asarray(video_frames, np.int32).reshape(-1), **fields)
+                   video_frames=np.asarray(video_frames, np.int32).reshape(-1),
+                   annotated=annotated, **fields)
 
 
 def _empty_stats(task: str, strict: bool = False) -> dict:
@@ -449,7 +491,7 @@ def _curate_task(layout: Layout, task: str, split: str, index: ImageIndex
         raise DataError(f"{folder}: no <video>.txt annotation files")
     stats = _empty_stats(task)
     stats["no_annotation"] = 0
-    videos, lengths = [], []
+    videos, lengths, kept, masks = [], [], [], []
     cols = {k: [] for k in ("video", "frame", "root", task, f"{task}_mask")}
     for path in files:
         check_video_name(path.stem, str(path))
@@ -471,10 +513,21 @@ def _curate_task(layout: Layout, task: str, split: str, index: ImageIndex
         cols["root"].append(roots[keep])
         cols[task].append(labels[keep])
         cols[f"{task}_mask"].append(np.ones(int(keep.sum()), bool))
-    table = FrameTable.build(videos, layout.image_roots, cols, lengths)
+        kept.append(kept_labels(task, labels, valid))
+        masks.append(valid)
+    annotated = Annotated(videos, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+                          line_frames(lengths), {task: np.concatenate(kept)},
+                          {task: np.concatenate(masks)})
+    table = FrameTable.build(videos, layout.image_roots, cols, lengths, annotated)
     stats["curated"] = len(table)
     stats["histogram"] = histograms(table)
     return table, stats
+
+
+def line_frames(lengths: Sequence[int]) -> np.ndarray:
+    """1..n for each video of n annotation lines, concatenated: the frames of a challenge's
+    annotation lines."""
+    return np.concatenate([np.arange(1, n + 1, dtype=np.int32) for n in lengths])
 
 
 def _count_unusable_labels(stats: dict, path: Path, labels: np.ndarray,
@@ -533,7 +586,8 @@ def _curate_mtl(layout: Layout, split: str, strict: bool, index: ImageIndex
             **{f"{t}_mask": [masks[t][keep]] for t in TASKS}}
     last = np.zeros(len(videos), np.int32)
     np.maximum.at(last, video, ann.frames)
-    table = FrameTable.build(videos, layout.image_roots, cols, last)
+    annotated = Annotated.build(videos, video, ann.frames, {t: getattr(ann, t) for t in TASKS})
+    table = FrameTable.build(videos, layout.image_roots, cols, last, annotated)
     stats["curated"] = len(table)
     stats["valid"] = {t: int(getattr(table, f"{t}_mask").sum()) for t in TASKS}
     stats["histogram"] = histograms(table)

@@ -3,11 +3,12 @@ r"""Curates Aff-Wild2 and writes sharded records, their TFDS metadata, offset in
   python -m abaw_jax.data.prepare --root=/data/affwild2 --out=/data/records --task=va
 
 writes `<out>/<task>/`: `affwild2-<split>.<format>-NNNNN-of-MMMMM` shards (+ `.idx` offset
-indices for TFRecord), `frames-<split>.npz` ((video, frame) per record), TFDS `dataset_info.json` /
-`features.json`, `stats.json` and, when the raw videos are there, the audio side table `audio/`
-(data/audio_table.py). The train split is shuffled with `--seed` before sharding; the
-other splits keep (video, frame) order. The output depends only on the inputs, the seed and
-`--num_shards`, never on `--workers`.
+indices for TFRecord), `frames-<split>.npz` ((video, frame) per record), `labels-<split>.npz`
+(the labels of every annotation line of a labelled split, crop or not: what the challenge
+scores), TFDS `dataset_info.json` / `features.json`, `stats.json` and, when the raw videos are
+there, the audio side table `audio/` (data/audio_table.py). The train split is shuffled with
+`--seed` before sharding; the other splits keep (video, frame) order. The output depends only on
+the inputs, the seed and `--num_shards`, never on `--workers`.
 """
 
 from __future__ import annotations
@@ -139,6 +140,8 @@ def write_split(table: affwild2.FrameTable, out: Path, split: str, fmt: str, num
         kept_rows.append(chunk[kept])
         skipped_all += [(int(chunk[p]), why) for p, why in skipped]
     records.write_frame_index(out, split, table, np.concatenate(kept_rows))
+    if table.annotated is not None:  # labelled splits: what the challenge's score counts
+        records.write_labels(out, split, table.annotated)
     size = sum(Path(j.path).stat().st_size for j in jobs)
     return lengths, size, skipped_all
 

@@ -20,13 +20,14 @@ import functools
 import json
 import os
 import struct
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import google_crc32c
 import numpy as np
 
-from abaw_jax.data import schema
+from abaw_jax.data import affwild2, schema
 from abaw_jax.data.affwild2 import AU_NAMES, DataError, FrameTable
 
 DATASET_NAME = "affwild2"
@@ -344,3 +345,58 @@ def _frames_file(data_dir: str | os.PathLike, split: str) -> Path:
     if not path.is_file():
         raise DataError(f"{path}: frame index missing; rewrite the records with prepare")
     return path
+
+
+# ----------------------------------------------------------------------------------------------
+# The labels of every annotation line (the organisers' scoring frames)
+
+LABELS_FORMAT = 1
+
+
+def labels_path(data_dir: str | os.PathLike, split: str) -> Path:
+    return Path(data_dir) / f"labels-{split}.npz"
+
+
+def _array_crc(x: np.ndarray) -> str:
+    """The records' masked CRC32C of an array's dtype, shape and bytes."""
+    x = np.ascontiguousarray(x)
+    return _masked_crc(f"{x.dtype.str}{x.shape}".encode() + x.tobytes()).hex()
+
+
+def write_labels(data_dir: Path, split: str, annotated: affwild2.Annotated) -> None:
+    """`labels-<split>.npz`: the videos, per-video line offsets, one array per task of the label
+    of every annotation line (its invalid marker where it has none), the lines' frames only when
+    they are not 1..n per video (s-Aff-Wild2 lists images), and the CRC32C of each array."""
+    arrays = {"videos": np.asarray(annotated.videos, dtype=str), "offsets": annotated.offsets,
+              **annotated.labels}
+    if not np.array_equal(annotated.frame,
+                          affwild2.line_frames(np.diff(annotated.offsets))):
+        arrays["frame"] = annotated.frame
+    meta = {"format": LABELS_FORMAT, "crc32c": {k: _array_crc(v) for k, v in arrays.items()}}
+    np.savez(labels_path(data_dir, split), meta=np.asarray(json.dumps(meta)), **arrays)
+
+
+def read_labels(data_dir: str | os.PathLike, split: str) -> affwild2.Annotated:
+    """Every annotation line of a labelled split (`write_labels`), each array checked against its
+    CRC32C; a missing, unreadable or corrupt file is a `DataError` naming it."""
+    path = labels_path(data_dir, split)
+    again = "write the records again with prepare"
+    if not path.is_file():
+        raise DataError(f"{path}: missing (records written before it was kept); {again}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        crcs = json.loads(str(arrays.pop("meta")))["crc32c"]
+        bad = sorted(k for k in crcs.keys() | arrays.keys()
+                     if k not in crcs or k not in arrays or _array_crc(arrays[k]) != crcs[k])
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(f"{path}: unreadable ({type(e).__name__}: {e}); {again}") from None
+    if bad:
+        raise DataError(f"{path}: corrupt ({', '.join(bad)}: CRC32C mismatch); {again}")
+    offsets = arrays.pop("offsets")
+    frame = arrays.pop("frame", None)
+    labels = {t: v for t, v in arrays.items() if t in affwild2.ANNOTATED_DTYPES}
+    return affwild2.Annotated(
+        arrays["videos"].tolist(), offsets,
+        affwild2.line_frames(np.diff(offsets)) if frame is None else frame, labels,
+        {t: affwild2.valid_mask(t, v) for t, v in labels.items()})

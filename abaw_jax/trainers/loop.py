@@ -162,6 +162,7 @@ def _loop(config, workdir, setup, state, start, stream, train_step, evaluate, wr
             with progress.timed_eval():
                 metrics = evaluate(state)
             writer.write_scalars(step, {f"val/{k}": v for k, v in _scalars(metrics).items()})
+            logging.info("step %d: %s", step, describe_score(metrics))
         if save:  # an evaluated checkpoint carries its metrics (for "best")
             ckpt.save(step, state, stream, metrics=_jsonable(metrics) if evaluate_now else None)
         if preempted:
@@ -173,6 +174,13 @@ def _loop(config, workdir, setup, state, start, stream, train_step, evaluate, wr
     if not metrics and start >= config.total_steps:
         logging.warning("%s already trained to step %d", workdir, start)
     return metrics
+
+
+def describe_score(metrics: Mapping[str, Any]) -> str:
+    """Which validation figure ranks the checkpoints (`score_metric`), for the console."""
+    name = metrics.get("score_metric", "score")
+    what = " (every annotated frame, as submitted)" if name == "challenge_score" else ""
+    return f"validation {name} {metrics['score']:.4f}{what} ranks the checkpoints"
 
 
 def _check_finite(stats: Mapping[str, jax.Array], step: int, ckpt: checkpoint.Checkpoints
