@@ -186,11 +186,6 @@ def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float) -> jax.Array:
     return jax.random.normal(rngs.params(), shape) * std
 
 
-def _encoder(spec: Spec, drop_path: float, dtype, rngs: nnx.Rngs) -> vit.Encoder:
-    return vit.Encoder(spec.depth, spec.width, spec.heads, int(spec.width * spec.mlp_ratio),
-                       "gelu", spec.eps, drop_path=drop_path, dtype=dtype, rngs=rngs)
-
-
 class _ViT(nnx.Module):
     """What both families share: patch embedding, class token, position embeddings, encoder."""
 
@@ -198,13 +193,15 @@ class _ViT(nnx.Module):
 
     def _init_vit(self, spec: Spec, pos_embed: nnx.Variable, drop_path: float, dtype,
                   rngs: nnx.Rngs) -> None:
-        self.spec, self.dtype = spec, dtype
+        self.spec = spec
         self.preprocess = Preprocess(spec.image_size)  # ImageNet mean / std, as MAE's
         self.patch_embed = vit.PatchEmbed(spec.patch, 3, spec.width, use_bias=True, dtype=dtype,
                                           rngs=rngs)
         self.cls_token = nnx.Param(_normal(rngs, (1, 1, spec.width), 0.02))
         self.pos_embed = pos_embed
-        self.encoder = _encoder(spec, drop_path, dtype, rngs)
+        self.encoder = vit.Encoder(spec.depth, spec.width, spec.heads,
+                                   int(spec.width * spec.mlp_ratio), "gelu", spec.eps,
+                                   drop_path=drop_path, dtype=dtype, rngs=rngs)
 
     def _patch_tokens(self, images: jax.Array) -> jax.Array:
         """(N, patches, width): embedded patches plus their position embeddings."""
