@@ -13,11 +13,16 @@ load saying so.
 
 A temporal (clip) model takes the N faces as one clip (consecutive frames of one video, in
 order) and gives per-frame outputs. A model that takes more named inputs gets them as keyword
-arrays, e.g. `predict(faces, features=vectors)` with one row per face.
+arrays, e.g. `predict(faces, features=vectors)` with one row per face; inputs a model takes
+optionally (`optional_inputs`: MAE's masking `noise`) likewise. Float images (N, 3, S, S) are
+taken as already normalised (a PyTorch pipeline's tensors) at the model's size. A model that
+draws randomness at inference (MAE's masking without `noise`) gets a fresh key per call, from
+`load(..., seed=)`.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -42,25 +47,47 @@ class Predictor:
     """
 
     def __init__(self, model: nnx.Module, family: models.Family, inputs: tuple[str, ...],
-                 head_fn: Callable[[dict], dict], thresholds: np.ndarray | None = None):
+                 head_fn: Callable[[dict], dict], thresholds: np.ndarray | None = None,
+                 seed: int = 0):
         model.eval()
         self.inputs, self.thresholds, self.returns = inputs, thresholds, family.returns
+        self.optional = tuple(getattr(model, "optional_inputs", ()))
         self.preprocess = family.image_preprocess(model)
         graphdef, state = nnx.split(model)
         clips = family.clips
 
-        @jax.jit
-        def forward(state, batch):
+        @functools.partial(jax.jit, static_argnames="normalised")
+        def forward(state, batch, key, normalised):
             model = nnx.merge(graphdef, state)
             if clips:  # the N frames as one clip
                 batch = {k: v[None] for k, v in batch.items()}
-            out = model(models.prepare_inputs(self.preprocess, batch, inputs))
+            names = (*inputs, *(k for k in self.optional if k in batch))
+            x = models.prepare_inputs(self.preprocess, batch,
+                                      tuple(k for k in names if k != "image" or not normalised))
+            if normalised:
+                x["image"] = batch["image"]
+            out = model(x, rngs=nnx.Rngs(key))
             out.pop("losses", None)
             if clips:
                 out = jax.tree.map(lambda v: v[0], out)
             return head_fn(out), out
 
-        self._state, self._forward = state, forward
+        self._state, self._forward, self._key = state, forward, jax.random.key(seed)
+
+    def _images(self, images: np.ndarray) -> tuple[np.ndarray, bool]:
+        """(NHWC images for the model, whether they are already normalised)."""
+        images = np.asarray(images)
+        size = self.preprocess.size
+        if images.ndim == 4 and images.shape[1] == 3 and np.issubdtype(images.dtype,
+                                                                        np.floating):
+            if images.shape[2:] != (size, size):
+                raise ValueError(f"normalised float images (N, 3, H, W) must be at the model's "
+                                 f"size {size}x{size}, got {images.shape}")
+            return images.transpose(0, 2, 3, 1).astype(np.float32), True
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise ValueError(f"expected uint8 RGB images (N, H, W, 3) or normalised float "
+                             f"(N, 3, {size}, {size}), got {images.dtype} {images.shape}")
+        return np.stack([augment.resize(im, size) for im in images]), False
 
     def __call__(self, images: np.ndarray | None = None, embedding: bool = False,
                  **named: np.ndarray) -> dict[str, np.ndarray]:
@@ -68,16 +95,13 @@ class Predictor:
         missing = [k for k in self.inputs if k not in (*batch, "image", "frame_mask")]
         if missing:
             raise ValueError(f"this model also takes {missing} (keyword arrays, a row per face)")
+        normalised = False
         if "image" in self.inputs:
-            images = np.asarray(images)
-            if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-                raise ValueError(f"expected uint8 RGB images (N, H, W, 3), got {images.dtype} "
-                                 f"{images.shape}")
-            size = self.preprocess.size
-            batch["image"] = np.stack([augment.resize(im, size) for im in images])
+            batch["image"], normalised = self._images(images)
         n = len(next(iter(batch.values())))
         batch["index"] = np.arange(n, dtype=np.int32)  # every frame real (frame_mask)
-        heads, extra = jax.device_get(self._forward(self._state, batch))
+        self._key, key = jax.random.split(self._key)
+        heads, extra = jax.device_get(self._forward(self._state, batch, key, normalised))
         out = {k: np.asarray(v) for k, v in heads.items()}
         out.update({k: np.asarray(extra[k]) for k in self.returns if k in extra})
         # The model's other outputs: embeddings, DDAMFN's maps and heads; all there is of a
@@ -88,20 +112,20 @@ class Predictor:
         return out
 
 
-def load(path: str | Path, which: str = "best") -> Predictor:
+def load(path: str | Path, which: str = "best", seed: int = 0) -> Predictor:
     """A predictor for a training workdir ('best' or 'latest' checkpoint, or a step) or for a
-    converted folder."""
+    converted folder; `seed` starts the keys of models that draw randomness (MAE's masking)."""
     path = Path(path)
     if (path / "config.json").is_file() and (path / "checkpoints").is_dir():
-        return _from_workdir(path, which)
+        return _from_workdir(path, which, seed)
     if (path / convert.META_FILE).is_file() and (path / convert.STATE_DIR).is_dir():
-        return _from_converted(path)
+        return _from_converted(path, seed)
     raise NotFoundError(f"{path}: neither a training workdir (config.json + checkpoints/) "
                         f"nor a converted folder ({convert.META_FILE} + "
                         f"{convert.STATE_DIR}/)")
 
 
-def _from_workdir(workdir: Path, which: str) -> Predictor:
+def _from_workdir(workdir: Path, which: str, seed: int) -> Predictor:
     config = state_lib.read_config(workdir)
     mesh = parallel.make_mesh(jax.local_devices()[:1])
     restored = state_lib.restore_run(config, workdir, which, mesh)
@@ -109,10 +133,10 @@ def _from_workdir(workdir: Path, which: str) -> Predictor:
     thresholds = restored.metrics.get("au/thresholds")
     model = setup.model(restored.state)
     return Predictor(model, setup.family, setup.inputs, setup.task.predict,
-                     None if thresholds is None else metrics.au_values(thresholds))
+                     None if thresholds is None else metrics.au_values(thresholds), seed)
 
 
-def _from_converted(directory: Path) -> Predictor:
+def _from_converted(directory: Path, seed: int) -> Predictor:
     meta = convert.read_meta(directory)
     family = models.get(meta["model"])
     kwargs = meta.get("model_kwargs", {"num_head": meta.get("num_head", 2)})
@@ -120,13 +144,13 @@ def _from_converted(directory: Path) -> Predictor:
                          **kwargs)
     family.load_into(model, directory)
     names = tuple(meta["outputs"] or {})
-    if not names:
+    if not names and not family.returns:
         logging.warning(
             "%s holds no task output (converted without its classifier, e.g. DDAMFN without "
             "--keep_fc): the predictor returns the model's embedding and its other outputs "
             "instead; convert with --keep_fc for the classifier's logits, or train task layers "
             "from it with --config.init_from", directory)
-    return Predictor(model, family, tuple(model.inputs), _pick(names))
+    return Predictor(model, family, tuple(model.inputs), _pick(names), seed=seed)
 
 
 def _pick(names: tuple[str, ...]) -> Callable[[Mapping], dict]:

@@ -10,6 +10,7 @@ has the same form, so one `load_into` restores any of them (a family's `load_wei
 
 from __future__ import annotations
 
+import collections
 import importlib
 import json
 from collections.abc import Mapping, Sequence
@@ -24,7 +25,8 @@ from flax import nnx
 
 from abaw_jax.errors import NotFoundError, WeightsError
 
-FAMILIES = {"ddamfn": "abaw_jax.convert.ddamfn", "clip": "abaw_jax.convert.clip"}
+FAMILIES = {"ddamfn": "abaw_jax.convert.ddamfn", "clip": "abaw_jax.convert.clip",
+            "mae": "abaw_jax.convert.mae"}
 
 USAGE = f"usage: python -m abaw_jax.convert {{{','.join(FAMILIES)}}} [flags] (--help per family)"
 
@@ -45,6 +47,14 @@ def main(argv: Sequence[str]) -> int:
 def dotted(keypath) -> str:
     """A pytree key path as 'a.0.b'."""
     return ".".join(str(k.key) for k in keypath)
+
+
+def grouped(keys: Sequence[str]) -> str:
+    """'335: features (330), fc (2), ...': a count per first name, not a line per key."""
+    if not keys:
+        return "none"
+    groups = collections.Counter(k.split(".")[0] for k in keys)
+    return f"{len(keys)}: " + ", ".join(f"{g} ({n})" for g, n in groups.most_common())
 
 
 def flatten(tree) -> dict[str, Any]:

@@ -18,7 +18,6 @@ with three prefixes renamed (`heads.i.` <- `cat_head{i}.CoordAtt.`, `gdconv.` <-
 from __future__ import annotations
 
 import argparse
-import collections
 import functools
 import re
 import sys
@@ -173,16 +172,8 @@ def main(argv: Sequence[str]) -> int:
         return 1
     count = sum(np.size(v) for v in jax.tree.leaves(state))
     print(f"converted {len(jax.tree.leaves(state))} arrays ({count} values) into {out}")
-    print(f"unused keys: {_grouped(unused)} (listed in {out / convert.META_FILE})")
+    print(f"unused keys: {convert.grouped(unused)} (listed in {out / convert.META_FILE})")
     return 0
-
-
-def _grouped(keys: Sequence[str]) -> str:
-    """'335: features (330), fc (2), ...': a count per first name, not a line per key."""
-    if not keys:
-        return "none"
-    groups = collections.Counter(k.split(".")[0] for k in keys)
-    return f"{len(keys)}: " + ", ".join(f"{g} ({n})" for g, n in groups.most_common())
 
 
 def _task_sizes(state: dict) -> dict[str, int]:

@@ -2,8 +2,10 @@
 
 Tokens are (batch, length, width). Module and parameter names follow transformers' CLIP
 (`self_attn.{q,k,v,out}_proj`, `mlp.fc1/fc2`, `layer_norm1/2`), so a converter maps keys by
-renaming leaves (`kernel` -> `weight`) and transposing Dense kernels. Parameters are float32;
-`dtype` is the compute dtype (None: float32), with softmax and layer-norm statistics in float32.
+renaming leaves (`kernel` -> `weight`) and transposing Dense kernels (MAE's timm blocks: by
+renaming modules and splitting the fused `attn.qkv` into thirds, `convert/mae.py`).
+Parameters are float32; `dtype` is the compute dtype (None: float32), with softmax and
+layer-norm statistics in float32.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from abaw_jax.errors import ConfigError
@@ -52,7 +55,12 @@ def causal_mask(length: int, padding: jax.Array | None = None) -> jax.Array:
 
 
 class Attention(nnx.Module):
-    """Multi-head self-attention with biased q/k/v/out projections (1/sqrt(head width) scale)."""
+    """Multi-head self-attention with biased q/k/v/out projections (1/sqrt(head width) scale).
+
+    timm's fused `qkv` projection (MAE) is loaded as three: one 768 x 2304 product was no faster
+    on XLA:CPU than three 768 x 768 ones (ViT-B width, 32 x 197 tokens: 169 against 122 ms
+    forward, 464 against 375 ms with the gradient).
+    """
 
     def __init__(self, width: int, heads: int, *, dtype=None, rngs: nnx.Rngs):
         if width % heads:
@@ -97,33 +105,67 @@ def layer_norm(width: int, eps: float, *, dtype=None, rngs: nnx.Rngs) -> nnx.Lay
     return nnx.LayerNorm(width, epsilon=eps, dtype=dtype, rngs=rngs)
 
 
+def stochastic_depth(rate: float) -> nnx.Dropout:
+    """Stochastic depth on (B, L, D) tokens, as timm's DropPath: in training, a sample's whole
+    residual branch is dropped with probability `rate` and kept ones scaled by 1 / (1 - rate);
+    nothing in eval mode (`model.eval()`). No variables: a model's state is the same with it."""
+    return nnx.Dropout(rate, broadcast_dims=(1, 2))
+
+
 class EncoderLayer(nnx.Module):
-    """x + attn(LN1(x)), then x + MLP(LN2(x))."""
+    """x + attn(LN1(x)), then x + MLP(LN2(x)); each branch through
+    `stochastic_depth(drop_path)` (0: none)."""
 
     def __init__(self, width: int, heads: int, hidden: int, act: str, eps: float, *,
-                 dtype=None, rngs: nnx.Rngs):
+                 drop_path: float = 0.0, dtype=None, rngs: nnx.Rngs):
         self.layer_norm1 = layer_norm(width, eps, dtype=dtype, rngs=rngs)
         self.self_attn = Attention(width, heads, dtype=dtype, rngs=rngs)
         self.layer_norm2 = layer_norm(width, eps, dtype=dtype, rngs=rngs)
         self.mlp = MLP(width, hidden, act, dtype=dtype, rngs=rngs)
+        self.drop_path = stochastic_depth(drop_path)
 
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-        x = x + self.self_attn(self.layer_norm1(x), mask)
-        return x + self.mlp(self.layer_norm2(x))
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None,
+                 rngs: nnx.Rngs | None = None) -> jax.Array:
+        x = x + self.drop_path(self.self_attn(self.layer_norm1(x), mask), rngs=rngs)
+        return x + self.drop_path(self.mlp(self.layer_norm2(x)), rngs=rngs)
 
 
 class Encoder(nnx.Module):
-    """`depth` encoder layers (`layers.N`)."""
+    """`depth` encoder layers (`layers.N`); drop path rising linearly from 0 in the first layer
+    to `drop_path` in the last (timm's and MAE's stochastic depth decay rule)."""
 
     def __init__(self, depth: int, width: int, heads: int, hidden: int, act: str, eps: float, *,
-                 dtype=None, rngs: nnx.Rngs):
-        self.layers = nnx.List([EncoderLayer(width, heads, hidden, act, eps, dtype=dtype,
-                                             rngs=rngs) for _ in range(depth)])
+                 drop_path: float = 0.0, dtype=None, rngs: nnx.Rngs):
+        self.layers = nnx.List([EncoderLayer(width, heads, hidden, act, eps,
+                                             drop_path=float(rate), dtype=dtype, rngs=rngs)
+                                for rate in np.linspace(0, drop_path, depth)])
 
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None,
+                 rngs: nnx.Rngs | None = None) -> jax.Array:
         for layer in self.layers:
-            x = layer(x, mask)
+            x = layer(x, mask, rngs)
         return x
+
+
+def patchify(images: jax.Array, patch: int) -> jax.Array:
+    """NHWC images -> (B, patches, patch * patch * C): non-overlapping patches in row-major
+    order, each flattened (row, column, channel), as MAE's `patchify` of NCHW images."""
+    b, h, w, c = images.shape
+    p = patch
+    if h % p or w % p:
+        raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
+    patches = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return patches.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(patches: jax.Array, patch: int, channels: int = 3) -> jax.Array:
+    """The inverse of `patchify` for square images: (B, g * g, p * p * C) -> (B, g*p, g*p, C)."""
+    b, n, _ = patches.shape
+    g, p = int(round(n ** 0.5)), patch
+    if g * g != n:
+        raise ValueError(f"{n} patches do not tile a square image")
+    x = patches.reshape(b, g, g, p, p, channels).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, g * p, g * p, channels)
 
 
 class PatchEmbed(nnx.Module):
@@ -142,12 +184,8 @@ class PatchEmbed(nnx.Module):
         self.patch, self.dtype = patch, dtype
 
     def __call__(self, images: jax.Array) -> jax.Array:
-        b, h, w, c = images.shape
-        p = self.patch
-        if h % p or w % p:
-            raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
+        p, c = self.patch, images.shape[-1]
         dtype = self.dtype or jnp.float32
-        patches = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
-        patches = patches.reshape(b, (h // p) * (w // p), p * p * c).astype(dtype)
+        patches = patchify(images, p).astype(dtype)
         out = patches @ self.kernel[...].reshape(p * p * c, -1).astype(dtype)
         return out if self.bias is None else out + self.bias[...].astype(dtype)
