@@ -12,8 +12,14 @@ output: its predictor returns the model's other outputs ("embedding", ...), with
 load saying so.
 
 A temporal (clip) model takes the N faces as one clip (consecutive frames of one video, in
-order) and gives per-frame outputs. A model that takes more named inputs gets them as keyword
-arrays, e.g. `predict(faces, features=vectors)` with one row per face.
+order) and gives per-frame outputs; `valid=` (N,) bool marks padding frames of a clip (False),
+as evaluation pads clips. A model that takes more named inputs gets them as keyword arrays, e.g.
+`predict(faces, features=vectors)` with one row per face.
+
+`predict.post` is the post-processing stored with the checkpoint (per-head smoothing along a
+video, then AU thresholds; none for a converted folder) and `predict.feed` what the run fed the
+model (clip length and stride, the audio windows' `AudioConfig`): what a caller running the
+model over a video (`abaw_jax.video`) applies around it.
 """
 
 from __future__ import annotations
@@ -26,9 +32,9 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from abaw_jax import convert, heads, metrics, models, parallel, tasks
+from abaw_jax import convert, heads, metrics, models, parallel, postprocess, tasks
 from abaw_jax import state as state_lib
-from abaw_jax.data import augment
+from abaw_jax.data import audio, augment
 from abaw_jax.errors import NotFoundError
 
 
@@ -42,10 +48,14 @@ class Predictor:
     """
 
     def __init__(self, model: nnx.Module, family: models.Family, inputs: tuple[str, ...],
-                 head_fn: Callable[[dict], dict], thresholds: np.ndarray | None = None):
+                 head_fn: Callable[[dict], dict], thresholds: np.ndarray | None = None,
+                 post: postprocess.Post | None = None, feed: state_lib.Feed | None = None):
         model.eval()
         self.inputs, self.thresholds, self.returns = inputs, thresholds, family.returns
+        self.clips = family.clips  # N faces are one clip
         self.preprocess = family.image_preprocess(model)
+        self.post = post or postprocess.Post({})
+        self.feed = feed or _default_feed(self.preprocess, inputs)
         graphdef, state = nnx.split(model)
         clips = family.clips
 
@@ -63,7 +73,7 @@ class Predictor:
         self._state, self._forward = state, forward
 
     def __call__(self, images: np.ndarray | None = None, embedding: bool = False,
-                 **named: np.ndarray) -> dict[str, np.ndarray]:
+                 valid: np.ndarray | None = None, **named: np.ndarray) -> dict[str, np.ndarray]:
         batch = {k: np.asarray(v, np.float32) for k, v in named.items()}
         missing = [k for k in self.inputs if k not in (*batch, "image", "frame_mask")]
         if missing:
@@ -76,7 +86,9 @@ class Predictor:
             size = self.preprocess.size
             batch["image"] = np.stack([augment.resize(im, size) for im in images])
         n = len(next(iter(batch.values())))
-        batch["index"] = np.arange(n, dtype=np.int32)  # every frame real (frame_mask)
+        batch["index"] = np.arange(n, dtype=np.int32)  # every frame real (frame_mask) ...
+        if valid is not None:  # ... but padding
+            batch["index"] = np.where(np.asarray(valid, bool), batch["index"], -1)
         heads, extra = jax.device_get(self._forward(self._state, batch))
         out = {k: np.asarray(v) for k, v in heads.items()}
         out.update({k: np.asarray(extra[k]) for k in self.returns if k in extra})
@@ -109,7 +121,9 @@ def _from_workdir(workdir: Path, which: str) -> Predictor:
     thresholds = restored.metrics.get("au/thresholds")
     model = setup.model(restored.state)
     return Predictor(model, setup.family, setup.inputs, setup.task.predict,
-                     None if thresholds is None else metrics.au_values(thresholds))
+                     None if thresholds is None else metrics.au_values(thresholds),
+                     postprocess.Post.from_metrics(restored.metrics, setup.task.heads),
+                     setup.feed)
 
 
 def _from_converted(directory: Path) -> Predictor:
@@ -127,6 +141,13 @@ def _from_converted(directory: Path) -> Predictor:
             "instead; convert with --keep_fc for the classifier's logits, or train task layers "
             "from it with --config.init_from", directory)
     return Predictor(model, family, tuple(model.inputs), _pick(names))
+
+
+def _default_feed(preprocess: models.Preprocess | None, inputs: tuple[str, ...]
+                  ) -> state_lib.Feed:
+    """A converted model's inputs as a run of its family would feed them by default."""
+    return state_lib.Feed(preprocess.size if preprocess and "image" in inputs else 0, (), 0, 1,
+                          audio.AudioConfig() if "audio" in inputs else None)
 
 
 def _pick(names: tuple[str, ...]) -> Callable[[Mapping], dict]:

@@ -9,7 +9,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 import logging as pylogging  # noqa: E402
-import sys  # noqa: E402
 
 import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
@@ -55,23 +54,6 @@ def _run(config, workdir: str) -> dict | None:
     return None
 
 
-def _exit_with(line: str) -> None:
-    """Prints `line` as the last word on stderr and exits 1 at once.
-
-    A failed Orbax restore leaves TensorStore reads in flight whose callbacks, on other
-    threads, print "Event loop is closed" tracebacks for a while (~55 of them, ~390 lines, after
-    a corrupt checkpoint): stderr goes to /dev/null first, the line is written in one call,
-    and no interpreter teardown runs (nothing is left to save on this path).
-    """
-    logging.flush()
-    sys.stdout.flush()
-    stderr = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    os.write(stderr, f"{line}\n".encode())
-    os._exit(1)
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -84,7 +66,7 @@ def main(argv):
     except Exception as e:
         if FLAGS.traceback or not errors.is_user_error(e):
             raise
-        _exit_with(f"error: {e}")
+        errors.exit_with(f"error: {e}")
     parallel.shutdown()
     if metrics:
         which = ("the last step's" if FLAGS.mode == "train"
