@@ -7,10 +7,11 @@ the user's copy of its ONNX file; "none": every frame is one face (already-cropp
 
 `Tracker` finds the faces of consecutive frames. It searches the whole frame every `full_every`
 frames; in between it looks for each track only near its last box and at sizes near its own,
-which costs a fraction of a full search. Frames are searched at a reduced scale, such that the
-smallest face wanted (`min_face` pixels) is the detector's smallest. Detections are matched to
-tracks by IoU (greedily, the best overlap first); a track not found for more than `max_gap`
-frames ends, and a face found after that starts a new track id.
+which costs a fraction of a full search (a new face waits for the next full search). Frames
+are searched at a reduced scale, such that the smallest face wanted (`min_face` pixels) is the
+detector's smallest. Detections are matched to tracks by IoU (greedily, the best overlap
+first); a track not found for more than `max_gap` frames ends, and a face found after that
+starts a new track id.
 
 numpy and OpenCV only (no jax).
 """
@@ -44,7 +45,12 @@ class Haar:
 
     def __init__(self, arg: str = ""):
         path = arg or cv2.data.haarcascades + "haarcascade_frontalface_default.xml"
-        self.cascade = cv2.CascadeClassifier(path)
+        if not Path(path).is_file():
+            raise NotFoundError(f"{path}: no such Haar cascade file")
+        try:  # OpenCV's parse errors come through its bindings as SystemError
+            self.cascade = cv2.CascadeClassifier(path)
+        except (cv2.error, SystemError) as e:
+            raise NotFoundError(f"{path}: not a Haar cascade OpenCV can read") from e
         if self.cascade.empty():
             raise NotFoundError(f"{path}: not a Haar cascade OpenCV can read")
         self.smallest = int(max(self.cascade.getOriginalWindowSize()))
@@ -169,11 +175,12 @@ class Tracker:
             return [Face(0, np.array([0.0, 0.0, w, h]), math.nan)]
         min_face = self.min_face or min(h, w) / 10
         scale = min(1.0, self.detector.smallest / min_face)
-        if (self.count - 1) % self.full_every == 0:
+        full = (self.count - 1) % self.full_every == 0
+        if full:
             boxes, scores = self._search(rgb, (0, 0, w, h), scale, min_face, max(h, w))
         else:
             boxes, scores = self._near_tracks(rgb, scale, min_face)
-        return self._match(*_suppress(boxes, scores))
+        return self._match(*_suppress(boxes, scores), new_tracks=full)
 
     def _search(self, rgb: np.ndarray, region: tuple[int, int, int, int], scale: float,
                 smallest: float, largest: float) -> tuple[np.ndarray, np.ndarray]:
@@ -208,7 +215,9 @@ class Tracker:
                                           self.SIZES[1] * size))
         return np.concatenate([b for b, _ in found]), np.concatenate([s for _, s in found])
 
-    def _match(self, boxes: np.ndarray, scores: np.ndarray) -> list[Face]:
+    def _match(self, boxes: np.ndarray, scores: np.ndarray, new_tracks: bool) -> list[Face]:
+        """Detections -> the tracks they overlap most; the others start tracks in a full
+        search (near a track, they are parts or neighbours of it cut by the search region)."""
         taken_tracks, taken_boxes, faces = set(), set(), []
         if self.tracks and len(boxes):
             overlap = iou(np.stack([t.box for t in self.tracks])[:, None], boxes[None])
@@ -223,8 +232,8 @@ class Tracker:
                 track = self.tracks[ti]
                 track.box, track.seen = boxes[bi], self.count
                 faces.append(Face(track.id, boxes[bi], float(scores[bi])))
-        for bi in np.lexsort((boxes[:, 1], boxes[:, 0])):  # new ids from left to right
-            if bi not in taken_boxes:
+        for bi in np.lexsort((boxes[:, 1], boxes[:, 0])) if new_tracks else ():
+            if bi not in taken_boxes:  # new ids from left to right
                 self.tracks.append(_Track(self.next_id, boxes[bi], self.count))
                 faces.append(Face(self.next_id, boxes[bi], float(scores[bi])))
                 self.next_id += 1
