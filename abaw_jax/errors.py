@@ -5,10 +5,6 @@ Anything else is a bug and keeps its traceback."""
 from __future__ import annotations
 
 import errno
-import os
-import sys
-
-from absl import logging
 
 
 class UserError(Exception):
@@ -45,20 +41,3 @@ class WeightsError(UserError, KeyError, ValueError):
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
 
-
-def exit_with(line: str) -> None:
-    """Prints `line` as the last word on stderr and exits 1 at once (the CLIs' way out on a
-    user error).
-
-    A failed Orbax restore leaves TensorStore reads in flight whose callbacks, on other
-    threads, print "Event loop is closed" tracebacks for a while (~55 of them, ~390 lines, after
-    a corrupt checkpoint): stderr goes to /dev/null first, the line is written in one call,
-    and no interpreter teardown runs (nothing is left to save on this path).
-    """
-    logging.flush()
-    sys.stdout.flush()
-    stderr = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    os.write(stderr, f"{line}\n".encode())
-    os._exit(1)

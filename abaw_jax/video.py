@@ -43,7 +43,7 @@ import numpy as np
 from absl import app, flags, logging
 from tqdm import tqdm
 
-from abaw_jax import errors, faces, heads, inference, plots, postprocess
+from abaw_jax import console, errors, faces, heads, inference, plots, postprocess
 from abaw_jax.data import audio, audio_table, augment
 from abaw_jax.data import video as video_lib
 from abaw_jax.data.affwild2 import DataError, check_video_name
@@ -627,6 +627,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
+    console.quiet_libraries()
     try:
         options = Options(f.detector, f.batch, f.every, f.margin, f.min_face, f.full_every,
                           Options.max_gap, f.fps)
@@ -636,9 +637,9 @@ def main(argv: list[str]) -> None:
     except Exception as e:
         if f.traceback or not errors.is_user_error(e):
             raise
-        errors.exit_with(f"error: {e}")
+        console.exit_with(f"error: {e}")
     if failures:
-        errors.exit_with(f"error: {len(failures)} input(s) failed: " + "; ".join(failures))
+        console.exit_with(f"error: {len(failures)} input(s) failed: " + "; ".join(failures))
 
 
 if __name__ == "__main__":
