@@ -16,10 +16,11 @@ order) and gives per-frame outputs; `valid=` (N,) bool marks padding frames of a
 as evaluation pads clips. A model that takes more named inputs gets them as keyword arrays, e.g.
 `predict(faces, features=vectors)` with one row per face.
 
-`predict.post` is the post-processing stored with the checkpoint (per-head smoothing along a
-video, then AU thresholds; none for a converted folder) and `predict.feed` what the run fed the
-model (clip length and stride, the audio windows' `AudioConfig`): what a caller running the
-model over a video (`abaw_jax.video`) applies around it.
+`predict.heads` names its task heads (of "va", "expr", "au"), `predict.post` is the
+post-processing stored with the checkpoint (per-head smoothing along a video, then AU
+thresholds; none for a converted folder) and `predict.feed` what the run fed the model (clip
+length and stride, the audio windows' `AudioConfig`): what a caller running the model over a
+video (`abaw_jax.video`) applies around it.
 """
 
 from __future__ import annotations
@@ -49,8 +50,10 @@ class Predictor:
 
     def __init__(self, model: nnx.Module, family: models.Family, inputs: tuple[str, ...],
                  head_fn: Callable[[dict], dict], thresholds: np.ndarray | None = None,
-                 post: postprocess.Post | None = None, feed: state_lib.Feed | None = None):
+                 post: postprocess.Post | None = None, feed: state_lib.Feed | None = None,
+                 heads: tuple[str, ...] | None = None):
         model.eval()
+        self.heads = heads  # the task heads among its outputs (None: not said)
         self.inputs, self.thresholds, self.returns = inputs, thresholds, family.returns
         self.clips = family.clips  # N faces are one clip
         self.preprocess = family.image_preprocess(model)
@@ -123,7 +126,7 @@ def _from_workdir(workdir: Path, which: str) -> Predictor:
     return Predictor(model, setup.family, setup.inputs, setup.task.predict,
                      None if thresholds is None else metrics.au_values(thresholds),
                      postprocess.Post.from_metrics(restored.metrics, setup.task.heads),
-                     setup.feed)
+                     setup.feed, setup.task.heads)
 
 
 def _from_converted(directory: Path) -> Predictor:
@@ -149,7 +152,8 @@ def _from_converted(directory: Path) -> Predictor:
             "--keep_fc): the predictor returns the model's embedding and its other outputs "
             "instead; convert with --keep_fc for the classifier's logits, or train task layers "
             "from it with --config.init_from", directory)
-    return Predictor(model, family, tuple(model.inputs), _pick(names))
+    return Predictor(model, family, tuple(model.inputs), _pick(names),
+                     heads=tuple(n for n in names if n in heads.HEADS))
 
 
 def _default_feed(preprocess: models.Preprocess | None, inputs: tuple[str, ...]

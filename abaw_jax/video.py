@@ -227,6 +227,18 @@ def _stack(items: list[np.ndarray], pad: int) -> np.ndarray:
     return np.concatenate([out, np.zeros((pad, *out.shape[1:]), out.dtype)]) if pad else out
 
 
+@dataclasses.dataclass
+class _Clip:
+    """A track's faces still needed by a window: `items` are its faces `first`, first + 1, ...
+    of `n` so far; the next window starts at face `next`, the last ran from `last_run`."""
+
+    items: collections.deque = dataclasses.field(default_factory=collections.deque)
+    first: int = 0
+    n: int = 0
+    next: int = 0
+    last_run: int | None = None
+
+
 class _TrackClips:
     """A temporal model: each track's faces in order, windows of `length` starting every
     `stride` faces and a last one ending at the track's end (`pipeline.clip_index`'s windows
@@ -235,45 +247,41 @@ class _TrackClips:
 
     def __init__(self, model: _Model, length: int, stride: int):
         self.model, self.length, self.stride = model, length, stride
-        self.tracks: dict[int, dict[str, Any]] = {}
+        self.tracks: dict[int, _Clip] = {}
 
     def add(self, row: int, track: int, image: np.ndarray | None, named: dict) -> None:
-        t = self.tracks.setdefault(track, {"items": collections.deque(), "first": 0, "n": 0,
-                                           "next": 0, "last_run": None})
-        t["items"].append((row, image, named))
-        t["n"] += 1
-        while self.length and t["next"] + self.length <= t["n"]:
-            self._run(t, t["next"], self.length)
-            t["next"] += self.stride
-            keep_from = min(t["next"], t["n"] - self.length)
-            while t["first"] < keep_from:
-                t["items"].popleft()
-                t["first"] += 1
+        t = self.tracks.setdefault(track, _Clip())
+        t.items.append((row, image, named))
+        t.n += 1
+        while self.length and t.next + self.length <= t.n:
+            self._run(t, t.next, self.length)
+            t.next += self.stride
+            # later windows start at `next` or later; the last may end at the track's end
+            while t.first < min(t.next, t.n - self.length):
+                t.items.popleft()
+                t.first += 1
 
     def end_track(self, track: int) -> None:
         t = self.tracks.pop(track, None)
         if t is None:
             return
-        if not self.length:
-            self._run(t, 0, t["n"])
-        elif t["last_run"] is None:  # shorter than a window: one, padded
-            self._run(t, 0, t["n"])
-        elif t["last_run"] + self.length < t["n"]:
-            self._run(t, t["n"] - self.length, self.length)
+        if not self.length or t.last_run is None:  # one clip; or one window, padded
+            self._run(t, 0, t.n)
+        elif t.last_run + self.length < t.n:
+            self._run(t, t.n - self.length, self.length)
 
     def finish(self) -> None:
         for track in list(self.tracks):
             self.end_track(track)
 
-    def _run(self, t: dict, start: int, count: int) -> None:
-        items = list(t["items"])[start - t["first"]: start - t["first"] + count]
+    def _run(self, t: _Clip, start: int, count: int) -> None:
+        items = list(t.items)[start - t.first: start - t.first + count]
         pad = max(0, self.length - len(items))
         rows = np.array([r for r, _, _ in items] + [-1] * pad)
-        valid = rows >= 0
         images = None if items[0][1] is None else _stack([im for _, im, _ in items], pad)
         named = {k: _stack([n[k] for _, _, n in items], pad) for k in items[0][2]}
-        self.model.submit(rows, images, named, valid)
-        t["last_run"] = start
+        self.model.submit(rows, images, named, rows >= 0)
+        t.last_run = start
 
 
 class _AudioWindows:
@@ -407,7 +415,7 @@ def _run(source: Source, predictor: inference.Predictor, options: Options,
     feeder.finish()
     outputs.add(model.collect(wait=True))
     model.pool.shutdown()
-    table = _table(rows, outputs.arrays(len(rows["frame"])), predictor.post, fps)
+    table = _table(rows, outputs.arrays(len(rows["frame"])), predictor, fps)
     return Result(table, fps, error, {"decode": frames.busy, "detect_crop": host,
                                       "model": model.busy})
 
@@ -447,16 +455,19 @@ def analyse(path: str | Path, model: str | Path | inference.Predictor, **options
 
 
 def _table(rows: Mapping[str, list], outputs: Mapping[str, np.ndarray],
-           post: postprocess.Post, fps: float) -> dict[str, np.ndarray]:
+           predictor: inference.Predictor, fps: float) -> dict[str, np.ndarray]:
+    """The rows' columns, the heads' outputs smoothed along each track (columns for every head
+    the predictor names, even when no face was found)."""
     frame = np.asarray(rows["frame"], np.int64)
     track = np.asarray(rows["track"], np.int64)
     box = np.asarray(rows["box"], np.float64).reshape(-1, 4)
     table = {"frame": frame, "timestamp": (frame - 1) / fps, "track": track,
              **{k: box[:, i] for i, k in enumerate("xywh")},
              "score": np.asarray(rows["score"], np.float64)}
-    face = track >= 0
-    for name in (h for h in heads.HEADS if h in outputs):
-        values = outputs[name]
+    face, post = track >= 0, predictor.post
+    named = set(outputs) | set(predictor.heads or ())
+    for name in (h for h in heads.HEADS if h in named):
+        values = outputs.get(name, np.full((len(frame), heads.get(name).size), np.nan))
         smoothing = post.smoothing.get(name, postprocess.Smoothing())
         if face.any():
             values[face] = postprocess.smooth_rows(values[face], track[face], frame[face],
@@ -531,7 +542,7 @@ def write_annotated(source: Source, table: Mapping[str, np.ndarray], path: Path,
     with av.open(str(path), "w") as container:
         stream = container.add_stream(codec, rate=rate)
         stream.pix_fmt = "yuv420p"
-        for number, rgb in source.frames(every):
+        for number, rgb in _until_error(source.frames(every)):
             if size is None:  # yuv420p: even sides
                 size = (rgb.shape[1] // 2 * 2, rgb.shape[0] // 2 * 2)
                 stream.width, stream.height = size
@@ -541,6 +552,14 @@ def write_annotated(source: Source, table: Mapping[str, np.ndarray], path: Path,
             container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
         container.mux(stream.encode(None))
     return path
+
+
+def _until_error(frames: Iterator[tuple[int, np.ndarray]]) -> Iterator[tuple[int, np.ndarray]]:
+    """The frames up to a cut or broken part (the analysis already reported it)."""
+    try:
+        yield from frames
+    except DataError:
+        return
 
 
 def _draw(image: np.ndarray, table: Mapping[str, np.ndarray], rows: list[int]) -> None:

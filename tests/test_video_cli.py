@@ -353,7 +353,7 @@ def test_bad_inputs_in_a_folder_are_listed_and_the_others_written(tmp_path, conv
     (folder / "cut.mp4").write_bytes(data[: len(data) * 3 // 4])  # past the first (key) frame
     (folder / "junk.mp4").write_bytes(np.random.default_rng(0).bytes(4096))
     (folder / "notes.txt").write_text("not an input")
-    result = _cli(f"--model={converted}", f"--input={folder}", f"--out={out}")
+    result = _cli(f"--model={converted}", f"--input={folder}", f"--out={out}", "--annotate")
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: 2 input(s) failed: ") and "Traceback" not in result.stderr
@@ -363,11 +363,14 @@ def test_bad_inputs_in_a_folder_are_listed_and_the_others_written(tmp_path, conv
     assert [r["frame"] for r in good] == [str(f) for f in range(1, 6) for _ in range(2)]
     assert [r["frame"] for r in empty] == [str(f) for f in range(1, 9)]
     assert all(v == "" for r in empty for k, v in r.items() if k not in ("frame", "timestamp"))
+    assert list(empty[0]) == list(good[0])  # the model's columns, even without a face
     assert "no face found in its 8 frames" in result.stderr
     read = sorted({int(r["frame"]) for r in cut})
     assert 2 < len(read) < 24 and read == list(range(1, len(read) + 1))
     # The frames before the cut have their faces (the last one decoded may be partial).
     assert all(r["track"] != "" for r in cut if int(r["frame"]) < read[-1])
+    assert video_lib.probe(out / "cut_annotated.mp4").num_frames == len(read)
+    assert not (out / "empty_annotated.mp4").exists()  # no face to draw
 
 
 def test_analyse_of_a_cut_video_is_an_error_naming_it(tmp_path, predictor):
