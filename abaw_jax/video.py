@@ -78,7 +78,7 @@ class Options:
 class Source:
     """One input: a video file, or a folder of frame images (`files`)."""
 
-    name: str  # of its outputs
+    name: str  # of its outputs (`check_video_name` before use)
     path: Path
     files: tuple[tuple[int, Path], ...] | None = None
 
@@ -100,7 +100,7 @@ def find_inputs(path: str | Path) -> list[Source]:
     input, named after the folder)."""
     path = Path(path)
     if path.is_file():
-        return [Source(check_video_name(path.stem, str(path)), path)]
+        return [Source(path.stem, path)]
     if not path.is_dir():
         raise NotFoundError(f"{path}: no such video or folder")
     videos = sorted(p for p in path.iterdir()
@@ -108,13 +108,12 @@ def find_inputs(path: str | Path) -> list[Source]:
     if videos:
         stems = collections.Counter(p.stem for p in videos)
         # a.mp4 and a.avi both: outputs named after the whole file name
-        return [Source(check_video_name(p.stem if stems[p.stem] == 1 else p.name, str(p)), p)
-                for p in videos]
+        return [Source(p.stem if stems[p.stem] == 1 else p.name, p) for p in videos]
     files = video_lib.frame_files(path)
     if not files:
         raise DataError(f"{path}: no videos ({', '.join(VIDEO_SUFFIXES)}) and no frame images "
                         f"({', '.join(video_lib.IMAGE_SUFFIXES)})")
-    return [Source(check_video_name(path.resolve().name, str(path)), path, tuple(files))]
+    return [Source(path.resolve().name, path, tuple(files))]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -374,6 +373,7 @@ def _check_inputs(predictor: inference.Predictor) -> None:
 def _run(source: Source, predictor: inference.Predictor, options: Options,
          progress: bool = False) -> Result:
     """Analyses one input; an error of its frames ends it early with the rows so far."""
+    check_video_name(source.name, str(source.path))  # it names the output files
     _check_inputs(predictor)
     fps, expected = source.info(options)
     tracker = faces.Tracker(faces.detector(options.detector), min_face=options.min_face,

@@ -342,8 +342,9 @@ def test_detector_none_reads_a_folder_of_frames_by_their_numbers(tmp_path, predi
 
 
 def test_bad_inputs_in_a_folder_are_listed_and_the_others_written(tmp_path, converted):
-    """A file FFmpeg cannot open, a cut one (its frames before the cut written), a video without
-    faces (a CSV of empty rows and a warning), a good one; exit status 1, one `error:` line."""
+    """A file FFmpeg cannot open, a cut one (its frames before the cut written), one whose name
+    cannot name files, a video without faces (a CSV of empty rows and a warning), a good one;
+    exit status 1, one `error:` line."""
     folder, out = tmp_path / "in", tmp_path / "out"
     folder.mkdir()
     _write_faces(folder / "good.mp4", 5)
@@ -353,11 +354,13 @@ def test_bad_inputs_in_a_folder_are_listed_and_the_others_written(tmp_path, conv
     (folder / "cut.mp4").write_bytes(data[: len(data) * 3 // 4])  # past the first (key) frame
     (folder / "junk.mp4").write_bytes(np.random.default_rng(0).bytes(4096))
     (folder / "notes.txt").write_text("not an input")
+    (folder / "a,b.mp4").write_bytes((folder / "good.mp4").read_bytes())  # a comma: no name
     result = _cli(f"--model={converted}", f"--input={folder}", f"--out={out}", "--annotate")
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: 2 input(s) failed: ") and "Traceback" not in result.stderr
+    assert last.startswith("error: 3 input(s) failed: ") and "Traceback" not in result.stderr
     assert f"{folder / 'cut.mp4'}: truncated" in last and f"{folder / 'junk.mp4'}" in last
+    assert f"{folder / 'a,b.mp4'}: video name 'a,b' holds a comma" in last
     assert sorted(p.name for p in out.glob("*.csv")) == ["cut.csv", "empty.csv", "good.csv"]
     good, empty, cut = (_read_csv(out / f"{n}.csv") for n in ("good", "empty", "cut"))
     assert [r["frame"] for r in good] == [str(f) for f in range(1, 6) for _ in range(2)]
