@@ -370,9 +370,10 @@ def _check_inputs(predictor: inference.Predictor) -> None:
                           "backbone's images instead")
 
 
-def _run(source: Source, predictor: inference.Predictor, options: Options,
-         progress: bool = False) -> Result:
-    """Analyses one input; an error of its frames ends it early with the rows so far."""
+def analyse_input(source: Source, predictor: inference.Predictor, options: Options,
+                  progress: bool = False) -> Result:
+    """Analyses one input (`find_inputs`); an error of its frames ends it early with the rows
+    so far (`Result.error`)."""
     check_video_name(source.name, str(source.path))  # it names the output files
     _check_inputs(predictor)
     fps, expected = source.info(options)
@@ -444,7 +445,7 @@ def analyse(path: str | Path, model: str | Path | inference.Predictor, **options
     if len(sources) != 1:
         raise ConfigError(f"{path}: a folder of {len(sources)} videos; analyse takes one video "
                           "or folder of frames (`run` takes a folder of videos)")
-    result = _run(sources[0], predictor, Options(**options))
+    result = analyse_input(sources[0], predictor, Options(**options))
     if result.error:
         raise result.error
     return result.table
@@ -587,7 +588,7 @@ def run(model: str | Path | inference.Predictor, input_path: str | Path, out: st
     failures = []
     for source in sources:
         try:
-            result = _run(source, predictor, options, progress)
+            result = analyse_input(source, predictor, options, progress)
         except errors.UserError as e:  # nothing read
             failures.append(str(e))
             logging.error("%s", e)

@@ -141,7 +141,7 @@ def main(argv):
     options = video.Options(detector=FLAGS.detector, batch=FLAGS.batch)
     predictor(np.zeros((FLAGS.batch, 112, 112, 3), np.uint8))  # compiled before timing
     start = time.perf_counter()
-    result = video._run(video.find_inputs(path)[0], predictor, options)
+    result = video.analyse_input(video.find_inputs(path)[0], predictor, options)
     total = time.perf_counter() - start
     faced = int(np.sum(result.table["track"] >= 0))
     print(f"faces_found: {found} in {n} frames ({faced} in the command's run)")
