@@ -63,7 +63,7 @@ class Options:
     batch: int = 32  # faces per model call (frame models)
     every: int = 1  # analyse frames 1, 1 + every, ...
     margin: float = 0.2  # crop: the box's side grows by this much on each side
-    min_face: float = 0  # smallest face searched for, pixels (0: a tenth of the shorter side)
+    min_face: float = 0  # smallest face searched for, pixels (0: an eighth of the shorter side)
     full_every: int = 10  # whole-frame searches every this many analysed frames
     max_gap: int = 15  # analysed frames a track may go unseen and keep its id
     fps: float = 30.0  # of a folder of frames (videos say their own)
@@ -634,7 +634,7 @@ def _define_flags() -> None:
     flags.DEFINE_integer("every", Options.every, "Analyse every N-th frame.")
     flags.DEFINE_float("margin", Options.margin, "Crop margin, a fraction of the face box.")
     flags.DEFINE_float("min_face", Options.min_face, "Smallest face searched for, pixels "
-                       "(0: a tenth of the frame's shorter side).")
+                       "(0: an eighth of the frame's shorter side).")
     flags.DEFINE_integer("full_every", Options.full_every, "Search the whole frame every N "
                          "analysed frames (in between, near each face only).")
     flags.DEFINE_float("fps", Options.fps, "Frame rate of a folder of frames.")
