@@ -159,8 +159,8 @@ def test_command_writes_a_row_per_frame_and_face_near_the_drawn_boxes_with_stabl
             continue
         assert float(r["timestamp"]) == pytest.approx((int(r["frame"]) - 1) / 25, abs=1e-3)
         name, centre, side = _nearest_face(int(r["frame"]), r)
-        # The cascade's boxes come in steps of 10 % in size: measured up to 2.0 pixels apart
-        # (centres) and 11 % (sides) on these 64-88-pixel faces.
+        # The cascade's boxes come in steps of 10 % in size: measured up to 2.5 pixels apart
+        # (centres) and 12.5 % (sides) on these 64-88-pixel faces.
         assert centre <= 6 and side <= 0.15, (r, name)
         assert int(r["track"]) == "ABC".index(name), r  # B keeps its id over its absence
     assert (out / "faces.png").stat().st_size > 20_000
