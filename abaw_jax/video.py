@@ -130,11 +130,14 @@ class _Model:
         self.pending: collections.deque = collections.deque()
         self.done: list[tuple[np.ndarray, dict]] = []
         self.busy = 0.0  # seconds in model calls
+        self.waited = 0.0  # seconds the host waited for a free place in the queue
 
     def submit(self, rows: np.ndarray, images: np.ndarray | None, named: dict,
                valid: np.ndarray | None = None) -> None:
+        start = time.perf_counter()
         while len(self.pending) > _IN_FLIGHT:
             self._wait_oldest()
+        self.waited += time.perf_counter() - start
         self.pending.append((rows, self.pool.submit(self._call, images, named, valid)))
 
     def _call(self, images, named, valid):
@@ -417,7 +420,7 @@ def analyse_input(source: Source, predictor: inference.Predictor, options: Optio
     outputs.add(model.collect(wait=True))
     model.pool.shutdown()
     table = _table(rows, outputs.arrays(len(rows["frame"])), predictor, fps)
-    return Result(table, fps, error, {"decode": frames.busy, "detect_crop": host,
+    return Result(table, fps, error, {"decode": frames.busy, "detect_crop": host - model.waited,
                                       "model": model.busy})
 
 
@@ -615,7 +618,7 @@ def _write(source: Source, result: Result, out: Path, options: Options, annotate
         logging.warning("%s: no face found in its %d frames: %s holds empty rows", source.path,
                         frames, out / f"{source.name}.csv")
         return
-    logging.info("%s: %d frames, a face in %d, %d tracks -> %s (%s)", source.name, frames,
+    logging.info("%s: %d frames, a face in %d, tracks: %d -> %s (%s)", source.name, frames,
                  len(np.unique(table["frame"][face])), len(np.unique(table["track"][face])),
                  out / f"{source.name}.csv", ", ".join(
                      f"{k} {v:.1f} s" for k, v in result.seconds.items()))
