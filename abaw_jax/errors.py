@@ -40,3 +40,4 @@ class WeightsError(UserError, KeyError, ValueError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+

@@ -12,12 +12,19 @@ output: its predictor returns the model's other outputs ("embedding", ...), with
 load saying so.
 
 A temporal (clip) model takes the N faces as one clip (consecutive frames of one video, in
-order) and gives per-frame outputs. A model that takes more named inputs gets them as keyword
-arrays, e.g. `predict(faces, features=vectors)` with one row per face; inputs a model takes
-optionally (`optional_inputs`: MAE's masking `noise`) likewise. Float images (N, 3, S, S) are
-taken as already normalised (a PyTorch pipeline's tensors) at the model's size. A model that
-draws randomness at inference (MAE's masking without `noise`) gets a fresh key per call, from
+order) and gives per-frame outputs; `valid=` (N,) bool marks padding frames of a clip (False),
+as evaluation pads clips. A model that takes more named inputs gets them as keyword arrays, e.g.
+`predict(faces, features=vectors)` with one row per face; inputs a model takes optionally
+(`optional_inputs`: MAE's masking `noise`) likewise. Float images (N, 3, S, S) are taken as
+already normalised (a PyTorch pipeline's tensors) at the model's size. A model that draws
+randomness at inference (MAE's masking without `noise`) gets a fresh key per call, from
 `load(..., seed=)`.
+
+`predict.heads` names its task heads (of "va", "expr", "au"), `predict.post` is the
+post-processing stored with the checkpoint (per-head smoothing along a video, then AU
+thresholds; none for a converted folder) and `predict.feed` what the run fed the model (clip
+length and stride, the audio windows' `AudioConfig`): what a caller running the model over a
+video (`abaw_jax.video`) applies around it.
 """
 
 from __future__ import annotations
@@ -31,9 +38,9 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from abaw_jax import convert, heads, metrics, models, parallel, tasks
+from abaw_jax import convert, heads, metrics, models, parallel, postprocess, tasks
 from abaw_jax import state as state_lib
-from abaw_jax.data import augment
+from abaw_jax.data import audio, augment
 from abaw_jax.errors import NotFoundError
 
 
@@ -48,11 +55,16 @@ class Predictor:
 
     def __init__(self, model: nnx.Module, family: models.Family, inputs: tuple[str, ...],
                  head_fn: Callable[[dict], dict], thresholds: np.ndarray | None = None,
-                 seed: int = 0):
+                 post: postprocess.Post | None = None, feed: state_lib.Feed | None = None,
+                 heads: tuple[str, ...] | None = None, seed: int = 0):
         model.eval()
+        self.heads = heads  # the task heads among its outputs (None: not said)
         self.inputs, self.thresholds, self.returns = inputs, thresholds, family.returns
         self.optional = tuple(getattr(model, "optional_inputs", ()))
+        self.clips = family.clips  # N faces are one clip
         self.preprocess = family.image_preprocess(model)
+        self.post = post or postprocess.Post({})
+        self.feed = feed or _default_feed(self.preprocess, inputs)
         graphdef, state = nnx.split(model)
         clips = family.clips
 
@@ -90,7 +102,7 @@ class Predictor:
         return np.stack([augment.resize(im, size) for im in images]), False
 
     def __call__(self, images: np.ndarray | None = None, embedding: bool = False,
-                 **named: np.ndarray) -> dict[str, np.ndarray]:
+                 valid: np.ndarray | None = None, **named: np.ndarray) -> dict[str, np.ndarray]:
         batch = {k: np.asarray(v, np.float32) for k, v in named.items()}
         missing = [k for k in self.inputs if k not in (*batch, "image", "frame_mask")]
         if missing:
@@ -99,7 +111,9 @@ class Predictor:
         if "image" in self.inputs:
             batch["image"], normalised = self._images(images)
         n = len(next(iter(batch.values())))
-        batch["index"] = np.arange(n, dtype=np.int32)  # every frame real (frame_mask)
+        batch["index"] = np.arange(n, dtype=np.int32)  # every frame real (frame_mask) ...
+        if valid is not None:  # ... but padding
+            batch["index"] = np.where(np.asarray(valid, bool), batch["index"], -1)
         self._key, key = jax.random.split(self._key)
         heads, extra = jax.device_get(self._forward(self._state, batch, key, normalised))
         out = {k: np.asarray(v) for k, v in heads.items()}
@@ -133,16 +147,27 @@ def _from_workdir(workdir: Path, which: str, seed: int) -> Predictor:
     thresholds = restored.metrics.get("au/thresholds")
     model = setup.model(restored.state)
     return Predictor(model, setup.family, setup.inputs, setup.task.predict,
-                     None if thresholds is None else metrics.au_values(thresholds), seed)
+                     None if thresholds is None else metrics.au_values(thresholds),
+                     postprocess.Post.from_metrics(restored.metrics, setup.task.heads),
+                     setup.feed, setup.task.heads, seed=seed)
 
 
 def _from_converted(directory: Path, seed: int) -> Predictor:
     meta = convert.read_meta(directory)
     family = models.get(meta["model"])
     kwargs = meta.get("model_kwargs", {"num_head": meta.get("num_head", 2)})
-    model = family.build(outputs=meta["outputs"] or {}, rngs=nnx.Rngs(0), feature_dim=0,
-                         **kwargs)
+
+    def build():
+        return family.build(outputs=meta["outputs"] or {}, rngs=nnx.Rngs(0), feature_dim=0,
+                            **kwargs)
+
+    # Built abstractly and filled from the folder: a concrete build compiles every initialiser
+    # (16 of the 17 s that loading the tiny DDAMFN took on the busy 2-core machine).
+    model = nnx.eval_shape(build)
     family.load_into(model, directory)
+    if any(isinstance(v, jax.ShapeDtypeStruct) for v in jax.tree.leaves(nnx.state(model))):
+        model = build()  # parts the folder does not hold keep their initial values
+        family.load_into(model, directory)
     names = tuple(meta["outputs"] or {})
     if not names and not family.returns:
         logging.warning(
@@ -150,7 +175,15 @@ def _from_converted(directory: Path, seed: int) -> Predictor:
             "--keep_fc): the predictor returns the model's embedding and its other outputs "
             "instead; convert with --keep_fc for the classifier's logits, or train task layers "
             "from it with --config.init_from", directory)
-    return Predictor(model, family, tuple(model.inputs), _pick(names), seed=seed)
+    return Predictor(model, family, tuple(model.inputs), _pick(names),
+                     heads=tuple(n for n in names if n in heads.HEADS), seed=seed)
+
+
+def _default_feed(preprocess: models.Preprocess | None, inputs: tuple[str, ...]
+                  ) -> state_lib.Feed:
+    """A converted model's inputs as a run of its family would feed them by default."""
+    return state_lib.Feed(preprocess.size if preprocess and "image" in inputs else 0, (), 0, 1,
+                          audio.AudioConfig() if "audio" in inputs else None)
 
 
 def _pick(names: tuple[str, ...]) -> Callable[[Mapping], dict]:

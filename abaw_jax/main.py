@@ -8,14 +8,20 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
-import logging as pylogging  # noqa: E402
-import sys  # noqa: E402
-
 import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from abaw_jax import config_lib, errors, evaluate, extract, parallel, predict, trainers  # noqa: E402
+from abaw_jax import (  # noqa: E402
+    config_lib,
+    console,
+    errors,
+    evaluate,
+    extract,
+    parallel,
+    predict,
+    trainers,
+)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).",
@@ -31,17 +37,6 @@ flags.DEFINE_bool("traceback", False, "Show the traceback of user errors (bad co
                   "checkpoint, disk) instead of their one `error:` line.")
 flags.mark_flags_as_required(["config"])
 
-_CHATTY = ("/orbax/", "/grain/", "/jax/_src/")
-
-
-class _LibraryInfoFilter(pylogging.Filter):
-    """Orbax logs a dozen INFO lines per checkpoint; keep the console for progress."""
-
-    def filter(self, record: pylogging.LogRecord) -> bool:
-        return record.levelno >= pylogging.WARNING or not any(
-            s in record.pathname for s in _CHATTY)
-
-
 def _run(config, workdir: str) -> dict | None:
     config_lib.check(config, jax.device_count())
     config = extract.resolve_features(config)  # data.features=auto: extracted once, cached
@@ -55,27 +50,10 @@ def _run(config, workdir: str) -> dict | None:
     return None
 
 
-def _exit_with(line: str) -> None:
-    """Prints `line` as the last word on stderr and exits 1 at once.
-
-    A failed Orbax restore leaves TensorStore reads in flight whose callbacks, on other
-    threads, print "Event loop is closed" tracebacks for a while (~55 of them, ~390 lines, after
-    a corrupt checkpoint): stderr goes to /dev/null first, the line is written in one call,
-    and no interpreter teardown runs (nothing is left to save on this path).
-    """
-    logging.flush()
-    sys.stdout.flush()
-    stderr = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    os.write(stderr, f"{line}\n".encode())
-    os._exit(1)
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.get_absl_handler().addFilter(_LibraryInfoFilter())
+    console.quiet_libraries()
     try:
         parallel.initialize()
         if jax.process_index() > 0:  # the processes log the same lines: keep process 0's
@@ -84,7 +62,7 @@ def main(argv):
     except Exception as e:
         if FLAGS.traceback or not errors.is_user_error(e):
             raise
-        _exit_with(f"error: {e}")
+        console.exit_with(f"error: {e}")
     parallel.shutdown()
     if metrics:
         which = ("the last step's" if FLAGS.mode == "train"

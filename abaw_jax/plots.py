@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import matplotlib
@@ -90,6 +91,83 @@ def _va_page(series: dict[str, tuple[np.ndarray, ...]], path: Path, smoothing: s
                bbox_to_anchor=(0.5, 1.0), title=f"valence and arousal over time ({page})")
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.7 / fig.get_figheight()))
     return _save(fig, path, layout=False)
+
+
+TRACKS_SHOWN = 6  # columns of a video's figure: its longest tracks
+
+
+def video_tracks(table: Mapping[str, np.ndarray], path: Path, title: str) -> Path:
+    """A video's per-frame table (`abaw_jax.video`) per track, one column each (the
+    `TRACKS_SHOWN` longest): valence and arousal over time, the expression timeline (the
+    predicted class of each frame), the AU probabilities as a heatmap; rows for the heads the
+    table has."""
+    track = table["track"]
+    ids, counts = np.unique(track[track >= 0], return_counts=True)
+    shown = sorted(ids[np.argsort(-counts, kind="stable")][:TRACKS_SHOWN].tolist())
+    panels = [h for h, column in (("va", "valence"), ("expr", "expression"), ("au", "AU1"))
+              if column in table]
+    if not shown or not panels:
+        fig, ax = plt.subplots(figsize=(6, 2))
+        ax.set_axis_off()
+        ax.text(0.5, 0.5, f"{title}: no face found" if not shown else
+                f"{title}: no VA, EXPR or AU output", ha="center", va="center")
+        return _save(fig, path)
+    fig, axes = plt.subplots(len(panels), len(shown), squeeze=False, sharex="col",
+                             figsize=(4.5 * len(shown) + 1, 2.6 * len(panels) + 0.6))
+    for col, t in enumerate(shown):
+        rows = track == t
+        for ax, panel in zip(axes[:, col], panels, strict=True):
+            _TRACK_PANELS[panel](ax, table, rows)
+        axes[0, col].set_title(f"track {t} ({rows.sum()} frames)", fontsize=9)
+        axes[-1, col].set_xlabel("time (s)")
+    more = f"; {len(ids) - len(shown)} shorter tracks not shown" if len(ids) > len(shown) else ""
+    fig.suptitle(f"{title}: per-frame outputs per face track{more}", fontsize=10)
+    return _save(fig, path)
+
+
+def _on_grid(table: Mapping[str, np.ndarray], rows: np.ndarray, columns: list[str]
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """(times, values (frames, columns)) of a track on every analysed frame from its first to
+    its last, nan where it was not found (lines break and heatmaps stay blank there)."""
+    frames = table["frame"][rows]
+    step = int(np.min(np.diff(frames))) if len(frames) > 1 else 1
+    grid = np.arange(frames[0], frames[-1] + 1, step)
+    values = np.full((len(grid), len(columns)), np.nan)
+    values[(frames - frames[0]) // step] = np.stack([table[c][rows] for c in columns], -1)
+    return np.interp(grid, frames, table["timestamp"][rows]), values
+
+
+def _va_track(ax, table: Mapping[str, np.ndarray], rows: np.ndarray) -> None:
+    names = list(heads.get("va").columns)
+    time, values = _on_grid(table, rows, names)
+    for name, v in zip(names, values.T, strict=True):
+        ax.plot(time, v, lw=1, label=name)
+    ax.set(ylim=(-1.05, 1.05), ylabel="value")
+    ax.legend(fontsize=7, loc="upper right")
+
+
+def _expr_track(ax, table: Mapping[str, np.ndarray], rows: np.ndarray) -> None:
+    names = heads.get("expr").columns
+    index = {n: i for i, n in enumerate(names)}
+    classes = np.array([index[c] for c in table["expression"][rows]])
+    ax.scatter(table["timestamp"][rows], classes, c=classes, cmap="tab10", vmin=0, vmax=9, s=6)
+    ax.set(yticks=range(len(names)), ylim=(-0.5, len(names) - 0.5))
+    ax.set_yticklabels(names, fontsize=7)
+
+
+def _au_track(ax, table: Mapping[str, np.ndarray], rows: np.ndarray) -> None:
+    names = heads.get("au").columns
+    time, probs = _on_grid(table, rows, [f"p_{n}" for n in names])
+    half = (time[1] - time[0]) / 2 if len(time) > 1 else 0.5
+    image = ax.imshow(probs.T, aspect="auto", origin="lower", interpolation="nearest",
+                      extent=(time[0] - half, time[-1] + half, -0.5, len(names) - 0.5),
+                      vmin=0, vmax=1, cmap="viridis")
+    ax.set(yticks=range(len(names)))
+    ax.set_yticklabels(names, fontsize=7)
+    ax.figure.colorbar(image, ax=ax, pad=0.01, label="AU probability")
+
+
+_TRACK_PANELS = {"va": _va_track, "expr": _expr_track, "au": _au_track}
 
 
 def _save(fig, path: Path, layout: bool = True) -> Path:

@@ -6,11 +6,12 @@ import importlib.util
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
 
-from abaw_jax import checkpoint, config_lib
+from abaw_jax import checkpoint, config_lib, models
 from abaw_jax import state as state_lib
 from abaw_jax.data import features, records, schema
 
@@ -78,3 +79,29 @@ def optimizer_values(config, workdir: Path, setup) -> int:
     finally:
         ckpt.close()
     return sum(np.size(x) for x in jax.tree.leaves(state.opt_state))
+
+
+def random_model(name: str, seed: int = 0, **kwargs) -> nnx.Module:
+    """A concrete model of a registered family with random variables, built abstractly: no
+    initialiser is compiled (an eager `models.build` of ddamfn_tiny compiles each of them,
+    ~15 s on the busy 2-core machine). Kernels are normal with sd 1 / sqrt(fan-in) (the signal
+    keeps its scale through the layers, so the outputs depend on the input), norm scales and
+    BatchNorm variances uniform in [0.5, 1.5], everything else normal with sd 0.1."""
+    model = nnx.eval_shape(lambda: models.build(name, **kwargs))
+    rng = np.random.default_rng(seed)
+
+    def draw(path, s):
+        leaf = str(path[-1].key)
+        if leaf == "kernel" and len(s.shape) > 1:
+            values = rng.normal(0, 1 / np.sqrt(np.prod(s.shape[:-1])), s.shape)
+        elif leaf in ("var", "scale"):
+            values = rng.uniform(0.5, 1.5, s.shape)
+        else:
+            values = rng.normal(0, 0.1, s.shape)
+        return jnp.asarray(values, s.dtype)
+
+    state = nnx.state(model)
+    nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(draw,
+                                                                     nnx.to_pure_dict(state)))
+    nnx.update(model, state)
+    return model

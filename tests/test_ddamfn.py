@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from helpers import random_model
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from reference import ddamfn as ref_ddamfn
 
@@ -82,18 +83,6 @@ def converted_tiny(tmp_path_factory, ref_tiny):
 
 def _abstract(name, **kwargs):
     return nnx.eval_shape(lambda: models.build(name, **kwargs))
-
-
-def _random_model(name, seed=0, **kwargs):
-    """A concrete model with random variables, without compiling any initialiser."""
-    model = _abstract(name, **kwargs)
-    rng = np.random.default_rng(seed)
-    state = nnx.state(model)
-    pure = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.1, s.shape), s.dtype),
-                        nnx.to_pure_dict(state))
-    nnx.replace_by_pure_dict(state, pure)
-    nnx.update(model, state)
-    return model
 
 
 def _loaded(name, directory, **kwargs):
@@ -213,7 +202,7 @@ def test_bare_and_dataparallel_checkpoints(tmp_path, ref_full, full_state_dict, 
 
 
 def test_load_into_keeps_new_task_layers(converted_tiny, ref_tiny):
-    model = _random_model("ddamfn_tiny", outputs={"va": 2, "expr": 8})
+    model = random_model("ddamfn_tiny", outputs={"va": 2, "expr": 8})
     va_before = np.asarray(model.tasks["va"].kernel[...])
     assert convert.load_into(model, converted_tiny) == []
     np.testing.assert_array_equal(model.tasks["va"].kernel[...], va_before)
@@ -374,7 +363,7 @@ def test_batch_norm_matches_nnx():
 # --- Training ------------------------------------------------------------------------------------
 
 def test_tiny_train_step_on_a_sharded_batch_uses_global_statistics():
-    model = _random_model("ddamfn_tiny", outputs={"va": 2, "expr": 8})
+    model = random_model("ddamfn_tiny", outputs={"va": 2, "expr": 8})
     model.train()
     graph, state = nnx.split(model)
     rng = np.random.default_rng(0)

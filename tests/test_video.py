@@ -1,8 +1,9 @@
-"""Raw videos: finding them, probing them with PyAV and reading video_info.csv."""
+"""Raw videos: finding them, probing them with PyAV, reading video_info.csv, and their frames."""
 
 import logging
 
 import av
+import cv2
 import numpy as np
 import pytest
 
@@ -150,3 +151,48 @@ def test_wav_beside(tmp_path):
     assert video.wav_beside(path) is None
     (tmp_path / "video3.wav").touch()
     assert video.wav_beside(path) == tmp_path / "video3.wav"
+
+
+def test_read_frames_in_order_every_nth_and_a_cut_file_after_its_frames(tmp_path):
+    path = tmp_path / "v.mp4"
+    video.write_video(path, 25, 20, size=(64, 48), faststart=True)
+    frames = list(video.read_frames(path, every=3))
+    assert [n for n, _ in frames] == [1, 4, 7, 10, 13, 16, 19]
+    assert all(f.shape == (48, 64, 3) and f.dtype == np.uint8 for _, f in frames)
+    # write_video's frame i is grey (i * 37) % 256 (MPEG-4 is lossy: a few levels off)
+    np.testing.assert_allclose([f.mean() for _, f in frames],
+                               [((n - 1) * 37) % 256 for n, _ in frames], atol=4)
+    data = path.read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: len(data) * 2 // 3])  # index first: FFmpeg stops quietly at the cut
+    got = []
+    with pytest.raises(DataError, match=f"{cut}: truncated: [0-9]+ of the 20 frames"):
+        for n, _ in video.read_frames(cut):
+            got.append(n)
+    assert 0 < len(got) < 20
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"\0" * 4096)
+    with pytest.raises(DataError, match=f"{junk}: cannot read the video"):
+        next(video.read_frames(junk))
+
+
+def test_frame_files_by_number_or_name_and_an_unreadable_image(tmp_path):
+    numbered, named = tmp_path / "numbered", tmp_path / "named"
+    numbered.mkdir()
+    named.mkdir()
+    image = np.zeros((8, 8, 3), np.uint8)
+    for name in ("00003.jpg", "00010.png", "00001.jpg"):
+        cv2.imwrite(str(numbered / name), image)
+    (numbered / "notes.txt").write_text("not a frame")
+    assert [(n, p.name) for n, p in video.frame_files(numbered)] == [
+        (1, "00001.jpg"), (3, "00003.jpg"), (10, "00010.png")]
+    for name in ("b.jpg", "a.jpg", "c1.png"):
+        cv2.imwrite(str(named / name), image)
+    assert [(n, p.name) for n, p in video.frame_files(named)] == [
+        (1, "a.jpg"), (2, "b.jpg"), (3, "c1.png")]
+    (named / "b.jpg").write_bytes(b"not a jpeg")
+    got = []
+    with pytest.raises(DataError, match=f"{named / 'b.jpg'}: cannot read the image"):
+        for n, rgb in video.read_frame_files(video.frame_files(named)):
+            got.append((n, rgb.shape))
+    assert got == [(1, (8, 8, 3))]

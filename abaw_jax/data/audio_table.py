@@ -60,12 +60,18 @@ def _wav_rate(path: str) -> int | None:
 def _compute(job: tuple[str, Source, audio.AudioConfig]) -> tuple[str, dict, np.ndarray | None]:
     """Worker: (raw video, entry, float16 spectrogram or None)."""
     raw, src, cfg = job
+    return raw, *spectrogram(src, cfg)
+
+
+def spectrogram(src: Source, cfg: audio.AudioConfig) -> tuple[dict, np.ndarray | None]:
+    """One raw video's entry and float16 (steps, n_mels) log-mel as the table stores it; None
+    and the entry's `status` (`explain`) where it has none."""
     entry: dict[str, Any] = {"fps": src.fps}
     if src.fps is None:
-        return raw, {**entry, "status": "no_video"}, None
+        return {**entry, "status": "no_video"}, None
     path = src.wav or src.video
     if path is None:
-        return raw, {**entry, "status": "no_audio"}, None
+        return {**entry, "status": "no_audio"}, None
     if src.wav and src.track_rate:
         rate = _wav_rate(src.wav)
         if rate and rate != src.track_rate:  # counted; the .wav is what is read
@@ -73,12 +79,12 @@ def _compute(job: tuple[str, Source, audio.AudioConfig]) -> tuple[str, dict, np.
     try:
         signal = audio.decode(Path(path), cfg.sample_rate)
     except audio.NoAudioError:
-        return raw, {**entry, "status": "no_audio"}, None
+        return {**entry, "status": "no_audio"}, None
     except DataError as e:
-        return raw, {**entry, "status": "unreadable", "why": str(e)}, None
+        return {**entry, "status": "unreadable", "why": str(e)}, None
     mel = audio.log_mel(signal, cfg).astype(np.float16)
-    return raw, {**entry, "status": "ok", "source": "wav" if src.wav else "video",
-                 "seconds": len(signal) / cfg.sample_rate, "steps": len(mel)}, mel
+    return {**entry, "status": "ok", "source": "wav" if src.wav else "video",
+            "seconds": len(signal) / cfg.sample_rate, "steps": len(mel)}, mel
 
 
 def write(out: str | Path, sources: Mapping[str, Source], cfg: audio.AudioConfig, pool=None,
@@ -97,7 +103,7 @@ def write(out: str | Path, sources: Mapping[str, Source], cfg: audio.AudioConfig
     for raw, entry, mel in tqdm(results, total=len(jobs), desc="audio", unit="video",
                                 disable=not progress):
         if entry["status"] != "ok" and cfg.missing == "error":
-            raise DataError(f"{raw}: {_explain(entry)} (data.audio.missing=error; "
+            raise DataError(f"{raw}: {explain(entry)} (data.audio.missing=error; "
                             "`silence` gives its frames silence)")
         if mel is not None:
             entry.update(shard=shard, start=size, crc=_crc(mel))
@@ -115,7 +121,8 @@ def write(out: str | Path, sources: Mapping[str, Source], cfg: audio.AudioConfig
     return counts
 
 
-def _explain(entry: dict) -> str:
+def explain(entry: dict) -> str:
+    """Why an entry has no spectrogram (its `status`), in words."""
     return {"no_video": "no raw video (no fps, so no frame timestamps)",
             "no_audio": "no audio track and no .wav beside the video",
             "unreadable": entry.get("why", "unreadable")}[entry["status"]]

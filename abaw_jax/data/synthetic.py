@@ -689,6 +689,48 @@ def _crops(
         yield np.clip(img.astype(np.int16) + noise, 0, 255).astype(np.uint8)
 
 
+# Where OpenCV's frontal-face Haar cascade boxes `draw_face`'s drawing (its square of side d at
+# x0, y0): at (x0 - 0.0675 d, y0 - 0.086 d), of side 1.141 d. Measured over 300 random sizes
+# (50-200 pixels), places, tones and grey backgrounds, all found: mean errors below 0.3 % of the
+# side, spread (1 sd) 2.3 % (x), 2.8 % (y), 4.7 % (side), 4.8 pixels the mean largest error.
+_HAAR_BOX = (-0.0675, -0.086, 1.141)
+
+
+def draw_face(img: np.ndarray, box: tuple[float, float, float],
+              tone: tuple[int, int, int] = (150, 170, 200)) -> None:
+    """Draws a frontal face that a face detector finds (in place, on an RGB or BGR image):
+    hair, skin, brows, eye sockets, eyes, a bright nose bridge, nostrils and a mouth; `box`
+    (x, y, side) is where OpenCV's Haar cascade puts its box, within a few pixels (the video
+    tests and benchmarks)."""
+    x, y, side = box
+    d = side / _HAAR_BOX[2]
+    x0, y0 = x - _HAAR_BOX[0] * d, y - _HAAR_BOX[1] * d
+
+    def at(fx: float, fy: float) -> tuple[int, int]:
+        return round(x0 + fx * d), round(y0 + fy * d)
+
+    def n(f: float) -> int:
+        return max(1, round(f * d))
+
+    def shade(k: float) -> list[float]:
+        return np.minimum(np.array(tone, np.float64) * k, 255).tolist()
+
+    dark = (30, 30, 40)
+    cv2.ellipse(img, at(0.5, 0.5), (n(0.46), n(0.6)), 0, 0, 360, shade(0.25), -1, cv2.LINE_AA)
+    cv2.ellipse(img, at(0.5, 0.56), (n(0.42), n(0.54)), 0, 0, 360, shade(1), -1, cv2.LINE_AA)
+    for side_x in (0.3, 0.7):
+        cv2.ellipse(img, at(side_x, 0.37), (n(0.15), n(0.09)), 0, 0, 360, shade(0.6), -1,
+                    cv2.LINE_AA)
+        cv2.ellipse(img, at(side_x, 0.27), (n(0.14), n(0.04)), 0, 180, 360, dark, n(0.045),
+                    cv2.LINE_AA)
+        cv2.ellipse(img, at(side_x, 0.38), (n(0.09), n(0.04)), 0, 0, 360, (220, 220, 220), -1,
+                    cv2.LINE_AA)
+        cv2.circle(img, at(side_x, 0.38), n(0.04), dark, -1, cv2.LINE_AA)
+    cv2.ellipse(img, at(0.5, 0.45), (n(0.05), n(0.15)), 0, 0, 360, shade(1.2), -1, cv2.LINE_AA)
+    cv2.ellipse(img, at(0.5, 0.62), (n(0.1), n(0.035)), 0, 0, 360, shade(0.55), -1, cv2.LINE_AA)
+    cv2.ellipse(img, at(0.5, 0.78), (n(0.16), n(0.045)), 0, 0, 360, shade(0.4), -1, cv2.LINE_AA)
+
+
 def _write_jpg(path: Path, img: np.ndarray) -> None:
     ok, jpeg = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])
     if not ok:

@@ -1,4 +1,5 @@
-"""Aff-Wild2's raw videos: finding them, their fps and frame counts (PyAV or `video_info.csv`).
+"""Aff-Wild2's raw videos: finding them, their fps and frame counts (PyAV or `video_info.csv`),
+and their frames (decoded in order, or read from a folder of frame images).
 
 The raw videos (`.mp4`/`.avi`, named like the annotations without `_left`/`_right`) give the true
 frame count of each video (a submission has a line for every frame) and the audio track. Reading
@@ -14,10 +15,11 @@ import dataclasses
 import fractions
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import av
+import cv2
 import numpy as np
 from absl import logging
 
@@ -28,6 +30,10 @@ VIDEO_SUFFIXES = (".mp4", ".avi")  # in order of preference when both hold the s
 INFO_HEADER = ("video", "fps", "num_frames")
 INFO_SIZE = ("width", "height")  # optional trailing columns
 PERSON_SUFFIXES = ("_left", "_right")  # videos with two people: one annotation per person
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")  # frames in a folder
+# A container's frame count may exceed what decodes by a frame or two (edit lists, a last
+# frame the encoder dropped); fewer frames than this below it is a cut file.
+_FRAME_SLACK = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,6 +188,59 @@ def _number(where: str, column: str, text: str, kind: type) -> float | int:
     except ValueError:
         noun = "an integer" if kind is int else "a number"
         raise DataError(f"{where}: {column} {text!r} is not {noun}") from None
+
+
+def read_frames(path: Path, every: int = 1) -> Iterator[tuple[int, np.ndarray]]:
+    """(frame number from 1, RGB uint8 (H, W, 3)) of frames 1, 1 + every, ... of a video's first
+    video stream, in order (FFmpeg decodes on its own threads).
+
+    A file FFmpeg cannot open is a `DataError` naming it before any frame; one that fails later,
+    or decodes to fewer frames than its header declares (a cut file: FFmpeg stops quietly where
+    the data ends), is a `DataError` naming it after the frames that decoded.
+    """
+    path = Path(path)
+    try:
+        container = av.open(str(path))
+    except av.error.FFmpegError as e:
+        raise DataError(f"{path}: cannot read the video ({ffmpeg_reason(e)})") from e
+    with container:
+        if not container.streams.video:
+            raise DataError(f"{path}: no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        declared, n = stream.frames, 0
+        try:
+            for frame in container.decode(stream):
+                n += 1
+                if (n - 1) % every == 0:
+                    yield n, frame.to_ndarray(format="rgb24")
+        except av.error.FFmpegError as e:
+            raise DataError(f"{path}: cannot decode past frame {n} ({ffmpeg_reason(e)})") from e
+    if declared and n < declared - _FRAME_SLACK:
+        raise DataError(f"{path}: truncated: {n} of the {declared} frames its header declares "
+                        "decode")
+
+
+def frame_files(folder: Path) -> list[tuple[int, Path]]:
+    """(frame number, file) of the frame images of a folder, in order: numbered by their names
+    when every name is a number (Aff-Wild2's `00001.jpg` is frame 1; gaps stay gaps), else 1, 2,
+    ... in name order."""
+    files = [p for p in Path(folder).iterdir()
+             if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+    if files and all(p.stem.isdigit() for p in files):
+        return sorted((int(p.stem), p) for p in files)
+    return list(enumerate(sorted(files), start=1))
+
+
+def read_frame_files(files: Sequence[tuple[int, Path]], every: int = 1
+                     ) -> Iterator[tuple[int, np.ndarray]]:
+    """(frame number, RGB uint8) of every `every`-th of `frame_files`; an image that does not
+    decode is a `DataError` naming it, after the frames before it."""
+    for number, path in files[::every]:
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if image is None:
+            raise DataError(f"{path}: cannot read the image")
+        yield number, cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
 # ----------------------------------------------------------------------------------------------

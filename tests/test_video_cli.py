@@ -1,0 +1,384 @@
+"""`python -m abaw_jax.video`: a raw video in, per-frame affect out, on short videos written here
+with PyAV (faces drawn where OpenCV's Haar cascade finds them) and a tiny converted DDAMFN."""
+
+import copy
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import cv2
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from helpers import random_model
+
+from abaw_jax import convert, heads, inference, models, postprocess, tasks, video
+from abaw_jax import state as state_lib
+from abaw_jax.data import audio, pipeline, synthetic
+from abaw_jax.data import video as video_lib
+from abaw_jax.data.affwild2 import DataError
+
+REPO = Path(__file__).parents[1]
+SIZE = (320, 240)
+HEADS = {"va": 2, "expr": 8, "au": 12}
+MARGIN = video.Options.margin
+
+
+def _boxes(i: int) -> dict[str, tuple[float, float, float]]:
+    """The faces drawn in frame i (0-based): A moves right over frames 0-29; B drifts down and
+    is gone for frames 12-17; C is there for frames 20-25 only; nobody from frame 30 on."""
+    out = {}
+    if i < 30:
+        out["A"] = (40 + 2 * i, 60, 80)
+    if i < 12 or 18 <= i < 30:
+        out["B"] = (200, 50 + i, 72)
+    if 20 <= i < 26:
+        out["C"] = (120, 150, 64)
+    return out
+
+
+TONES = {"A": (150, 170, 200), "B": (200, 170, 140), "C": (170, 200, 150)}
+
+
+def _write_faces(path: Path, frames: int, boxes=_boxes, faststart: bool = False) -> None:
+    """MPEG-4 at near-lossless quality, 25 fps."""
+    options = {"movflags": "faststart"} if faststart else {}
+    with av.open(str(path), "w", options=options) as container:
+        stream = container.add_stream("mpeg4", rate=25)
+        stream.width, stream.height, stream.pix_fmt = *SIZE, "yuv420p"
+        stream.options = {"qscale": "2"}
+        for i in range(frames):
+            image = np.full((SIZE[1], SIZE[0], 3), 110, np.uint8)
+            for name, box in boxes(i).items():
+                synthetic.draw_face(image, box, TONES[name])
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode(None))
+
+
+def _frames(path: Path) -> dict[int, np.ndarray]:
+    """The video's frames decoded here, by frame number from 1."""
+    with av.open(str(path)) as container:
+        return {i: f.to_ndarray(format="rgb24")
+                for i, f in enumerate(container.decode(video=0), start=1)}
+
+
+def _crop(frame: np.ndarray, x: float, y: float, w: float, h: float) -> np.ndarray:
+    """The square around a box with the command's margin (these boxes lie inside the frame)."""
+    side = round(max(w, h) * (1 + 2 * MARGIN))
+    x0, y0 = round(x + w / 2 - side / 2), round(y + h / 2 - side / 2)
+    assert 0 <= x0 and 0 <= y0 and x0 + side <= frame.shape[1] and y0 + side <= frame.shape[0]
+    return frame[y0:y0 + side, x0:x0 + side]
+
+
+@pytest.fixture(scope="module")
+def faces_video(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("videos") / "faces.mp4"
+    _write_faces(path, 34)
+    return path
+
+
+def _drawn_faces(n: int) -> np.ndarray:
+    """(n, 112, 112, 3) faces drawn at various places and sizes."""
+    faces = np.full((n, 112, 112, 3), 110, np.uint8)
+    for i, face in enumerate(faces):
+        synthetic.draw_face(face, (8 + 3 * (i % 8), 10 + 2 * (i % 8), 90 - 4 * (i % 8)),
+                            TONES["ABC"[i % 3]])
+    return faces
+
+
+def _standardise(kernel, bias, embeddings: np.ndarray) -> None:
+    """Makes a linear layer (kernel (D, K), or (1, D, K) for a width-1 convolution) act on
+    standardised embeddings: random weights give nearly the same embedding to any face, so
+    that the outputs would hardly differ from face to face (and a mix-up of rows not show)."""
+    mean, std = embeddings.mean(0), embeddings.std(0) + 1e-9
+    w = np.asarray(kernel.get_value())
+    scaled = w / std.reshape(-1, 1)
+    kernel.set_value(jnp.asarray(scaled))
+    bias.set_value(jnp.asarray(-mean @ scaled.reshape(len(mean), -1)))
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> Path:
+    """A converted tiny DDAMFN with the three heads and random weights, its task layers on
+    standardised embeddings: outputs that differ from face to face."""
+    model = random_model("ddamfn_tiny", outputs=HEADS, num_head=2)
+    embed = inference.Predictor(model, models.get("ddamfn_tiny"), ("image",), lambda out: {})
+    e = embed(_drawn_faces(8))["embedding"]
+    for head in HEADS:
+        _standardise(model.tasks[head].kernel, model.tasks[head].bias, e)
+    return convert.save(tmp_path_factory.mktemp("model") / "tiny", nnx.to_pure_dict(
+        nnx.state(model)), {"family": "ddamfn", "model": "ddamfn_tiny",
+                            "model_kwargs": {"num_head": 2}, "outputs": HEADS, "source": "test"})
+
+
+@pytest.fixture(scope="module")
+def predictor(converted) -> inference.Predictor:
+    return inference.load(converted)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "abaw_jax.video", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _nearest_face(frame: int, row: dict[str, str]) -> tuple[str, float, float]:
+    """The drawn face nearest to a row's box; how far apart their centres are (pixels) and
+    their sides (a fraction of the drawn side)."""
+    x, y, w = (float(row[k]) for k in "xyw")
+    apart = {name: (np.hypot(x + w / 2 - bx - s / 2, y + w / 2 - by - s / 2), abs(w / s - 1))
+             for name, (bx, by, s) in _boxes(frame - 1).items()}
+    name = min(apart, key=apart.get)
+    return name, *apart[name]
+
+
+def test_command_writes_a_row_per_frame_and_face_near_the_drawn_boxes_with_stable_ids(
+        faces_video, converted, predictor, tmp_path):
+    out = tmp_path / "out"
+    result = _cli(f"--model={converted}", f"--input={faces_video}", f"--out={out}",
+                  "--annotate")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = _read_csv(out / "faces.csv")
+    assert [int(r["frame"]) for r in rows if r["track"] == ""] == [31, 32, 33, 34]
+    faces_per_frame = {f: len(_boxes(f - 1)) for f in range(1, 35)}
+    counted = {f: sum(1 for r in rows if int(r["frame"]) == f and r["track"] != "")
+               for f in range(1, 35)}
+    assert counted == faces_per_frame  # every frame, every face, nothing else
+    for r in rows:
+        if r["track"] == "":
+            assert all(r[k] == "" for k in r if k not in ("frame", "timestamp"))
+            continue
+        assert float(r["timestamp"]) == pytest.approx((int(r["frame"]) - 1) / 25, abs=1e-3)
+        name, centre, side = _nearest_face(int(r["frame"]), r)
+        # The cascade's boxes come in steps of 10 % in size: measured up to 2.5 pixels apart
+        # (centres) and 12.5 % (sides) on these 64-88-pixel faces.
+        assert centre <= 6 and side <= 0.15, (r, name)
+        assert int(r["track"]) == "ABC".index(name), r  # B keeps its id over its absence
+    assert (out / "faces.png").stat().st_size > 20_000
+    assert video_lib.probe(out / "faces_annotated.mp4").num_frames == 34
+    # The outputs are inference.load's on the same crops of the same frames.
+    frames = _frames(faces_video)
+    faced = [r for r in rows if r["track"] != ""]
+    crops = [_crop(frames[int(r["frame"])], *(float(r[k]) for k in "xywh")) for r in faced]
+    want = predictor(np.stack([cv2.resize(c, (112, 112)) for c in crops]))
+    got_va = np.array([[float(r["valence"]), float(r["arousal"])] for r in faced])
+    np.testing.assert_allclose(got_va, want["va"], atol=1.2e-4)
+    names = {h: list(heads.get(h).columns) for h in ("expr", "au")}
+    got_expr = np.array([[float(r[f"p_{n}"]) for n in names["expr"]] for r in faced])
+    np.testing.assert_allclose(got_expr, want["expr"], atol=1.2e-4)
+    assert np.ptp(want["va"], axis=0).min() > 0.05  # the faces' outputs differ
+    clear = np.sort(want["expr"], -1)[:, -1] - np.sort(want["expr"], -1)[:, -2] > 1e-3
+    assert [r["expression"] for r, c in zip(faced, clear, strict=True) if c] == [
+        names["expr"][k] for k in np.argmax(want["expr"], -1)[clear]]
+    got_au = np.array([[float(r[f"p_{n}"]) for n in names["au"]] for r in faced])
+    np.testing.assert_allclose(got_au, want["au"], atol=1.2e-4)
+    decided = np.array([[int(r[n]) for n in names["au"]] for r in faced])
+    clear = np.abs(want["au"] - 0.5) > 1e-3
+    np.testing.assert_array_equal(decided[clear], (want["au"] >= 0.5)[clear])
+
+
+def _rows_by_track(table: dict) -> dict[int, np.ndarray]:
+    return {int(t): np.flatnonzero(table["track"] == t)
+            for t in np.unique(table["track"][table["track"] >= 0])}
+
+
+def test_the_checkpoints_smoothing_and_thresholds_apply_along_each_track(faces_video,
+                                                                         predictor):
+    raw = video.analyse(faces_video, predictor)
+    post = postprocess.Post({"va": postprocess.Smoothing("gaussian", 2.0),
+                             "expr": postprocess.Smoothing("mean", 5),
+                             "au": postprocess.Smoothing("gaussian", 1.0)},
+                            np.linspace(0.3, 0.7, 12))
+    stored = copy.copy(predictor)  # the same compiled model, other post-processing
+    stored.post = post
+    table = video.analyse(faces_video, stored)
+    np.testing.assert_array_equal(table["frame"], raw["frame"])
+    np.testing.assert_array_equal(table["track"], raw["track"])
+    face = table["track"] >= 0
+    for head, columns in (("va", ["valence", "arousal"]),
+                          ("expr", [f"p_{n}" for n in heads.get("expr").columns]),
+                          ("au", [f"p_{n}" for n in heads.get("au").columns])):
+        before = np.stack([raw[c][face] for c in columns], -1)
+        after = np.stack([table[c][face] for c in columns], -1)
+        want = postprocess.smooth_rows(before, table["track"][face], table["frame"][face],
+                                       post.smoothing[head])
+        np.testing.assert_allclose(after, want, atol=1e-9)
+        assert np.abs(after - before).max() > 0.01, head  # the smoothing did something
+    probs = np.stack([table[f"p_{n}"][face] for n in heads.get("au").columns], -1)
+    decided = np.stack([table[n][face] for n in heads.get("au").columns], -1)
+    np.testing.assert_array_equal(decided, probs >= post.thresholds)
+    assert np.all(np.stack([table[n][~face] for n in heads.get("au").columns]) == -1)
+    expr = np.stack([table[f"p_{n}"][face] for n in heads.get("expr").columns], -1)
+    assert list(table["expression"][face]) == [heads.get("expr").columns[k]
+                                                for k in np.argmax(expr, -1)]
+
+
+def test_a_temporal_model_runs_over_each_tracks_faces_in_order(faces_video):
+    """Windows of 16 faces every 8 and a last one ending at the track's end (tracks of 30 and
+    24 faces), a track shorter than a window (6 faces) padded and masked; each frame's outputs
+    the mean over its windows."""
+    model = random_model("transformer", outputs={"va": 2}, backbone="ddamfn_tiny",
+                         backbone_kwargs={"num_head": 2}, proj=(32,), layers=1, heads=2,
+                         mlp=32, dropout=0.0)
+    task = tasks.Task("va", ("va",), "")
+    family = models.get("transformer")
+    e = inference.Predictor(model, family, tuple(model.inputs), lambda out: {})(
+        _drawn_faces(16), embedding=True)["embedding"]
+    _standardise(model.proj[0].kernel, model.proj[0].bias, e)
+    clips = inference.Predictor(model, family, tuple(model.inputs), task.predict,
+                                feed=state_lib.Feed(112, (), 16, 8))
+    table = video.analyse(faces_video, clips)
+    frames = _frames(faces_video)
+    tracks = _rows_by_track(table)
+    assert [len(r) for r in tracks.values()] == [30, 24, 6]
+    for rows in tracks.values():
+        crops = np.stack([cv2.resize(_crop(frames[table["frame"][i]],
+                                           *(table[k][i] for k in "xywh")), (112, 112))
+                          for i in rows])
+        sums, counts = np.zeros((len(rows), 2)), np.zeros(len(rows))
+        for window in pipeline.clip_index(np.zeros(len(rows)), np.arange(len(rows)), 16, 8):
+            valid = window >= 0
+            images = np.where(valid[:, None, None, None], crops[window], 0).astype(np.uint8)
+            out = clips(images, valid=valid)["va"]
+            sums[window[valid]] += out[valid]
+            counts[window[valid]] += 1
+        got = np.stack([table["valence"][rows], table["arousal"][rows]], -1)
+        np.testing.assert_allclose(got, sums / counts[:, None], atol=2e-5)
+    assert np.ptp(table["valence"][table["track"] >= 0]) > 0.01
+
+
+class Listens(nnx.Module):
+    """A toy audio-visual model: the mean level of each mel band over the window's centre 11
+    steps and the face's mean colour, a linear layer per head."""
+
+    inputs = ("image", "audio")
+
+    def __init__(self, outputs, *, rngs: nnx.Rngs, **kwargs):
+        self.outputs = dict(outputs)
+        bands = audio.AudioConfig().n_mels
+        self.tasks = nnx.Dict({k: nnx.Linear(bands + 3, n, rngs=rngs)
+                               for k, n in outputs.items()})
+
+    def __call__(self, inputs, rngs=None):
+        x = inputs["audio"]
+        centre = x.shape[1] // 2
+        heard = (jnp.mean(x[:, centre - 5: centre + 6], axis=1) - audio.SILENCE_DB) / 50
+        seen = jnp.mean(inputs["image"], axis=(1, 2))
+        return {k: self.tasks[k](jnp.concatenate([heard, seen], -1)) for k in self.outputs}
+
+
+def _clicks(seconds: float, fps: float, rate: int = 16000) -> np.ndarray:
+    """Quiet noise with a click every 7th frame: the windows of different frames differ."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 0.01, round(seconds * rate)).astype(np.float32)
+    for f in range(1, round(seconds * fps) + 1, 7):
+        at = round(audio.frame_time(f, fps) * rate)
+        x[at: at + 40] += 0.8
+    return x
+
+
+def test_an_audio_visual_model_hears_the_videos_own_windows(tmp_path, monkeypatch, caplog):
+    """A family registered here, loaded through inference.load like any other: each face gets
+    the window of its frame's timestamp, as training cut them; a video without a track gives
+    silence, with a warning."""
+    monkeypatch.setitem(models.FAMILIES, "listens",
+                        models.Family("listens", Listens, preprocess=models.Preprocess(16)))
+    model = Listens({"va": 2}, rngs=nnx.Rngs(0))
+    folder = convert.save(tmp_path / "listens", nnx.to_pure_dict(nnx.state(model)), {
+        "family": "listens", "model": "listens", "model_kwargs": {}, "outputs": {"va": 2},
+        "source": "test"})
+    hears = inference.load(folder)
+    path, silent = tmp_path / "talk.mp4", tmp_path / "silent.mp4"
+    video_lib.write_video(path, 25, 30, size=(64, 48), audio=_clicks(30 / 25, 25))
+    video_lib.write_video(silent, 25, 6, size=(64, 48))
+    cfg = audio.AudioConfig()
+    mel = audio.log_mel(audio.decode(path, cfg.sample_rate), cfg).astype(np.float16)
+    got = {}
+    for source, windows in ((path, [audio.frame_window(mel, f, 25, cfg) for f in range(1, 31)]),
+                            (silent, [audio.frame_window(mel[:0], f, 25, cfg)
+                                      for f in range(1, 7)])):
+        with caplog.at_level("WARNING"):
+            table = video.analyse(source, hears, detector="none")
+        frames = np.stack(list(_frames(source).values()))
+        got[source] = np.stack([table["valence"], table["arousal"]], -1)
+        np.testing.assert_allclose(got[source], hears(frames, audio=np.stack(windows))["va"],
+                                   atol=1e-5)
+    assert f"{silent}: no audio track" in caplog.text
+    # The talk's windows are not silence: with silence its outputs would differ.
+    deaf = hears(np.stack(list(_frames(path).values())),
+                 audio=np.full((30, cfg.window_steps, cfg.n_mels), audio.SILENCE_DB))["va"]
+    assert np.abs(got[path] - deaf).max() > 1e-3
+
+
+def test_detector_none_reads_a_folder_of_frames_by_their_numbers(tmp_path, predictor):
+    folder = tmp_path / "crops"
+    folder.mkdir()
+    numbers = [1, 2, 3, 5, 6, 7]  # no crop for frame 4
+    rng = np.random.default_rng(0)
+    for n in numbers:
+        face = np.full((100, 100, 3), int(rng.integers(60, 200)), np.uint8)
+        synthetic.draw_face(face, (10, 10, 80), tuple(int(v) for v in rng.integers(120, 230, 3)))
+        cv2.imwrite(str(folder / f"{n:05d}.jpg"), face)
+    table = video.analyse(folder, predictor, detector="none", fps=30)
+    assert table["frame"].tolist() == numbers and set(table["track"]) == {0}
+    np.testing.assert_allclose(table["timestamp"], (np.array(numbers) - 1) / 30)
+    assert {(x, y, w, h) for x, y, w, h in zip(*(table[k] for k in "xywh"), strict=True)} == {
+        (0, 0, 100, 100)}
+    images = np.stack([cv2.cvtColor(cv2.imread(str(folder / f"{n:05d}.jpg")), cv2.COLOR_BGR2RGB)
+                       for n in numbers])
+    np.testing.assert_allclose(np.stack([table["valence"], table["arousal"]], -1),
+                               predictor(images)["va"], atol=1e-5)
+    assert video.analyse(folder, predictor, detector="none", every=2)["frame"].tolist() == [
+        1, 3, 6]
+
+
+def test_bad_inputs_in_a_folder_are_listed_and_the_others_written(tmp_path, converted):
+    """A file FFmpeg cannot open, a cut one (its frames before the cut written), one whose name
+    cannot name files, a video without faces (a CSV of empty rows and a warning), a good one;
+    exit status 1, one `error:` line."""
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    _write_faces(folder / "good.mp4", 5)
+    video_lib.write_video(folder / "empty.mp4", 25, 8, size=SIZE)
+    _write_faces(tmp_path / "whole.mp4", 24, faststart=True)  # index first: plays until the cut
+    data = (tmp_path / "whole.mp4").read_bytes()
+    (folder / "cut.mp4").write_bytes(data[: len(data) * 3 // 4])  # past the first (key) frame
+    (folder / "junk.mp4").write_bytes(np.random.default_rng(0).bytes(4096))
+    (folder / "notes.txt").write_text("not an input")
+    (folder / "a,b.mp4").write_bytes((folder / "good.mp4").read_bytes())  # a comma: no name
+    result = _cli(f"--model={converted}", f"--input={folder}", f"--out={out}", "--annotate")
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: 3 input(s) failed: ") and "Traceback" not in result.stderr
+    assert f"{folder / 'cut.mp4'}: truncated" in last and f"{folder / 'junk.mp4'}" in last
+    assert f"{folder / 'a,b.mp4'}: video name 'a,b' holds a comma" in last
+    assert sorted(p.name for p in out.glob("*.csv")) == ["cut.csv", "empty.csv", "good.csv"]
+    good, empty, cut = (_read_csv(out / f"{n}.csv") for n in ("good", "empty", "cut"))
+    assert [r["frame"] for r in good] == [str(f) for f in range(1, 6) for _ in range(2)]
+    assert [r["frame"] for r in empty] == [str(f) for f in range(1, 9)]
+    assert all(v == "" for r in empty for k, v in r.items() if k not in ("frame", "timestamp"))
+    assert list(empty[0]) == list(good[0])  # the model's columns, even without a face
+    assert "no face found in its 8 frames" in result.stderr
+    read = sorted({int(r["frame"]) for r in cut})
+    assert 2 < len(read) < 24 and read == list(range(1, len(read) + 1))
+    # The frames before the cut have their faces (the last one decoded may be partial).
+    assert all(r["track"] != "" for r in cut if int(r["frame"]) < read[-1])
+    assert video_lib.probe(out / "cut_annotated.mp4").num_frames == len(read)
+    assert not (out / "empty_annotated.mp4").exists()  # no face to draw
+
+
+def test_analyse_of_a_cut_video_is_an_error_naming_it(tmp_path, predictor):
+    _write_faces(tmp_path / "whole.mp4", 12, faststart=True)
+    data = (tmp_path / "whole.mp4").read_bytes()
+    (tmp_path / "cut.mp4").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=f"{tmp_path / 'cut.mp4'}: truncated: [0-9]+ of the 12"):
+        video.analyse(tmp_path / "cut.mp4", predictor)
