@@ -4,7 +4,12 @@ import os
 
 # Before jax is imported anywhere: 8 fake CPU devices for sharding tests, and a persistent
 # compilation cache so repeated test runs skip most XLA compiles.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# XLA:CPU aborts a collective whose 8 device threads have not all arrived within 40 s: on the
+# shared 2-core machine under load (~5) a train step's all-reduce once waited longer (the CLIP+LSTM
+# test, twice in full runs, never alone). Slow there is not wrong: wait up to 10 minutes.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
+                      "--xla_cpu_collective_call_terminate_timeout_seconds=600 "
+                      "--xla_cpu_collective_timeout_seconds=600")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(os.path.dirname(__file__), "..", ".cache", "jax"))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
