@@ -23,10 +23,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import google_crc32c
 import numpy as np
 
-from abaw_jax.data import audio, video
+from abaw_jax.data import audio, records, video
 from abaw_jax.data.affwild2 import DataError
 
 DIR = "audio"
@@ -106,7 +105,7 @@ def write(out: str | Path, sources: Mapping[str, Source], cfg: audio.AudioConfig
             raise DataError(f"{raw}: {explain(entry)} (data.audio.missing=error; "
                             "`silence` gives its frames silence)")
         if mel is not None:
-            entry.update(shard=shard, start=size, crc=_crc(mel))
+            entry.update(shard=shard, start=size, crc=records.array_crc(mel))
             blocks.append(mel)
             size += len(mel)
             if size * mel.shape[1] * 2 >= _SHARD_BYTES:
@@ -126,10 +125,6 @@ def explain(entry: dict) -> str:
     return {"no_video": "no raw video (no fps, so no frame timestamps)",
             "no_audio": "no audio track and no .wav beside the video",
             "unreadable": entry.get("why", "unreadable")}[entry["status"]]
-
-
-def _crc(mel: np.ndarray) -> int:
-    return google_crc32c.value(np.ascontiguousarray(mel).view(np.uint8).reshape(-1))
 
 
 def _save(folder: Path, shard: int, blocks: list[np.ndarray]) -> None:
@@ -209,7 +204,7 @@ class AudioTable:
                 raise DataError(f"{path}: unreadable audio shard ({err})") from None
         block = self._shards[e["shard"]][e["start"]: e["start"] + e["steps"]]
         if raw not in self._checked:
-            if len(block) != e["steps"] or _crc(block) != e["crc"]:
+            if len(block) != e["steps"] or records.array_crc(block) != e["crc"]:
                 raise DataError(f"{self.folder}: the spectrogram of {raw} fails its CRC check "
                                 "(corrupt audio shard); prepare the records again")
             self._checked.add(raw)
@@ -218,8 +213,8 @@ class AudioTable:
     def window(self, name: str, frame: int) -> np.ndarray:
         """(window_steps, n_mels) float32 around frame `frame` (1-based) of video `name`;
         silence for a video without audio and past the audio's ends."""
-        mel = self.spectrogram(video.raw_name(name))
+        raw = video.raw_name(name)
+        mel = self.spectrogram(raw)
         if mel is None:
             return self.silence
-        return audio.frame_window(mel, frame, self.entries[video.raw_name(name)]["fps"],
-                                  self.cfg)
+        return audio.frame_window(mel, frame, self.entries[raw]["fps"], self.cfg)

@@ -357,8 +357,9 @@ def labels_path(data_dir: str | os.PathLike, split: str) -> Path:
     return Path(data_dir) / f"labels-{split}.npz"
 
 
-def _array_crc(x: np.ndarray) -> str:
-    """The records' masked CRC32C of an array's dtype, shape and bytes."""
+def array_crc(x: np.ndarray) -> str:
+    """The records' masked CRC32C of an array's dtype, shape and bytes (the labels files, the
+    audio table)."""
     x = np.ascontiguousarray(x)
     return _masked_crc(f"{x.dtype.str}{x.shape}".encode() + x.tobytes()).hex()
 
@@ -372,7 +373,7 @@ def write_labels(data_dir: Path, split: str, annotated: affwild2.Annotated) -> N
     if not np.array_equal(annotated.frame,
                           affwild2.line_frames(np.diff(annotated.offsets))):
         arrays["frame"] = annotated.frame
-    meta = {"format": LABELS_FORMAT, "crc32c": {k: _array_crc(v) for k, v in arrays.items()}}
+    meta = {"format": LABELS_FORMAT, "crc32c": {k: array_crc(v) for k, v in arrays.items()}}
     np.savez(labels_path(data_dir, split), meta=np.asarray(json.dumps(meta)), **arrays)
 
 
@@ -388,7 +389,7 @@ def read_labels(data_dir: str | os.PathLike, split: str) -> affwild2.Annotated:
             arrays = {k: z[k] for k in z.files}
         crcs = json.loads(str(arrays.pop("meta")))["crc32c"]
         bad = sorted(k for k in crcs.keys() | arrays.keys()
-                     if k not in crcs or k not in arrays or _array_crc(arrays[k]) != crcs[k])
+                     if k not in crcs or k not in arrays or array_crc(arrays[k]) != crcs[k])
     except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:
         raise DataError(f"{path}: unreadable ({type(e).__name__}: {e}); {again}") from None
     if bad:
