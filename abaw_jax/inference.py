@@ -26,7 +26,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from abaw_jax import convert, heads, metrics, models, parallel, tasks
+from abaw_jax import convert, heads, metrics, models, parallel, postprocess, tasks
 from abaw_jax import state as state_lib
 from abaw_jax.data import augment
 from abaw_jax.errors import NotFoundError
@@ -38,13 +38,16 @@ class Predictor:
     Outputs per task head: VA in [-1, 1], EXPR class probabilities, AU probabilities; for a
     converted model kept with its classifier (DDAMFN `--keep_fc`), the raw `logits`. A model
     with no task output returns its other outputs (the embedding, ...) as `embedding=True`
-    does.
+    does. A multi-branch model (GCSA's audio-visual) also returns each branch's `<head>.<branch>`
+    and its head fused with the weights searched on validation (`fuse`: `Post.fuse`).
     """
 
     def __init__(self, model: nnx.Module, family: models.Family, inputs: tuple[str, ...],
-                 head_fn: Callable[[dict], dict], thresholds: np.ndarray | None = None):
+                 head_fn: Callable[[dict], dict], thresholds: np.ndarray | None = None,
+                 fuse: Callable[[dict], dict] | None = None):
         model.eval()
         self.inputs, self.thresholds, self.returns = inputs, thresholds, family.returns
+        self.fuse = fuse
         self.preprocess = family.image_preprocess(model)
         graphdef, state = nnx.split(model)
         clips = family.clips
@@ -79,6 +82,8 @@ class Predictor:
         batch["index"] = np.arange(n, dtype=np.int32)  # every frame real (frame_mask)
         heads, extra = jax.device_get(self._forward(self._state, batch))
         out = {k: np.asarray(v) for k, v in heads.items()}
+        if self.fuse:
+            out = {k: np.asarray(v, np.float32) for k, v in self.fuse(out).items()}
         out.update({k: np.asarray(extra[k]) for k in self.returns if k in extra})
         # The model's other outputs: embeddings, DDAMFN's maps and heads; all there is of a
         # model without task outputs.
@@ -108,8 +113,9 @@ def _from_workdir(workdir: Path, which: str) -> Predictor:
     setup = restored.setup
     thresholds = restored.metrics.get("au/thresholds")
     model = setup.model(restored.state)
+    post = postprocess.Post.from_metrics(restored.metrics, setup.task.heads)
     return Predictor(model, setup.family, setup.inputs, setup.task.predict,
-                     None if thresholds is None else metrics.au_values(thresholds))
+                     None if thresholds is None else metrics.au_values(thresholds), post.fuse)
 
 
 def _from_converted(directory: Path) -> Predictor:
