@@ -8,8 +8,9 @@ audio networks, and their audio-visual model with one output per branch.
   conv -> NxN depthwise conv -> 1x1 conv, channel shuffle after each), GCSA, global average
   pooling, dropout, the task layers.
 - `MCNN` (audio, "audio" input: the per-frame log-mel window (N, W, M) in dB): BatchNorm of the
-  input, three branches of two conv-BN-ReLU blocks (local: square kernels; temporal: kernels
-  along time; spatial: along the mel bands), concatenated, GCSA, pooling, dropout, task layers.
+  input, three branches of two stride-2 conv-BN-ReLU blocks (local: square kernels; temporal:
+  kernels along time; spatial: along the mel bands), concatenated, max-pooled 2x2, GCSA, global
+  pooling, dropout, task layers.
 - `AudioVisual` ("image" and "audio"): both networks side by side, each giving its own task
   outputs, returned as `{"branches": {"visual": {...}, "audio": {...}}}`; `tasks.Task` trains
   each branch with the head's loss (summed) and predicts the head as the mean of the branches'
@@ -40,15 +41,17 @@ Kernel = tuple[int, int]
 # The paper's module: channel MLP and spatial convs reduce to C/4, the shuffle has 4 groups.
 REDUCTION, GROUPS, SPATIAL_KERNEL = 4, 4, 7
 
-# Sizes the paper does not give (ours). Real: 112x112 faces -> 28x28 after the stem -> 7x7x256;
-# the audio window of 101 steps x 64 bands -> 26x16, 3 x 64 channels.
-RHCNN_REAL = {"image_size": 112, "stem": 32, "stages": ((64, 2, 1), (128, 3, 2), (256, 2, 2)),
+# Sizes the paper does not give (ours). Real: 112x112 faces -> 56x56 after the stem -> 7x7x256;
+# the audio window of 101 steps x 64 bands -> 13x8, 3 x 32 channels. GCSA's two 7x7 convs cost
+# 49 C^2 / 2 multiply-adds a position: 79M a face at 7x7x256, 24M a window at 13x8x96 (at 26x16
+# with 3 x 64 channels: 16x that, 620 ms of forward and backward at batch 16 on the 2-core CPU).
+RHCNN_REAL = {"image_size": 112, "stem": 32, "stages": ((64, 2, 2), (128, 3, 2), (256, 2, 2)),
               "kernel": 3, "expand": 2}
-MCNN_REAL = {"widths": (32, 64), "branches": {"local": ((3, 3), (5, 5)),
+MCNN_REAL = {"widths": (16, 32), "branches": {"local": ((3, 3), (5, 5)),
                                              "temporal": ((9, 1), (15, 1)),
                                              "spatial": ((1, 9), (1, 15))}}
-# CPU defaults: 64x64 faces -> 8x8x64; audio -> 26x16, 3 x 16 channels.
-RHCNN_TINY = {"image_size": 64, "stem": 16, "stages": ((32, 1, 1), (64, 1, 2)), "kernel": 3,
+# CPU defaults: 64x64 faces -> 32x32 after the stem -> 8x8x64; audio -> 13x8, 3 x 16 channels.
+RHCNN_TINY = {"image_size": 64, "stem": 16, "stages": ((32, 1, 2), (64, 1, 2)), "kernel": 3,
               "expand": 2}
 MCNN_TINY = {"widths": (8, 16), "branches": MCNN_REAL["branches"]}
 DROPOUT = 0.2  # before the task layers (the paper's fully connected layer)
@@ -157,10 +160,10 @@ class _Classifier(nnx.Module):
 class RHCNN(_Classifier):
     """The visual network on (N, S, S, 3) normalised faces, S = `image_size`.
 
-    stem: width of the two stride-2 conv blocks; stages: (width, blocks, stride) each, the
-    first block of a stage takes its stride and width; kernel: N of the NxN convs; expand: the
-    residual blocks' 1x1 expansion. From cached "features" (its own embeddings), the task
-    layers only.
+    stem: width of the two conv blocks (the first of stride 2); stages: (width, blocks,
+    stride) each, the first block of a stage takes its stride and width; kernel: N of the NxN
+    convs; expand: the residual blocks' 1x1 expansion. From cached "features" (its own
+    embeddings), the task layers only.
     """
 
     inputs = ("image",)
@@ -171,7 +174,7 @@ class RHCNN(_Classifier):
                  feature_dim: int = 0, rngs: nnx.Rngs):
         self.preprocess = Preprocess(int(image_size))
         layers: list[nnx.Module] = [ConvReLU(3, stem, kernel, stride=2, rngs=rngs),
-                                    ConvReLU(stem, stem, kernel, stride=2, rngs=rngs)]
+                                    ConvReLU(stem, stem, kernel, rngs=rngs)]
         width = stem
         for out, blocks, stride in stages:
             for b in range(blocks):
@@ -185,16 +188,20 @@ class RHCNN(_Classifier):
         self.features = nnx.List(layers)
         self._init_head(width, outputs, gcsa, dropout, rngs)
 
-    def __call__(self, inputs: Inputs, rngs: nnx.Rngs | None = None) -> dict[str, jax.Array]:
-        if "features" in inputs:
-            return self._tasks(inputs["features"], rngs)
+    def feature_map(self, inputs: Inputs) -> jax.Array:
+        """The map GCSA takes: (N, S / 4 / strides, ..., width)."""
         x = inputs["image"]
         size = self.preprocess.size
         if x.shape[1:] != (size, size, 3):
             raise ValueError(f"RHCNN expects (N, {size}, {size}, 3), got {x.shape}")
         for layer in self.features:
             x = layer(x)
-        return self._head(x, rngs)
+        return x
+
+    def __call__(self, inputs: Inputs, rngs: nnx.Rngs | None = None) -> dict[str, jax.Array]:
+        if "features" in inputs:
+            return self._tasks(inputs["features"], rngs)
+        return self._head(self.feature_map(inputs), rngs)
 
 
 class MCNN(_Classifier):
@@ -220,7 +227,9 @@ class MCNN(_Classifier):
             for name, (k1, k2) in branches.items()})
         self._init_head(second * len(branches), outputs, gcsa, dropout, rngs)
 
-    def __call__(self, inputs: Inputs, rngs: nnx.Rngs | None = None) -> dict[str, jax.Array]:
+    def feature_map(self, inputs: Inputs) -> jax.Array:
+        """The map GCSA takes: the branches' maps side by side, pooled: (N, W / 8, M / 8,
+        3 x width)."""
         x = inputs["audio"]
         if x.ndim != 3:
             raise ValueError(f"MCNN expects log-mel windows (N, steps, bands), got {x.shape}")
@@ -231,7 +240,12 @@ class MCNN(_Classifier):
             for block in self.branches[name]:
                 y = block(y)
             maps.append(y)
-        return self._head(jnp.concatenate(maps, axis=-1), rngs)
+        # Pooled 2x2 (max): a quarter of GCSA's cost (its 7x7 convs were ~2/3 of the tiny
+        # audio-visual train step at 26x16, benchmarks/gcsa.py).
+        return nnx.max_pool(jnp.concatenate(maps, axis=-1), (2, 2), (2, 2), "SAME")
+
+    def __call__(self, inputs: Inputs, rngs: nnx.Rngs | None = None) -> dict[str, jax.Array]:
+        return self._head(self.feature_map(inputs), rngs)
 
 
 class AudioVisual(nnx.Module):
