@@ -48,6 +48,9 @@ class Task:
         for branch, outs in (out.get("branches") or {}).items():
             named.update({heads_lib.branch_output(h, branch): outs[h] for h in self.heads
                           if h in outs})
+        missing = sorted(set(self.heads) - {heads_lib.head_of(k) for k in named})
+        if missing:
+            raise KeyError(f"the model gives no output of {missing}, of its own or by branch")
         return named
 
     def loss(self, out: Mapping[str, Any], batch: Mapping[str, jax.Array],
@@ -78,8 +81,6 @@ class Task:
             if h not in preds:
                 parts = [preds[heads_lib.branch_output(h, b)]
                          for b in heads_lib.branches(preds, h)]
-                if not parts:
-                    raise KeyError(f"the model gives no {h!r} output, of its own or by branch")
                 preds[h] = sum(parts) / len(parts)
         return preds
 

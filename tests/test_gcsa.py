@@ -179,6 +179,8 @@ def test_branches_train_with_summed_losses_and_predict_their_mean():
     np.testing.assert_allclose(preds["expr.audio"], jax.nn.softmax(audio), rtol=1e-6)
     np.testing.assert_allclose(preds["expr"], (preds["expr.audio"] + preds["expr.visual"]) / 2,
                                rtol=1e-6)
+    with pytest.raises(KeyError, match="no output of \\['expr'\\]"):
+        task.loss({"branches": {"audio": {}}}, batch, {"expr": "ce"})
 
 
 def test_fusion_search_finds_the_planted_weights_and_is_stored_and_applied():
