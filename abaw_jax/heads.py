@@ -212,10 +212,35 @@ def get(name: str) -> Head:
     return HEADS[name]
 
 
+# A multi-branch model (GCSA's audio-visual one) predicts each head once per branch: its
+# outputs and predictions are named "<head>.<branch>" beside the head's own (their fusion).
+BRANCH_SEP = "."
+
+
+def branch_output(head: str, branch: str) -> str:
+    """The name of one branch's output of a head ("expr.audio")."""
+    return f"{head}{BRANCH_SEP}{branch}"
+
+
+def head_of(name: str) -> str:
+    """The head of an output name ("expr" of "expr" and of "expr.audio")."""
+    return name.split(BRANCH_SEP, 1)[0]
+
+
+def branches(names, head: str) -> list[str]:
+    """The branches (sorted) of `head` among output names: ["audio", "visual"] of "expr.audio",
+    "expr.visual"."""
+    prefix = f"{head}{BRANCH_SEP}"
+    return sorted(n[len(prefix):] for n in names if n.startswith(prefix))
+
+
 # The valence/arousal quadrant of each expression class, by Russell's circumplex model of
-# affect, for losses that tie the two heads together. Quadrants (0-based): 0 = v>0, a>0;
-# 1 = v<0, a>0; 2 = v<0, a<0; 3 = v>0, a<0. Neutral is placed in 3: calm, the nearest region
-# of the low-arousal pleasant quadrant; Other is no one expression and has no quadrant (-1).
+# affect: the coarse groups of the coarse-fine loss (losses.coarse_fine, `loss.expr_quadrants`
+# replaces this default). Quadrants (0-based; the GCSA paper's E1..E4): 0 = v>0, a>0;
+# 1 = v<0, a>0; 2 = v<0, a<0; 3 = v>0, a<0. Neutral is placed in 3: calm, the nearest region of
+# the low-arousal pleasant quadrant. Other is no one expression (in Aff-Wild2 mostly faces the
+# annotators did not call one of the six); it goes with Neutral, so that confusing the two
+# catch-all classes is not a coarse error.
 _EXPR_QUADRANTS = {"Happiness": 0, "Surprise": 0, "Anger": 1, "Disgust": 1, "Fear": 1,
-                   "Sadness": 2, "Neutral": 3, "Other": -1}
+                   "Sadness": 2, "Neutral": 3, "Other": 3}
 EXPR_QUADRANT: tuple[int, ...] = tuple(_EXPR_QUADRANTS[n] for n in EXPR_NAMES)

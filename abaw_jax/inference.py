@@ -50,7 +50,8 @@ class Predictor:
     Outputs per task head: VA in [-1, 1], EXPR class probabilities, AU probabilities; for a
     converted model kept with its classifier (DDAMFN `--keep_fc`), the raw `logits`. A model
     with no task output returns its other outputs (the embedding, ...) as `embedding=True`
-    does.
+    does. A multi-branch model (GCSA's audio-visual) also returns each branch's `<head>.<branch>`
+    and its head fused with the weights searched on validation (`post`: `Post.fuse`).
     """
 
     def __init__(self, model: nnx.Module, family: models.Family, inputs: tuple[str, ...],
@@ -117,6 +118,8 @@ class Predictor:
         self._key, key = jax.random.split(self._key)
         heads, extra = jax.device_get(self._forward(self._state, batch, key, normalised))
         out = {k: np.asarray(v) for k, v in heads.items()}
+        if self.post.fusion:
+            out = {k: np.asarray(v, np.float32) for k, v in self.post.fuse(out).items()}
         out.update({k: np.asarray(extra[k]) for k in self.returns if k in extra})
         # The model's other outputs: embeddings, DDAMFN's maps and heads; all there is of a
         # model without task outputs.
@@ -146,9 +149,9 @@ def _from_workdir(workdir: Path, which: str, seed: int) -> Predictor:
     setup = restored.setup
     thresholds = restored.metrics.get("au/thresholds")
     model = setup.model(restored.state)
+    post = postprocess.Post.from_metrics(restored.metrics, setup.task.heads)
     return Predictor(model, setup.family, setup.inputs, setup.task.predict,
-                     None if thresholds is None else metrics.au_values(thresholds),
-                     postprocess.Post.from_metrics(restored.metrics, setup.task.heads),
+                     None if thresholds is None else metrics.au_values(thresholds), post,
                      setup.feed, setup.task.heads, seed=seed)
 
 

@@ -8,9 +8,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from abaw_jax.errors import UnknownNameError
+from abaw_jax.errors import ConfigError, UnknownNameError
 
 
 def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
@@ -35,13 +36,52 @@ def ccc_loss(pred: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array,
-                  class_weights: Sequence[float] | None = None) -> jax.Array:
-    """Softmax cross-entropy; with class weights, PyTorch's weighted mean sum(w_y l) / sum(w_y)."""
+                  class_weights: Sequence[float] | None = None,
+                  scale: jax.Array | None = None) -> jax.Array:
+    """Softmax cross-entropy; with class weights, PyTorch's weighted mean sum(w_y l) / sum(w_y);
+    `scale` multiplies each frame's loss, not the normaliser (the coarse-fine loss)."""
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     weights = mask.astype(logits.dtype)
     if class_weights is not None:
         weights = weights * jnp.asarray(class_weights, logits.dtype)[labels]
-    return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1e-8)
+    scaled = losses if scale is None else losses * scale
+    return jnp.sum(scaled * weights) / jnp.maximum(jnp.sum(weights), 1e-8)
+
+
+# The six coefficients of the coarse-fine loss, in `loss.coarse_mu`'s order: mu_12, mu_13, mu_14,
+# mu_23, mu_24, mu_34 between the quadrants E1..E4 (heads.EXPR_QUADRANT's 0..3).
+COARSE_PAIRS = ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3))
+
+
+def coarse_penalties(mu: Sequence[float]) -> np.ndarray:
+    """The symmetric (4, 4) matrix of penalties mu[i, j] for confusing quadrants i and j (0 on
+    the diagonal) from the six coefficients in COARSE_PAIRS order."""
+    mu = [float(m) for m in mu]
+    if len(mu) != len(COARSE_PAIRS) or min(mu) < 0:
+        raise ConfigError(f"loss.coarse_mu={mu}: expected 6 coefficients >= 0 (mu_12, mu_13, "
+                          "mu_14, mu_23, mu_24, mu_34)")
+    out = np.zeros((4, 4), np.float32)
+    for (i, j), m in zip(COARSE_PAIRS, mu, strict=True):
+        out[i, j] = out[j, i] = m
+    return out
+
+
+def coarse_fine(logits: jax.Array, labels: jax.Array, mask: jax.Array, mu: Sequence[float],
+                quadrants: Sequence[int], class_weights: Sequence[float] | None = None
+                ) -> jax.Array:
+    """The GCSA paper's coarse-fine granularity loss (eq. 8): each frame's cross-entropy times
+    1 + mu(quadrant of its class, quadrant of the predicted class), mu from `coarse_penalties`
+    (0 when the quadrants agree), `quadrants[c]` the quadrant of class c (the config's default:
+    heads.EXPR_QUADRANT). Averaged as `cross_entropy` (over the valid frames, weighted
+    by class with `class_weights`), so with every mu 0 it is that loss. The factor depends on
+    the argmax only: no gradient flows through it."""
+    q = np.asarray(quadrants)
+    if q.shape != (logits.shape[-1],) or not np.isin(q, range(4)).all():
+        raise ConfigError(f"loss.expr_quadrants={q.tolist()}: expected one quadrant 0-3 per "
+                          f"class ({logits.shape[-1]})")
+    penalty = jnp.asarray(coarse_penalties(mu)[q[:, None], q[None, :]], logits.dtype)
+    factor = 1.0 + penalty[labels, jnp.argmax(logits, -1)]
+    return cross_entropy(logits, labels, mask, class_weights, scale=factor)
 
 
 def binary_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array,
@@ -102,6 +142,12 @@ def _au_bce(out: jax.Array, batch: Mapping[str, jax.Array], opts: Mapping[str, A
     return binary_cross_entropy(out, batch["au"], batch["au_mask"], opts.get("pos_weight"))
 
 
+def _expr_coarse_fine(out: jax.Array, batch: Mapping[str, jax.Array], opts: Mapping[str, Any]
+                      ) -> jax.Array:
+    return coarse_fine(out, batch["expr"], batch["expr_mask"], opts["coarse_mu"],
+                       opts["expr_quadrants"], opts.get("class_weights"))
+
+
 def _expr_contrastive(out: jax.Array, batch: Mapping[str, jax.Array], opts: Mapping[str, Any]
                       ) -> jax.Array:
     return contrastive(out, batch["expr"], batch["expr_mask"])
@@ -111,7 +157,7 @@ def _expr_contrastive(out: jax.Array, batch: Mapping[str, jax.Array], opts: Mapp
 # labels and masks, config.loss) -> scalar.
 HEAD_LOSSES: dict[str, dict[str, Callable[..., jax.Array]]] = {
     "va": {"ccc": _va_ccc},
-    "expr": {"ce": _expr_ce, "contrastive": _expr_contrastive},
+    "expr": {"ce": _expr_ce, "coarse_fine": _expr_coarse_fine, "contrastive": _expr_contrastive},
     "au": {"bce": _au_bce},
 }
 

@@ -1,5 +1,11 @@
-"""Post-processing of per-frame outputs along each video: temporal smoothing, chosen on the
-validation split, then AU thresholds searched on the smoothed probabilities.
+"""Post-processing of per-frame outputs along each video: the decision fusion of a multi-branch
+model's predictions, temporal smoothing, both chosen on the validation split, then AU thresholds
+searched on the smoothed probabilities.
+
+Fusion (GCSA's audio-visual model, whose branches predict each head apart as `<head>.<branch>`):
+the head's prediction is sum_b w_b P_b / sum_b w_b over its branches, the paper's
+P = (m P_audio + n P_visual) / (m + n), with integer weights 1..5 (`FUSION_WEIGHTS`), searched
+on validation by the head's selection score (the smallest weights of a ratio on ties).
 
 Per video, the outputs of the frames with a crop are first spread to every frame (linear
 interpolation, `submission.fill`), smoothed there (a Gaussian of `sigma` frames or a centred
@@ -12,6 +18,7 @@ side. The choice per head (method and width, or none) is the one with the best v
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,6 +27,7 @@ import numpy as np
 from abaw_jax import heads as head_table
 from abaw_jax import metrics, submission
 
+FUSION_WEIGHTS = range(1, 6)  # the paper's integers 0 < m, n < 6
 SIGMAS = (1.0, 2.0, 4.0, 8.0, 16.0)
 WINDOWS = (3, 5, 9, 17, 33)
 
@@ -84,27 +92,61 @@ def smooth_rows(values: np.ndarray, video: np.ndarray, frame: np.ndarray, how: S
     return out
 
 
+def fuse(preds: Mapping[str, np.ndarray], head: str, weights: Mapping[str, int]
+         ) -> np.ndarray:
+    """sum_b w_b P_b / sum_b w_b over the branch predictions `<head>.<b>` of `weights`."""
+    total = sum(weights.values())
+    return sum(w * np.asarray(preds[head_table.branch_output(head, b)], np.float64)
+               for b, w in weights.items()) / total
+
+
+def search_fusion(head: str, preds: Mapping[str, np.ndarray], target: np.ndarray,
+                  valid: np.ndarray) -> tuple[dict[str, int], dict[str, Any]]:
+    """The branch weights (each in FUSION_WEIGHTS) with the best selection score of the fused
+    predictions on the valid frames, and a report: the weights (`post/<head>/fusion/<branch>`)
+    and each branch's score alone (`post/<head>/score_<branch>`)."""
+    names = head_table.branches(preds, head)
+    scorer = head_table.get(head).selection_score
+    best: tuple[float, dict[str, int]] | None = None
+    for combo in itertools.product(FUSION_WEIGHTS, repeat=len(names)):
+        weights = dict(zip(names, combo, strict=True))
+        score = scorer(fuse(preds, head, weights)[valid], target)
+        if best is None or score > best[0]:  # ties: the first, the smallest weights
+            best = (score, weights)
+    report = {f"post/{head}/fusion/{b}": w for b, w in best[1].items()}
+    report.update({f"post/{head}/score_{b}": scorer(np.asarray(
+        preds[head_table.branch_output(head, b)])[valid], target) for b in names})
+    return best[1], report
+
+
 @dataclasses.dataclass(frozen=True)
 class Post:
-    """Per-head smoothing and the AU thresholds that follow it."""
+    """Per-head fusion of branches (head -> branch -> weight), smoothing, and the AU thresholds
+    that follow it."""
 
     smoothing: Mapping[str, Smoothing]
     thresholds: np.ndarray | None = None
+    fusion: Mapping[str, Mapping[str, int]] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def fit(cls, heads: tuple[str, ...], preds: Mapping[str, np.ndarray],
             labels: Mapping[str, np.ndarray], video: np.ndarray, frame: np.ndarray
             ) -> tuple[Post, dict[str, Any]]:
-        """The best smoothing per head on these (validation) frames, and a report:
-        `post/<head>/score` before and after, the choice."""
-        chosen, report, thresholds = {}, {}, None
+        """The best fusion (heads with branches) and then the best smoothing per head on these
+        (validation) frames, and a report: `post/<head>/score` before and after, the choices."""
+        chosen, report, thresholds, fusion = {}, {}, None, {}
         for h in heads:
             head = head_table.get(h)
             valid = np.asarray(labels[f"{h}_mask"], bool)
             target = np.asarray(labels[h])[valid]
+            values = np.asarray(preds[h])
+            if head_table.branches(preds, h):
+                fusion[h], fused = search_fusion(h, preds, target, valid)
+                report.update(fused)
+                values = fuse(preds, h, fusion[h])
             scored = []
             for how in candidates():
-                smoothed = smooth_rows(np.asarray(preds[h]), video, frame, how)[valid]
+                smoothed = smooth_rows(values, video, frame, how)[valid]
                 scored.append((head.selection_score(smoothed, target), -len(scored), how,
                                smoothed))
             best = max(scored, key=lambda s: s[:2])
@@ -115,7 +157,7 @@ class Post:
             if searched is not None:  # AU: thresholds searched on the smoothed probabilities
                 thresholds = searched
                 report[f"post/{h}/thresholds"] = metrics.by_au(thresholds)
-        return cls(chosen, thresholds), report
+        return cls(chosen, thresholds, fusion), report
 
     @classmethod
     def from_metrics(cls, stored: Mapping[str, Any] | None, heads: tuple[str, ...]) -> Post:
@@ -124,9 +166,22 @@ class Post:
         smoothing = {h: Smoothing(stored.get(f"post/{h}/method", "none"),
                                   float(stored.get(f"post/{h}/width", 0.0))) for h in heads}
         thresholds = stored.get("post/au/thresholds", stored.get("au/thresholds"))
-        return cls(smoothing, None if thresholds is None else metrics.au_values(thresholds))
+        fusion = {h: {b: int(stored[f"post/{h}/fusion/{b}"])
+                      for b in _stored_branches(stored, h)} for h in heads}
+        return cls(smoothing, None if thresholds is None else metrics.au_values(thresholds),
+                   {h: w for h, w in fusion.items() if w})
+
+    def fuse(self, preds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """`preds` with each fused head's prediction made from its branches' (the branches
+        kept); what inference applies (it has no video to smooth along)."""
+        return {**preds, **{h: fuse(preds, h, w) for h, w in self.fusion.items()}}
 
     def apply(self, preds: Mapping[str, np.ndarray], video: np.ndarray, frame: np.ndarray
               ) -> dict[str, np.ndarray]:
         return {h: smooth_rows(np.asarray(p), video, frame, self.smoothing.get(h, Smoothing()))
-                for h, p in preds.items()}
+                for h, p in self.fuse(preds).items()}
+
+
+def _stored_branches(stored: Mapping[str, Any], head: str) -> list[str]:
+    prefix = f"post/{head}/fusion/"
+    return sorted(k[len(prefix):] for k in stored if k.startswith(prefix))

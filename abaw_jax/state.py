@@ -300,14 +300,49 @@ def _name(path: tuple) -> str:
     return "/".join(str(k) for k in path)
 
 
+def load_runs(state: TrainState, setup: Setup, runs: Mapping[str, str]) -> TrainState:
+    """`state` with each sub-module named in `runs` (an attribute of the model) set to the
+    model of a training run ({attribute: workdir}, its best checkpoint): every variable,
+    BatchNorm statistics included; the other layers keep theirs."""
+    model = setup.model(jax.device_get(state), train=True)
+    for attr, workdir in runs.items():
+        where = f"init_from_runs.{attr}={workdir}"
+        target = getattr(model, attr, None)
+        if not isinstance(target, nnx.Module):
+            raise ConfigError(f"{where}: model {setup.config.model.name!r} has no sub-module "
+                              f"{attr!r}")
+        src = restore_run(read_config(workdir), workdir, "best")
+        if src.setup.task.name != setup.task.name:
+            raise ConfigError(f"{where}: a run of task {src.setup.task.name!r}, not "
+                              f"{setup.task.name!r}")
+        source = nnx.state(src.setup.model(jax.device_get(src.state)))
+        _check_same_variables(source, nnx.state(target), where)
+        nnx.update(target, source)
+    return with_model(state, setup, model)
+
+
+def _check_same_variables(source: nnx.State, target: nnx.State, where: str) -> None:
+    shapes = [{_name(p): np.shape(v.get_value()) for p, v in nnx.to_flat_state(s)}
+              for s in (source, target)]
+    differ = sorted(k for k in shapes[0].keys() | shapes[1].keys()
+                    if shapes[0].get(k) != shapes[1].get(k))
+    if differ:
+        raise ConfigError(f"{where}: the run's model and this sub-module differ in "
+                          f"{len(differ)} variables, e.g. " + ", ".join(
+                              f"{k} {shapes[0].get(k)} there, {shapes[1].get(k)} here"
+                              for k in differ[:3]))
+
+
 def init_weights(state: TrainState, setup: Setup) -> TrainState:
     """A fresh run's start: the backbone that extracted the feature cache when cached features
-    stand in for its images, else the converted weights of `init_from`, else `state`."""
+    stand in for its images, else the converted weights of `init_from`, then the sub-modules
+    of `init_from_runs` from their runs, else `state`."""
     if setup.backbone_cached:
         return load_backbone(state, setup, feature_dirs(setup.config)[0])
     if setup.config.init_from:
-        return load_pretrained(state, setup, setup.config.init_from)
-    return state
+        state = load_pretrained(state, setup, setup.config.init_from)
+    runs = {k: v for k, v in (setup.config.get("init_from_runs") or {}).items() if v}
+    return load_runs(state, setup, runs) if runs else state
 
 
 def predict_fn(setup: Setup) -> Callable:

@@ -40,24 +40,49 @@ class Task:
         for h in self.heads:
             losses.head_loss(h, opts.get(h, _DEFAULT_LOSS[h]))
 
-    def loss(self, out: Mapping[str, jax.Array], batch: Mapping[str, jax.Array],
+    def outputs_of(self, out: Mapping[str, Any]) -> dict[str, jax.Array]:
+        """The model's outputs of this task's heads by name: `<head>` for its own, and
+        `<head>.<branch>` (heads.branch_output) for each of its "branches" (a multi-branch
+        model's {"branches": {branch: {head: output}}})."""
+        named = {h: out[h] for h in self.heads if h in out}
+        for branch, outs in (out.get("branches") or {}).items():
+            named.update({heads_lib.branch_output(h, branch): outs[h] for h in self.heads
+                          if h in outs})
+        missing = sorted(set(self.heads) - {heads_lib.head_of(k) for k in named})
+        if missing:
+            raise KeyError(f"the model gives no output of {missing}, of its own or by branch")
+        return named
+
+    def loss(self, out: Mapping[str, Any], batch: Mapping[str, jax.Array],
              opts: LossOptions) -> tuple[jax.Array, dict[str, jax.Array]]:
         """The weighted sum of the label losses (`loss.task_weights` for multi-task) and each
-        part as `loss_<head>`."""
-        if out[self.heads[0]].ndim == 3:  # clips (B, T, size): a loss over their frames
-            out = {h: out[h].reshape(-1, out[h].shape[-1]) for h in self.heads}
+        part as `loss_<head>`. Every output of a head takes its loss: a multi-branch model's
+        branches are trained jointly, their losses summed (`loss_<head>.<branch>`)."""
+        named = self.outputs_of(out)
+        if next(iter(named.values())).ndim == 3:  # clips (B, T, size): over their frames
+            named = {k: v.reshape(-1, v.shape[-1]) for k, v in named.items()}
             batch = {k: v.reshape(-1, *v.shape[2:]) for k, v in batch.items()
                      if k in schema.LABEL_KEYS}
         weights = opts.get("task_weights") or {}
-        parts = {h: losses.head_loss(h, opts.get(h, _DEFAULT_LOSS[h]))(out[h], batch, opts)
-                 for h in self.heads}
-        total = sum(weights.get(h, 1.0) * parts[h] for h in self.heads)
+        parts = {}
+        for name, value in named.items():
+            h = heads_lib.head_of(name)
+            parts[name] = losses.head_loss(h, opts.get(h, _DEFAULT_LOSS[h]))(value, batch, opts)
+        total = sum(weights.get(heads_lib.head_of(k), 1.0) * v for k, v in parts.items())
         return total, {f"loss_{k}": v for k, v in parts.items()}
 
-    def predict(self, out: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-        """Per-frame predictions: VA in [-1, 1], EXPR class probabilities, AU probabilities."""
-        return {h: _ACTIVATIONS[heads_lib.get(h).kind](out[h].astype(jnp.float32))
-                for h in self.heads}
+    def predict(self, out: Mapping[str, Any]) -> dict[str, jax.Array]:
+        """Per-frame predictions: VA in [-1, 1], EXPR class probabilities, AU probabilities; per
+        branch of a multi-branch model as `<head>.<branch>`, the head's own being then their
+        mean (equal weights; `postprocess.Post` fits the fusion on validation)."""
+        preds = {name: _ACTIVATIONS[heads_lib.get(heads_lib.head_of(name)).kind](
+            value.astype(jnp.float32)) for name, value in self.outputs_of(out).items()}
+        for h in self.heads:
+            if h not in preds:
+                parts = [preds[heads_lib.branch_output(h, b)]
+                         for b in heads_lib.branches(preds, h)]
+                preds[h] = sum(parts) / len(parts)
+        return preds
 
     def metrics(self, preds: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray],
                 thresholds: np.ndarray | None = None) -> dict[str, Any]:

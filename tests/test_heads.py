@@ -126,8 +126,8 @@ def test_constant_baseline_is_the_best_constant_score(name):
 def test_expression_quadrants_cover_every_class():
     quadrant = dict(zip(affwild2.EXPR_NAMES, heads.EXPR_QUADRANT, strict=True))
     assert quadrant == {"Neutral": 3, "Anger": 1, "Disgust": 1, "Fear": 1, "Happiness": 0,
-                        "Sadness": 2, "Surprise": 0, "Other": -1}
-    assert set(heads.EXPR_QUADRANT) == {-1, 0, 1, 2, 3}
+                        "Sadness": 2, "Surprise": 0, "Other": 3}
+    assert set(heads.EXPR_QUADRANT) == {0, 1, 2, 3}
 
 
 def test_heads_imports_neither_jax_nor_matplotlib():

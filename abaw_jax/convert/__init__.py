@@ -96,12 +96,14 @@ def _restore(path: Path) -> dict:
         checkpointer.close()
 
 
-def load_into(model: nnx.Module, directory: str | Path) -> list[str]:
+def load_into(model: nnx.Module, directory: str | Path, absent: Sequence[str] = ()
+              ) -> list[str]:
     """Restore a converted folder into a built model; returns the task layers it restored.
 
-    Every non-task variable must be in the folder with the same shape and vice versa. A task
-    layer is restored when both have it; the model's other task layers stay as initialised.
-    KeyError / ValueError name the path.
+    Every non-task variable must be in the folder with the same shape and vice versa, except
+    the model's layers under the path prefixes `absent` (layers the public model has not, such
+    as DDAMFN's optional GCSA: left as initialised). A task layer is restored when both have
+    it; the model's other task layers stay as initialised. KeyError / ValueError name the path.
     """
     directory = Path(directory).resolve()
     read_meta(directory)
@@ -117,7 +119,7 @@ def load_into(model: nnx.Module, directory: str | Path) -> list[str]:
     def pick(keypath, value):
         path = dotted(keypath)
         if path not in restored:
-            if path.startswith(TASKS):
+            if path.startswith((TASKS, *absent)):
                 return value
             raise WeightsError(f"{directory} has no {path!r}")
         new = restored[path]

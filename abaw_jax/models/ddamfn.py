@@ -8,7 +8,9 @@ rename of leaf names. The parts of the reference that exist but are never applie
 
 Inputs: {"image": (N, 112, 112, 3) float32, normalised with the ImageNet mean/std} or, from the
 feature cache, {"features": (N, W)}: the model's own embeddings, through the task layers only.
-Registered as the families "ddamfn" (official trunk) and "ddamfn_tiny".
+Registered as the families "ddamfn" (official trunk) and "ddamfn_tiny". `gcsa=True`
+(`model.gcsa`) inserts the GCSA paper's global channel-spatial attention (models/gcsa.py)
+between the trunk and the attention heads; converted weights leave it initialised.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from abaw_jax import losses
+from abaw_jax import convert, losses
 from abaw_jax.errors import ConfigError
 from abaw_jax.models.family import Family, Inputs, Preprocess, register
+from abaw_jax.models.gcsa import GCSA
 from abaw_jax.models.layers import (
     ConvBlock,
     CoordAtt,
@@ -170,6 +173,7 @@ class DDAMFN(nnx.Module):
       the official classifier {"logits": 8} (the converter maps the reference `fc` to it).
     num_head: attention heads, combined by an element-wise maximum.
     trunk: the stage table (OFFICIAL_TRUNK or TINY_TRUNK).
+    gcsa: GCSA (module `gcsa`) on the trunk's final map, before the attention heads.
     depthwise_impl: forces 'shift' or 'xla' depthwise convs; None picks per backend.
     rngs: parameter initialisation; None is nnx.Rngs(0).
 
@@ -182,7 +186,7 @@ class DDAMFN(nnx.Module):
 
     def __init__(self, outputs: Mapping[str, int] | None = None, *, num_head: int = 2,
                  trunk: Trunk = OFFICIAL_TRUNK, depthwise_impl: Impl = None,
-                 rngs: nnx.Rngs | None = None):
+                 gcsa: bool = False, rngs: nnx.Rngs | None = None):
         outputs = dict(OFFICIAL_OUTPUTS if outputs is None else outputs)
         clash = sorted(set(outputs) & set(RESERVED_OUTPUTS))
         if clash:
@@ -192,6 +196,7 @@ class DDAMFN(nnx.Module):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.trunk, self.num_head, self.outputs = trunk, num_head, outputs
         self.features = nnx.List(_trunk(trunk, depthwise_impl, rngs))
+        self.gcsa = GCSA(trunk.width, rngs=rngs) if gcsa else None
         self.heads = nnx.List([
             DualDirectionAttention(trunk.width, trunk.map_size, impl=depthwise_impl, rngs=rngs)
             for _ in range(num_head)])
@@ -217,6 +222,8 @@ class DDAMFN(nnx.Module):
             raise ValueError(f"DDAMFN expects (N, {INPUT_SIZE}, {INPUT_SIZE}, 3), got {x.shape}")
         for layer in self.features:
             x = layer(x)
+        if self.gcsa is not None:
+            x = self.gcsa(x)
         heads = [head(x) for head in self.heads]
         attention = functools.reduce(jnp.maximum, heads)
         embedding = self.gdconv(x * attention).reshape(x.shape[0], -1)
@@ -248,7 +255,12 @@ def embed(model: DDAMFN, inputs: Inputs) -> jax.Array:
     return model(inputs)["embedding"]
 
 
+def load_weights(model: DDAMFN, path) -> list[str]:
+    """A converted DDAMFN into the model; its GCSA (not in the public model) stays initialised."""
+    return convert.load_into(model, path, absent=("gcsa.",))
+
+
 PREPROCESS = Preprocess(INPUT_SIZE)  # ImageNet mean / std, as the official training
 for _name, _factory in (("ddamfn", ddamfn), ("ddamfn_tiny", ddamfn_tiny)):
     register(Family(_name, _factory, preprocess=PREPROCESS, embed=embed,
-                    backbone=("^(features|heads|gdconv)/",)))
+                    backbone=("^(features|gcsa|heads|gdconv)/",), load_weights=load_weights))

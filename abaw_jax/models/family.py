@@ -10,7 +10,10 @@ model; they call through it and nothing else:
   `rngs` (dropout, masking), and returns a dict: one entry per requested output (task heads) and,
   when it has any, `"losses": {name: scalar}`: its own extra losses, which the trainer adds with
   `loss.<name>_weight` from `loss.<name>_start_step`. A model may also name `optional_inputs`
-  it reads when given (MAE's masking "noise"); inference passes them on from the caller.
+  it reads when given (MAE's masking "noise"); inference passes them on from the caller. A
+  model of several branches (GCSA's audio-visual one) may return `"branches": {branch:
+  {output: ...}}` in place of (or beside) its outputs: `tasks.Task` trains each branch with the
+  head's loss and predicts `<head>.<branch>`, and evaluation fuses them (`postprocess.Post`).
 - `preprocess`: the image size and the mean / std (as fractions of 255) of its "image" input;
   or, for a family whose image size depends on the model built (CLIP's config), a function of
   the model giving it.

@@ -142,6 +142,12 @@ def _write_parameters(state: state_lib.TrainState, workdir: Path) -> None:
 
 def _loop(config, workdir, setup, state, start, stream, train_step, evaluate, writer, ckpt,
           preemption) -> dict:
+    if config.total_steps == 0 and ckpt.latest_step() is None:
+        # Nothing to train (a model assembled from other runs, configs/gcsa/av.py): its start
+        # is evaluated and saved, so eval, predict and inference find a checkpoint.
+        metrics = evaluate(state)
+        ckpt.save(0, state, stream, metrics=_jsonable(metrics))
+        return metrics
     progress = Progress(start, config.total_steps, config.eval_every_steps)
     metrics: dict = {}
     for step in range(start + 1, config.total_steps + 1):
