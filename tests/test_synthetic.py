@@ -530,7 +530,7 @@ def voices(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """Wavs only (no crops, no videos): enough validation frames of several classes."""
     out = tmp_path_factory.mktemp("voices")
     spec = SyntheticSpec(
-        num_videos=16, frames_per_video=150, seed=5, images=False, videos=False, sample_rate=16000
+        num_videos=24, frames_per_video=300, seed=5, images=False, videos=False, sample_rate=16000
     )
     return out, generate(out, spec)
 
@@ -572,27 +572,42 @@ def _macro_f1(truth: np.ndarray, predicted: np.ndarray) -> float:
     return float(np.mean(scores))
 
 
+def _speaking(voice_band: np.ndarray, threshold: float | None = None) -> tuple[np.ndarray, float]:
+    """Frames whose voice band (log energy) is 70 % of the way from the quietest frame to the
+    loudest: the person speaks (pauses hold only the noise floor, ~20 dB below; at the midpoint,
+    frames at a pause's edge, half silent, took the arousal correlation from 0.83-0.98 to
+    0.52-0.72 on seeds 5-7)."""
+    if threshold is None:
+        threshold = voice_band.min() + 0.7 * (voice_band.max() - voice_band.min())
+    return voice_band > threshold, threshold
+
+
 def test_expression_class_is_learnable_from_the_audio(voices):
     out, manifest = voices
-    # 18 log-spaced bands over 450 Hz to 3.8 kHz, where the class tones are (the voice is below).
-    x, y = _band_energies(out, manifest, "expr", np.geomspace(450, 3800, 19))
-    train, val = y["train"][:, 0].astype(int), y["validation"][:, 0].astype(int)
+    # The voice's band (60-450 Hz), then 18 log-spaced bands over 450 Hz to 3.8 kHz, where the
+    # class tones are. Pauses are silent: the class is heard while the person speaks.
+    x, y = _band_energies(out, manifest, "expr", np.r_[60.0, np.geomspace(450, 3800, 19)])
+    on_train, threshold = _speaking(x["train"][:, 0])
+    on_val, _ = _speaking(x["validation"][:, 0], threshold)
+    assert 0.3 < on_train.mean() < 0.9, on_train.mean()  # pauses: two fifths of the time
+    train, val = y["train"][on_train, 0].astype(int), y["validation"][on_val, 0].astype(int)
     assert np.unique(val).size >= 4 and val.size > 200
     # Nearest centroid in standardised log band energies, fitted on the train videos only.
-    mean, std = x["train"].mean(0), x["train"].std(0)
-    z_train, z_val = (x["train"] - mean) / std, (x["validation"] - mean) / std
+    tones_train, tones_val = x["train"][on_train, 1:], x["validation"][on_val, 1:]
+    mean, std = tones_train.mean(0), tones_train.std(0)
+    z_train, z_val = (tones_train - mean) / std, (tones_val - mean) / std
     classes = np.unique(train)
     centroids = np.stack([z_train[train == c].mean(0) for c in classes])
     predicted = classes[((z_val[:, None] - centroids[None]) ** 2).sum(-1).argmin(1)]
     constant = np.full_like(val, np.bincount(train).argmax())
     learnt, baseline = _macro_f1(val, predicted), _macro_f1(val, constant)
-    assert learnt > baseline + 0.4, (learnt, baseline)  # seeds 5-7: 0.60-0.72 against 0.01-0.12
+    assert learnt > baseline + 0.4, (learnt, baseline)
 
 
 def test_arousal_is_audible_in_the_low_bands(voices):
     out, manifest = voices
     x, y = _band_energies(out, manifest, "va", np.array([60.0, 450.0]))  # the voice's band
     loudness, arousal = x["train"][:, 0], y["train"][:, 1]
-    speaking = loudness > np.percentile(loudness, 30)  # pauses are a fifth of the frames
+    speaking, _ = _speaking(loudness)
     assert speaking.sum() > 300
-    assert np.corrcoef(loudness[speaking], arousal[speaking])[0, 1] > 0.6  # seeds 5-7: 0.67-0.98
+    assert np.corrcoef(loudness[speaking], arousal[speaking])[0, 1] > 0.6  # seeds 5-7: 0.87-0.98

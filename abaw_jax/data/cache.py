@@ -70,7 +70,9 @@ def records_for(data: Mapping[str, Any], task: str, test: bool = False) -> Path:
         base = cache_dir() / f"records-{content_key(options)}"
     else:
         spec = synthetic.SyntheticSpec(**dict(data.get("synthetic") or {}))
-        root = cache_dir() / f"synthetic-{content_key(spec.__dict__)}"
+        # Keyed by the generator's source too: an edit to it must not reuse a stale tree.
+        generator = hashlib.sha256(Path(synthetic.__file__).read_bytes()).hexdigest()
+        root = cache_dir() / f"synthetic-{content_key({**spec.__dict__, 'source': generator})}"
         if not root.exists():
             logging.info("generating the synthetic Aff-Wild2 (%d videos) in %s",
                          spec.num_videos, root)
