@@ -56,3 +56,11 @@ def tiny_task_records(tiny_tree, tiny_records, tmp_path_factory):
         return made[task]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def synthetic_cache(tmp_path_factory):
+    """A data cache folder (for ABAW_JAX_CACHE) shared by the tests that run the default configs
+    on their synthetic Aff-Wild2: each tree and its records are generated once per session, on
+    first use (the default tree: ~10 s generated and prepared on the quiet machine)."""
+    return tmp_path_factory.mktemp("cache")

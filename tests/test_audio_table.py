@@ -296,15 +296,14 @@ def test_bad_videos_are_counted_per_reason_and_past_the_end_is_silence_or_an_err
                         audio=audio.AudioConfig(missing="error"))
 
 
-def test_an_audio_model_learns_the_synthetic_expressions(tmp_path, monkeypatch):
+def test_an_audio_model_learns_the_synthetic_expressions(synthetic_cache, tmp_path, monkeypatch):
     """The whole path: the synthetic tree's raw videos (a tone per expression class), the data
     cache's audio table, the windows, a linear model of band levels through the trainer."""
-    monkeypatch.setenv("ABAW_JAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("ABAW_JAX_CACHE", str(synthetic_cache))
     monkeypatch.setitem(models.FAMILIES, "hears", models.Family("hears", Hears))
     config = tiny_config(None, "expr", **{
         "total_steps": 1000, "eval_every_steps": 1000, "log_every_steps": 500,
-        "checkpoint_every_steps": 1000, "batch_size": 32, "optim.lr": 3e-2,
-        "data.synthetic": {"num_videos": 24, "frames_per_video": 300, "seed": 0}})
+        "checkpoint_every_steps": 1000, "batch_size": 32, "optim.lr": 3e-2})  # default tree
     config.model = {"name": "hears"}
     assert config.data.audio.window_ms == 1000  # the default window
     metrics = trainers.train_and_evaluate(config, tmp_path / "run")
