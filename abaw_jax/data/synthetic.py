@@ -12,8 +12,8 @@ each frame pasted into a plain frame, at a reduced size (video_info.csv and the 
 size written). Their sound carries arousal (pitch and loudness of a voice-like tone) and the
 expression class (a tone of the class's own frequency while its segment lasts), silent in pauses
 (two fifths of the time, in runs longer than the audio input's window); a two-person video's
-sound follows its _left person. Most videos also have videos/<raw>.wav; some have audio only as the track, some none at all, one another sample rate
-(manifest.json: "raw_videos").
+sound follows its _left person. Most videos also have videos/<raw>.wav; some have audio only as
+the track, some none at all, one another sample rate (manifest.json: "raw_videos").
 
 Determinism: each raw video draws from its own SeedSequence([seed, 1, index, track, purpose]) and
 the global choices from SeedSequence([seed, 0]) (pairs, splits, challenge membership, file dirt)
