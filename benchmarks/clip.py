@@ -11,7 +11,7 @@ times after one warm-up, the two interleaved so that this CPU's drift moves both
 """
 
 import statistics
-import time
+import timeit
 
 import jax
 import jax.numpy as jnp
@@ -60,12 +60,6 @@ def torch_tower(config: dict):
     return embed
 
 
-def _seconds(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def main(argv):
     del argv
     config = convert_clip.random_config(FLAGS.size)
@@ -74,12 +68,12 @@ def main(argv):
         np.float32)
     ours, theirs = flax_tower(config, jnp.dtype(FLAGS.dtype)), torch_tower(config)
     x_ours, x_theirs = jnp.asarray(images), torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
-    compile_s = _seconds(lambda: ours(x_ours))  # warm-up: compile and first run
-    _seconds(lambda: theirs(x_theirs))
+    compile_s = timeit.timeit(lambda: ours(x_ours), number=1)  # warm-up: compile and first run
+    timeit.timeit(lambda: theirs(x_theirs), number=1)
     times = {"flax": [], "torch": []}
     for _ in range(FLAGS.steps):
-        times["flax"].append(_seconds(lambda: ours(x_ours)))
-        times["torch"].append(_seconds(lambda: theirs(x_theirs)))
+        times["flax"].append(timeit.timeit(lambda: ours(x_ours), number=1))
+        times["torch"].append(timeit.timeit(lambda: theirs(x_theirs), number=1))
     n = FLAGS.batch
     rate = {k: n / statistics.median(v) for k, v in times.items()}
     print(f"{FLAGS.size} {size}x{size}, batch {n}, jax {jax.__version__} ({jax.default_backend()}, "

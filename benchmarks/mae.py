@@ -19,7 +19,7 @@ at 0 (every patch): `encoder_flops_masked:`, `encoder_flops_full:` GFLOP/image a
 
 import importlib.util
 import statistics
-import time
+import timeit
 from pathlib import Path
 
 import jax
@@ -106,12 +106,6 @@ def encoder_gflops(size: str, mask_ratio: float) -> float:
     return cost["flops"] / 1e9
 
 
-def _seconds(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def main(argv):
     del argv
     model = mae.MAE(rngs=nnx.Rngs(0), size=FLAGS.size, mask_ratio=FLAGS.mask_ratio)
@@ -122,12 +116,12 @@ def main(argv):
     ours = flax_step(model)
     theirs = torch_step(FLAGS.size, size, FLAGS.mask_ratio)
     x_ours, x_theirs = jnp.asarray(images), torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
-    compile_s = _seconds(lambda: ours(x_ours))  # warm-up: compile and first step
-    _seconds(lambda: theirs(x_theirs))
+    compile_s = timeit.timeit(lambda: ours(x_ours), number=1)  # warm-up: compile and first step
+    timeit.timeit(lambda: theirs(x_theirs), number=1)
     times = {"flax": [], "torch": []}
     for _ in range(FLAGS.steps):
-        times["flax"].append(_seconds(lambda: ours(x_ours)))
-        times["torch"].append(_seconds(lambda: theirs(x_theirs)))
+        times["flax"].append(timeit.timeit(lambda: ours(x_ours), number=1))
+        times["torch"].append(timeit.timeit(lambda: theirs(x_theirs), number=1))
     rate = {k: FLAGS.batch / statistics.median(v) for k, v in times.items()}
     print(f"{FLAGS.size} {size}x{size}, mask ratio {FLAGS.mask_ratio}, batch {FLAGS.batch}, "
           f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import importlib
 import json
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from abaw_jax.errors import NotFoundError, WeightsError
+from abaw_jax.errors import NotFoundError, UserError, WeightsError
 
 FAMILIES = {"ddamfn": "abaw_jax.convert.ddamfn", "clip": "abaw_jax.convert.clip",
             "mae": "abaw_jax.convert.mae"}
@@ -36,12 +37,17 @@ TASKS = "tasks."  # path prefix of the task layers, which load_into may leave in
 
 
 def main(argv: Sequence[str]) -> int:
-    """Dispatch to the family named by argv[0]; returns the exit status."""
+    """Dispatch to the family named by argv[0]; returns the exit status (1 and one `error:`
+    line for a bad file, a missing key or an existing output)."""
     if not argv or argv[0] not in FAMILIES:
         given = f"unknown family {argv[0]!r}; " if argv and not argv[0].startswith("-") else ""
         print(f"{given}{USAGE}")
         return 2
-    return importlib.import_module(FAMILIES[argv[0]]).main(argv[1:])
+    try:
+        return importlib.import_module(FAMILIES[argv[0]]).main(argv[1:])
+    except (KeyError, ValueError, FileExistsError, FileNotFoundError, UserError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 def dotted(keypath) -> str:

@@ -28,7 +28,6 @@ import argparse
 import json
 import re
 import string
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -314,12 +313,8 @@ def main(argv: Sequence[str]) -> int:
                         f"in class order ({', '.join(EXPR_NAMES)})")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = parser.parse_args(argv)
-    try:
-        prompts = read_prompts(args.prompts) if args.prompts else None
-        out = convert_folder(args.hf_dir, args.out, prompts, args.overwrite)
-    except (KeyError, ValueError, FileExistsError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    prompts = read_prompts(args.prompts) if args.prompts else None
+    out = convert_folder(args.hf_dir, args.out, prompts, args.overwrite)
     meta = convert.read_meta(out)
     print(f"converted the image tower and the prompt embeddings of {args.hf_dir} into {out}; "
           f"ignored keys: {meta['unused_keys'] or 'none'}")

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import functools
 import re
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -159,17 +158,13 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--model", default="ddamfn", choices=("ddamfn", "ddamfn_tiny"))
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = parser.parse_args(argv)
-    try:
-        state, unused = convert_state_dict(read_checkpoint(args.checkpoint), args.num_head,
-                                           args.keep_fc, args.model)
-        meta = {"family": FAMILY, "model": args.model,
-                "model_kwargs": {"num_head": args.num_head}, "outputs": _task_sizes(state),
-                "source": str(args.checkpoint),
-                "unused_keys": unused}
-        out = convert.save(args.out, state, meta, overwrite=args.overwrite)
-    except (KeyError, ValueError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    state, unused = convert_state_dict(read_checkpoint(args.checkpoint), args.num_head,
+                                       args.keep_fc, args.model)
+    meta = {"family": FAMILY, "model": args.model,
+            "model_kwargs": {"num_head": args.num_head}, "outputs": _task_sizes(state),
+            "source": str(args.checkpoint),
+            "unused_keys": unused}
+    out = convert.save(args.out, state, meta, overwrite=args.overwrite)
     count = sum(np.size(v) for v in jax.tree.leaves(state))
     print(f"converted {len(jax.tree.leaves(state))} arrays ({count} values) into {out}")
     print(f"unused keys: {convert.grouped(unused)} (listed in {out / convert.META_FILE})")

@@ -34,7 +34,6 @@ import dataclasses
 import math
 import pickle
 import re
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -274,14 +273,10 @@ def main(argv: Sequence[str]) -> int:
                         help="keep a fine-tuned `head` as the task output `logits` (--model=mae)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = parser.parse_args(argv)
-    try:
-        out = convert_checkpoint(args.checkpoint, args.out, args.model, heads=args.heads,
-                                 decoder_heads=args.decoder_heads,
-                                 norm_pix_loss=args.norm_pix_loss, mask_ratio=args.mask_ratio,
-                                 keep_head=args.keep_head, overwrite=args.overwrite)
-    except (KeyError, ValueError, FileExistsError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    out = convert_checkpoint(args.checkpoint, args.out, args.model, heads=args.heads,
+                             decoder_heads=args.decoder_heads,
+                             norm_pix_loss=args.norm_pix_loss, mask_ratio=args.mask_ratio,
+                             keep_head=args.keep_head, overwrite=args.overwrite)
     meta = convert.read_meta(out)
     print(f"converted {args.checkpoint} into {out} as {meta['model']} "
           f"({_describe(mae.make_spec(**meta['model_kwargs']))})")
