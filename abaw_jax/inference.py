@@ -20,6 +20,10 @@ already normalised (a PyTorch pipeline's tensors) at the model's size. A model t
 randomness at inference (MAE's masking without `noise`) gets a fresh key per call, from
 `load(..., seed=)`.
 
+`predict.sharded(devices)` is the same predictor with its batches split over the local devices
+(the "data" mesh of `parallel`; 0: all): a batch is padded to a multiple of the device count
+(padding frames masked, as padding of clips is) and the outputs cut back, equal to one device's.
+
 `predict.heads` names its task heads (of "va", "expr", "au"), `predict.post` is the
 post-processing stored with the checkpoint (per-head smoothing along a video, then AU
 thresholds; none for a converted folder) and `predict.feed` what the run fed the model (clip
@@ -29,6 +33,7 @@ video (`abaw_jax.video`) applies around it.
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -66,6 +71,7 @@ class Predictor:
         self.preprocess = family.image_preprocess(model)
         self.post = post or postprocess.Post({})
         self.feed = feed or _default_feed(self.preprocess, inputs)
+        self.mesh: jax.sharding.Mesh | None = None  # None: jax's default device
         graphdef, state = nnx.split(model)
         clips = family.clips
 
@@ -102,6 +108,17 @@ class Predictor:
                              f"(N, 3, {size}, {size}), got {images.dtype} {images.shape}")
         return np.stack([augment.resize(im, size) for im in images]), False
 
+    def sharded(self, devices: int = 0) -> Predictor:
+        """This predictor (its compiled function shared) with its variables replicated on the
+        first `devices` local devices (0: all) and every batch split over them; itself when it
+        is already on those."""
+        mesh = parallel.make_mesh(jax.local_devices()[:devices or None])
+        if self.mesh is not None and self.mesh.devices.tolist() == mesh.devices.tolist():
+            return self
+        out = copy.copy(self)
+        out.mesh, out._state = mesh, jax.device_put(self._state, parallel.replicated(mesh))
+        return out
+
     def __call__(self, images: np.ndarray | None = None, embedding: bool = False,
                  valid: np.ndarray | None = None, **named: np.ndarray) -> dict[str, np.ndarray]:
         batch = {k: np.asarray(v, np.float32) for k, v in named.items()}
@@ -115,8 +132,13 @@ class Predictor:
         batch["index"] = np.arange(n, dtype=np.int32)  # every frame real (frame_mask) ...
         if valid is not None:  # ... but padding
             batch["index"] = np.where(np.asarray(valid, bool), batch["index"], -1)
+        if self.mesh is not None:
+            batch = self._split(batch)
         self._key, key = jax.random.split(self._key)
         heads, extra = jax.device_get(self._forward(self._state, batch, key, normalised))
+        if len(batch["index"]) != n:  # the padding's outputs go
+            heads, extra = (jax.tree.map(lambda v: v[:n] if np.ndim(v) and len(v) == len(
+                batch["index"]) else v, tree) for tree in (heads, extra))
         out = {k: np.asarray(v) for k, v in heads.items()}
         if self.post.fusion:
             out = {k: np.asarray(v, np.float32) for k, v in self.post.fuse(out).items()}
@@ -127,6 +149,17 @@ class Predictor:
             out.update({k: jax.tree.map(np.asarray, v) for k, v in extra.items()
                         if k not in out})
         return out
+
+
+    def _split(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """The batch (faces, or a clip's frames) padded to a multiple of the mesh's devices
+        (index -1: padding, masked as a clip's padding is) and split over them."""
+        pad = -len(batch["index"]) % self.mesh.size
+        if pad:
+            batch = {k: np.concatenate([v, np.full((pad, *v.shape[1:]), -1 if k == "index"
+                                                   else 0, v.dtype)])
+                     for k, v in batch.items()}
+        return parallel.to_global(batch, self.mesh)
 
 
 def load(path: str | Path, which: str = "best", seed: int = 0) -> Predictor:
