@@ -2,19 +2,22 @@ r"""The video command's speed: end-to-end frames/s of `abaw_jax.video` on a synt
 with the full DDAMFN, and the share of decoding, face detection and the model.
 
   python benchmarks/video.py [--seconds=60] [--faces=1] [--batch=32] [--detector=haar]
-      [--model=ddamfn] [--video=PATH]
+      [--model=ddamfn] [--video=PATH] [--devices=0] [--min_hits=1,2,3]
 
 Writes a `--seconds` long 1280x720, 25 fps H.264 video (a cluttered still background, `--faces`
 drawn faces moving about; `--video` reuses or keeps it), then times, each on its own: decoding
 (`data.video.read_frames`: PyAV, RGB frames), finding the faces (`faces.Tracker`: the
 whole-frame search every 10 frames and the searches near each face in between, plus cropping
 and resizing each face; on frames decoded beforehand), the model alone (the predictor on
-batches of 112x112 crops, random weights: the speed does not depend on them), and the whole
-command (`video.analyse_input`). Prints `<name>: <value> <unit>` lines: each stage's frames/s,
-its share of the three stages' summed time, end-to-end frames/s and its ratio to the model
-alone (goal: the model the largest share, the ratio >= 0.5).
+batches of 112x112 crops, random weights: the speed does not depend on them; split over
+`--devices`, as the command does), and the whole command (`video.analyse_input`). Prints
+`<name>: <value> <unit>` lines: each stage's frames/s, its share of the three stages' summed
+time, end-to-end frames/s and its ratio to the model alone (goal: the model the largest share,
+the ratio >= 0.5). Then, per `--min_hits`, the tracks the command would write and their faces:
+every track beyond the `--faces` drawn ones is a false detection's.
 """
 
+import collections
 import itertools
 import tempfile
 import time
@@ -37,6 +40,9 @@ flags.DEFINE_integer("batch", 32, "Faces per model call.")
 flags.DEFINE_string("detector", "haar", "As the command's --detector.")
 flags.DEFINE_string("model", "ddamfn", "Registered frame family (random weights).")
 flags.DEFINE_string("video", None, "Video path: read if it exists, else written there.")
+flags.DEFINE_integer("devices", 0, "As the command's --devices (0: all local devices).")
+flags.DEFINE_list("min_hits", ["1", "2", "3"], "Values of the command's --min_hits to count "
+                  "the tracks of (none: skip).")
 FLAGS = flags.FLAGS
 
 SIZE, FPS = (1280, 720), 25
@@ -127,6 +133,21 @@ def _model(predictor: inference.Predictor, n: int) -> float:
     return time.perf_counter() - start
 
 
+def _tracks(path: Path, min_hits: int) -> collections.Counter:
+    """{track: faces the command writes} with `min_hits`: a tentative face counts once its
+    track is confirmed."""
+    tracker = faces.Tracker(faces.detector(FLAGS.detector), min_hits=min_hits)
+    held, written = collections.Counter(), collections.Counter()
+    for _, rgb in video_lib.read_frames(path):
+        for face in tracker(rgb):
+            (written if face.confirmed else held)[face.track] += 1
+        for provisional, track in tracker.confirmed.items():
+            written[track] += held.pop(provisional, 0)
+        for provisional in tracker.dropped:
+            held.pop(provisional, None)
+    return written
+
+
 def main(argv):
     del argv
     path = Path(FLAGS.video or Path(tempfile.mkdtemp(prefix="bench_video_")) / "720p.mp4")
@@ -136,14 +157,15 @@ def main(argv):
         _write(path, frames, FLAGS.faces)
         print(f"wrote {path} in {time.perf_counter() - start:.0f} s")
     info = video_lib.probe(path)
-    predictor = _predictor()
+    predictor = _predictor().sharded(FLAGS.devices)
     print(f"video: {info.width}x{info.height}, {info.num_frames} frames at {info.fps:g} fps, "
           f"{FLAGS.faces} face(s) drawn per frame; model {FLAGS.model} (random weights), "
-          f"batch {FLAGS.batch}, detector {FLAGS.detector}, jax on {jax.devices()[0].platform}")
+          f"batch {FLAGS.batch}, detector {FLAGS.detector}, jax on {predictor.mesh.size} "
+          f"{jax.devices()[0].platform} device(s)")
     n, decode = _decode(path)
     found, find = _find(path, predictor.preprocess.size)
     model = _model(predictor, found)
-    options = video.Options(detector=FLAGS.detector, batch=FLAGS.batch)
+    options = video.Options(detector=FLAGS.detector, batch=FLAGS.batch, devices=FLAGS.devices)
     predictor(np.zeros((FLAGS.batch, 112, 112, 3), np.uint8))  # compiled before timing
     start = time.perf_counter()
     result = video.analyse_input(video.find_inputs(path)[0], predictor, options)
@@ -159,6 +181,13 @@ def main(argv):
     print(f"end_to_end_vs_model: {model / total:.2f} (goal >= 0.5)")
     print("end_to_end_busy: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
           + " (each stage's own thread during the run)")
+    for min_hits in map(int, FLAGS.min_hits):
+        written = _tracks(path, min_hits)
+        true = sum(n for _, n in written.most_common(FLAGS.faces))
+        false = sum(written.values()) - true
+        print(f"tracks_min_hits_{min_hits}: {len(written)} tracks, "
+              f"{max(0, len(written) - FLAGS.faces)} false ({false} faces), {true} faces in "
+              f"the {FLAGS.faces} longest")
 
 
 if __name__ == "__main__":
