@@ -159,9 +159,9 @@ class Tracker:
     `detector` None: every frame is one face, track 0, its box the whole frame. `min_face`:
     the smallest face searched for, in frame pixels (0: an eighth of the frame's shorter side).
     After a call: `ended`, the ids of the tracks that ended at it (not found for `max_gap`
-    frames); with `min_hits` > 1, `confirmed` ({provisional id: id} of the tentative tracks
-    confirmed at it: this frame's faces already carry the id) and `dropped` (the provisional ids
-    of tentative tracks that ended unconfirmed). `finish()` drops the tentative tracks left at
+    frames); `confirmed`, {provisional id: id} of the tracks confirmed at it (this frame's faces
+    already carry the id; with `min_hits` 1 every new track at once); `dropped`, the provisional
+    ids of tentative tracks that ended unconfirmed. `finish()` drops the tentative tracks left at
     the end (their ids in `dropped`).
     """
 

@@ -224,6 +224,7 @@ def _default_feed(preprocess: models.Preprocess | None, inputs: tuple[str, ...]
 
 def _pick(names: tuple[str, ...]) -> Callable[[Mapping], dict]:
     """The converted model's outputs: a task head's as the task predicts it (EXPR class
-    probabilities from CLIP's prompt similarities), others raw (DDAMFN's `logits`)."""
+    probabilities from CLIP's prompt similarities; a branched model's, GCSA's audio-visual, from
+    its branches), others raw (DDAMFN's `logits`)."""
     task = tasks.Task("converted", tuple(n for n in names if n in heads.HEADS), "")
-    return lambda out: {**{k: out[k] for k in names}, **task.predict(out)}
+    return lambda out: {**{k: out[k] for k in names if k in out}, **task.predict(out)}

@@ -436,9 +436,11 @@ class _Rows:
 def _check_inputs(predictor: inference.Predictor) -> None:
     other = [k for k in predictor.inputs if k not in _MODEL_INPUTS]
     if other:
-        raise ConfigError(f"the model takes {other}, which a video does not give (it gives "
-                          f"{list(_MODEL_INPUTS)}): e.g. a head on cached features needs its "
-                          "backbone's images instead")
+        raise ConfigError(
+            f"the model takes {other}, which the video path cannot give (it gives "
+            f"{list(_MODEL_INPUTS)}): a head trained on cached features (`--mode=extract`'s "
+            "embeddings, e.g. the MAE fusion's temporal heads) has no network to compute them "
+            "from faces; run a model that holds its backbone (the family's `backbone=`) instead")
 
 
 def analyse_input(source: Source, predictor: inference.Predictor, options: Options,

@@ -87,7 +87,7 @@ def random_model(name: str, seed: int = 0, **kwargs) -> nnx.Module:
     ~15 s on the busy 2-core machine). Kernels are normal with sd 1 / sqrt(fan-in) (the signal
     keeps its scale through the layers, so the outputs depend on the input), norm scales and
     BatchNorm variances uniform in [0.5, 1.5], everything else normal with sd 0.1."""
-    model = nnx.eval_shape(lambda: models.build(name, **kwargs))
+    model = nnx.eval_shape(lambda: models.build(name, **{"rngs": nnx.Rngs(0), **kwargs}))
     rng = np.random.default_rng(seed)
 
     def draw(path, s):
