@@ -10,7 +10,8 @@ drawn faces moving about; `--video` reuses or keeps it), then times, each on its
 whole-frame search every 10 frames and the searches near each face in between, plus cropping
 and resizing each face; on frames decoded beforehand), the model alone (the predictor on
 batches of 112x112 crops, random weights: the speed does not depend on them; split over
-`--devices`, as the command does), and the whole command (`video.analyse_input`). Prints
+`--devices`, as the command does; and, calls alternating with it, on jax's default device
+without a mesh), and the whole command (`video.analyse_input`). Prints
 `<name>: <value> <unit>` lines: each stage's frames/s, its share of the three stages' summed
 time, end-to-end frames/s and its ratio to the model alone (goal: the model the largest share,
 the ratio >= 0.5). Then, per `--min_hits`, the tracks the command would write and their faces:
@@ -122,15 +123,20 @@ def _find(path: Path, size: int) -> tuple[int, float]:
     return found, seconds
 
 
-def _model(predictor: inference.Predictor, n: int) -> float:
-    """Seconds for n faces, in full batches (compiled first)."""
-    size = predictor.preprocess.size
+def _model(predictors: list[inference.Predictor], n: int) -> list[float]:
+    """Seconds for n faces in full batches (compiled first), per predictor; their calls
+    alternate, so that the load of a busy machine falls on each alike."""
+    size = predictors[0].preprocess.size
     crops = np.random.default_rng(0).integers(0, 255, (FLAGS.batch, size, size, 3), np.uint8)
-    predictor(crops)
-    start = time.perf_counter()
-    for _ in range(-(-n // FLAGS.batch)):
+    seconds = [0.0] * len(predictors)
+    for predictor in predictors:
         predictor(crops)
-    return time.perf_counter() - start
+    for _ in range(-(-n // FLAGS.batch)):
+        for i, predictor in enumerate(predictors):
+            start = time.perf_counter()
+            predictor(crops)
+            seconds[i] += time.perf_counter() - start
+    return seconds
 
 
 def _tracks(path: Path, min_hits: int) -> collections.Counter:
@@ -157,14 +163,15 @@ def main(argv):
         _write(path, frames, FLAGS.faces)
         print(f"wrote {path} in {time.perf_counter() - start:.0f} s")
     info = video_lib.probe(path)
-    predictor = _predictor().sharded(FLAGS.devices)
+    unsplit = _predictor()
+    predictor = unsplit.sharded(FLAGS.devices)
     print(f"video: {info.width}x{info.height}, {info.num_frames} frames at {info.fps:g} fps, "
           f"{FLAGS.faces} face(s) drawn per frame; model {FLAGS.model} (random weights), "
           f"batch {FLAGS.batch}, detector {FLAGS.detector}, jax on {predictor.mesh.size} "
           f"{jax.devices()[0].platform} device(s)")
     n, decode = _decode(path)
     found, find = _find(path, predictor.preprocess.size)
-    model = _model(predictor, found)
+    model, model_unsplit = _model([predictor, unsplit], found)
     options = video.Options(detector=FLAGS.detector, batch=FLAGS.batch, devices=FLAGS.devices)
     predictor(np.zeros((FLAGS.batch, 112, 112, 3), np.uint8))  # compiled before timing
     start = time.perf_counter()
@@ -179,6 +186,9 @@ def main(argv):
         print(f"share_{name}: {100 * seconds / sum(stages.values()):.1f} %")
     print(f"end_to_end: {n / total:.1f} frames/s ({total:.1f} s)")
     print(f"end_to_end_vs_model: {model / total:.2f} (goal >= 0.5)")
+    print(f"model_unsplit: {n / model_unsplit:.1f} frames/s (the predictor on jax's default "
+          f"device, as before --devices; split over {predictor.mesh.size}: "
+          f"{model_unsplit / model:.3f}x its speed)")
     print("end_to_end_busy: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
           + " (each stage's own thread during the run)")
     for min_hits in map(int, FLAGS.min_hits):
