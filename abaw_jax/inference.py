@@ -22,7 +22,9 @@ randomness at inference (MAE's masking without `noise`) gets a fresh key per cal
 
 `predict.sharded(devices)` is the same predictor with its batches split over the local devices
 (the "data" mesh of `parallel`; 0: all): a batch is padded to a multiple of the device count
-(padding frames masked, as padding of clips is) and the outputs cut back, equal to one device's.
+(padding frames masked, as padding of clips is) and the outputs cut back: one device's outputs
+at the batch size each device gets (a device's batch size changes XLA's kernels, hence the
+last bits of its outputs).
 
 `predict.heads` names its task heads (of "va", "expr", "au"), `predict.post` is the
 post-processing stored with the checkpoint (per-head smoothing along a video, then AU
@@ -149,7 +151,6 @@ class Predictor:
             out.update({k: jax.tree.map(np.asarray, v) for k, v in extra.items()
                         if k not in out})
         return out
-
 
     def _split(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """The batch (faces, or a clip's frames) padded to a multiple of the mesh's devices

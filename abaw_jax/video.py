@@ -1,16 +1,19 @@
 """Raw video in, per-frame affect out.
 
     python -m abaw_jax.video --model=<workdir or converted folder> --input=<video | folder of
-        videos | folder of frames> --out=<dir> [--detector=haar|yunet:<onnx>|none] [--batch=32]
-        [--every=N] [--annotate]
+        videos | folder of frames | folder of frame folders> --out=<dir>
+        [--detector=haar|yunet:<onnx>|none] [--batch=32] [--every=N] [--max_gap=15]
+        [--min_hits=2] [--devices=0] [--annotate]
 
 For each input video: frames decoded in order by PyAV on a background thread; faces found and
-tracked (`faces.Tracker`: stable ids); each face cropped with a margin and run through the model
-as `inference.load` gives it (its own preprocessing), crops of many frames batched together, a
-temporal model over each track's crops in order (windows of the run's clip length and stride,
-each frame's outputs the mean over its windows, as evaluation does), a model that takes audio
-with the video's own windows (its run's `data.audio`); then the post-processing stored with the
-checkpoint (smoothing along each track, AU thresholds).
+tracked (`faces.Tracker`: stable ids; a new track written once found in `min_hits` frames, its
+first frames then too); each face cropped with a margin and run through the model as
+`inference.load` gives it (its own preprocessing), crops of many frames batched together and
+each batch split over the local devices (`Predictor.sharded`), a temporal model over each
+track's crops in order (windows of the run's clip length and stride, each frame's outputs the
+mean over its windows, as evaluation does), a model that takes audio with the video's own
+windows (its run's `data.audio`); then the post-processing stored with the checkpoint
+(smoothing along each track, AU thresholds).
 
 Outputs per input, in --out: `<name>.csv`, one row per frame and face (a frame without a face:
 one row with empty values), `<name>.png` (per track: valence and arousal over time, the
