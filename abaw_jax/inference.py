@@ -22,7 +22,8 @@ randomness at inference (MAE's masking without `noise`) gets a fresh key per cal
 
 `predict.sharded(devices)` is the same predictor with its batches split over the local devices
 (the "data" mesh of `parallel`; 0: all): a batch is padded to a multiple of the device count
-(padding frames masked, as padding of clips is) and the outputs cut back: one device's outputs
+(padding frames masked, as padding of clips is; a clip of a model that masks none, the LSTM,
+runs whole on every device instead) and the outputs cut back: one device's outputs
 at the batch size each device gets (a device's batch size changes XLA's kernels, hence the
 last bits of its outputs).
 
@@ -154,8 +155,12 @@ class Predictor:
 
     def _split(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """The batch (faces, or a clip's frames) padded to a multiple of the mesh's devices
-        (index -1: padding, masked as a clip's padding is) and split over them."""
+        (index -1: padding, masked as a clip's padding is) and split over them. A clip of a
+        model that masks no frames (the LSTM: padding would reach its backward pass) is not
+        padded: unless its length splits evenly, every device runs all of it."""
         pad = -len(batch["index"]) % self.mesh.size
+        if pad and self.clips and "frame_mask" not in self.inputs:
+            return jax.device_put(batch, parallel.replicated(self.mesh))
         if pad:
             batch = {k: np.concatenate([v, np.full((pad, *v.shape[1:]), -1 if k == "index"
                                                    else 0, v.dtype)])

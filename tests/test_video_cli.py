@@ -491,6 +491,21 @@ def test_the_models_batches_split_over_the_devices_give_one_devices_outputs(face
             np.testing.assert_array_equal(all_[k], v, err_msg=k)
 
 
+def test_an_lstm_clip_runs_whole_on_each_device_rather_than_padded():
+    """A bidirectional LSTM masks no frames: padding a clip of 5 frames to the 8 devices would
+    reach its backward pass, so the split predictor gives every device the whole clip."""
+    model = random_model("lstm", outputs={"va": 2}, backbone="gcsa_visual",
+                         backbone_kwargs=gcsa.RHCNN_TINY, hidden=8, bidirectional=True)
+    clips = inference.Predictor(model, models.get("lstm"), tuple(model.inputs),
+                                tasks.Task("va", ("va",), "").predict)
+    faces = _drawn_faces(5)
+    whole = clips(faces)["va"]
+    padded = clips(np.concatenate([faces, np.zeros((3, 112, 112, 3), np.uint8)]),
+                   valid=np.arange(8) < 5)["va"][:5]
+    assert np.abs(padded - whole).max() > 1e-4  # what padding would do
+    np.testing.assert_allclose(clips.sharded()(faces)["va"], whole, atol=1e-5)
+
+
 def _crops_and_windows(table: dict, path: Path, size: int, cfg: audio.AudioConfig | None = None
                        ) -> tuple[np.ndarray, np.ndarray | None]:
     """The faced rows' crops at the model's `size` and, with `cfg`, their frames' audio windows
