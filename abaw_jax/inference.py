@@ -135,7 +135,7 @@ class Predictor:
         batch["index"] = np.arange(n, dtype=np.int32)  # every frame real (frame_mask) ...
         if valid is not None:  # ... but padding
             batch["index"] = np.where(np.asarray(valid, bool), batch["index"], -1)
-        if self.mesh is not None:
+        if self.mesh is not None and self.mesh.size > 1:  # one device: as without a mesh
             batch = self._split(batch)
         self._key, key = jax.random.split(self._key)
         heads, extra = jax.device_get(self._forward(self._state, batch, key, normalised))
