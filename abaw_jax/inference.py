@@ -49,7 +49,7 @@ from flax import nnx
 from abaw_jax import convert, heads, metrics, models, parallel, postprocess, tasks
 from abaw_jax import state as state_lib
 from abaw_jax.data import audio, augment
-from abaw_jax.errors import NotFoundError
+from abaw_jax.errors import ConfigError, NotFoundError
 
 
 class Predictor:
@@ -115,7 +115,10 @@ class Predictor:
         """This predictor (its compiled function shared) with its variables replicated on the
         first `devices` local devices (0: all) and every batch split over them; itself when it
         is already on those."""
-        mesh = parallel.make_mesh(jax.local_devices()[:devices or None])
+        local = jax.local_devices()
+        if devices > len(local):
+            raise ConfigError(f"devices={devices}: this process has {len(local)} local devices")
+        mesh = parallel.make_mesh(local[:devices or None])
         if self.mesh is not None and self.mesh.devices.tolist() == mesh.devices.tolist():
             return self
         out = copy.copy(self)

@@ -476,6 +476,8 @@ def test_the_models_batches_split_over_the_devices_give_one_devices_outputs(face
     assert jax.local_device_count() == 8
     split = predictor.sharded()
     assert split.mesh.size == 8 and split.sharded(0) is split and predictor.mesh is None
+    with pytest.raises(errors.ConfigError, match="devices=9: this process has 8 local devices"):
+        predictor.sharded(9)
     assert {len(leaf.sharding.device_set) for leaf in jax.tree.leaves(split._state)} == {8}
     faces = _drawn_faces(5)
     alone = [predictor(faces[i:i + 1]) for i in range(5)]
