@@ -11,7 +11,11 @@ which costs a fraction of a full search (a new face waits for the next full sear
 are searched at a reduced scale, such that the smallest face wanted (`min_face` pixels) is the
 detector's smallest. Detections are matched to tracks by IoU (greedily, the best overlap
 first); a track not found for more than `max_gap` frames ends, and a face found after that
-starts a new track id.
+starts a new track id. With `min_hits` > 1 a new track is tentative (a provisional negative id)
+until it has been found in `min_hits` frames; then it gets its id (`confirmed` says which
+provisional id became which), and a tentative track that ends before that is `dropped`: a
+detector's one-frame false positive never becomes a track, and the caller, which kept the
+tentative faces, writes them under the confirmed id (no frame of a true face is lost).
 
 numpy and OpenCV only (no jax).
 """
@@ -108,9 +112,13 @@ def detector(spec: str) -> Detector | None:
 
 @dataclasses.dataclass(frozen=True)
 class Face:
-    track: int  # stable id, from 0 in order of first appearance (then left to right)
+    track: int  # stable id from 0, in order of confirmation (then left to right); < -1: tentative
     box: np.ndarray  # (4,) x, y, w, h in whole pixels of the frame
     score: float  # the detector's (nan without one)
+
+    @property
+    def confirmed(self) -> bool:
+        return self.track >= 0
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -139,9 +147,10 @@ def crop(frame: np.ndarray, box: np.ndarray, margin: float) -> np.ndarray:
 
 @dataclasses.dataclass
 class _Track:
-    id: int
+    id: int  # < -1 while tentative
     box: np.ndarray
     seen: int  # the frame count when last found
+    hits: int = 1  # frames found in
 
 
 class Tracker:
@@ -149,8 +158,11 @@ class Tracker:
 
     `detector` None: every frame is one face, track 0, its box the whole frame. `min_face`:
     the smallest face searched for, in frame pixels (0: an eighth of the frame's shorter side).
-    `ended` after a call: the ids of the tracks that ended at it (not found for `max_gap`
-    frames).
+    After a call: `ended`, the ids of the tracks that ended at it (not found for `max_gap`
+    frames); `confirmed`, {provisional id: id} of the tracks confirmed at it (this frame's faces
+    already carry the id; with `min_hits` 1 every new track at once); `dropped`, the provisional
+    ids of tentative tracks that ended unconfirmed. `finish()` drops the tentative tracks left at
+    the end (their ids in `dropped`).
     """
 
     # Between full searches a track is looked for in a square of this many times its size
@@ -159,14 +171,18 @@ class Tracker:
     SIZES = (0.7, 1.45)
 
     def __init__(self, detector: Detector | None, *, min_face: float = 0, full_every: int = 10,
-                 max_gap: int = 15, min_iou: float = 0.3):
-        if full_every < 1 or max_gap < 0:
-            raise ConfigError(f"full_every={full_every} must be >= 1, max_gap={max_gap} >= 0")
+                 max_gap: int = 15, min_hits: int = 1, min_iou: float = 0.3):
+        if full_every < 1 or max_gap < 0 or min_hits < 1:
+            raise ConfigError(f"full_every={full_every} and min_hits={min_hits} must be >= 1, "
+                              f"max_gap={max_gap} >= 0")
         self.detector, self.min_face = detector, min_face
         self.full_every, self.max_gap, self.min_iou = full_every, max_gap, min_iou
+        self.min_hits = min_hits
         self.tracks: list[_Track] = []
-        self.count, self.next_id = 0, 0
+        self.count, self.next_id, self.next_tentative = 0, 0, -2
         self.ended: list[int] = []
+        self.dropped: list[int] = []
+        self.confirmed: dict[int, int] = {}
 
     def __call__(self, rgb: np.ndarray) -> list[Face]:
         h, w = rgb.shape[:2]
@@ -221,7 +237,7 @@ class Tracker:
     def _match(self, boxes: np.ndarray, scores: np.ndarray, new_tracks: bool) -> list[Face]:
         """Detections -> the tracks they overlap most; the others start tracks in a full
         search (near a track, they are parts or neighbours of it cut by the search region)."""
-        taken_tracks, taken_boxes, faces = set(), set(), []
+        taken_tracks, taken_boxes, found = set(), set(), []
         if self.tracks and len(boxes):
             overlap = iou(np.stack([t.box for t in self.tracks])[:, None], boxes[None])
             for flat in np.argsort(-overlap, axis=None):
@@ -233,16 +249,35 @@ class Tracker:
                 taken_tracks.add(ti)
                 taken_boxes.add(bi)
                 track = self.tracks[ti]
-                track.box, track.seen = boxes[bi], self.count
-                faces.append(Face(track.id, boxes[bi], float(scores[bi])))
+                track.box, track.seen, track.hits = boxes[bi], self.count, track.hits + 1
+                found.append((track, bi))
         for bi in np.lexsort((boxes[:, 1], boxes[:, 0])) if new_tracks else ():
-            if bi not in taken_boxes:  # new ids from left to right
-                self.tracks.append(_Track(self.next_id, boxes[bi], self.count))
-                faces.append(Face(self.next_id, boxes[bi], float(scores[bi])))
-                self.next_id += 1
-        self.ended = [t.id for t in self.tracks if self.count - t.seen > self.max_gap]
+            if bi not in taken_boxes:  # new tracks from left to right
+                self.tracks.append(_Track(self.next_tentative, boxes[bi], self.count))
+                self.next_tentative -= 1
+                found.append((self.tracks[-1], bi))
+        self._confirm()
+        gone = [t for t in self.tracks if self.count - t.seen > self.max_gap]
+        self.ended = [t.id for t in gone if t.id >= 0]
+        self.dropped = [t.id for t in gone if t.id < 0]
         self.tracks = [t for t in self.tracks if self.count - t.seen <= self.max_gap]
-        return sorted(faces, key=lambda f: f.track)
+        faces = [Face(t.id, boxes[bi], float(scores[bi])) for t, bi in found]
+        return sorted(faces, key=lambda f: (not f.confirmed, abs(f.track)))
+
+    def _confirm(self) -> None:
+        """Ids for the tentative tracks found in `min_hits` frames, in order of creation."""
+        self.confirmed = {}
+        for t in self.tracks:
+            if t.id < 0 and t.hits >= self.min_hits:
+                self.confirmed[t.id] = self.next_id
+                t.id = self.next_id
+                self.next_id += 1
+
+    def finish(self) -> None:
+        """The end of the frames: tentative tracks left are dropped, the others end."""
+        self.dropped = [t.id for t in self.tracks if t.id < 0]
+        self.ended = [t.id for t in self.tracks if t.id >= 0]
+        self.tracks, self.confirmed = [], {}
 
 
 def _suppress(boxes: np.ndarray, scores: np.ndarray, overlap: float = 0.5

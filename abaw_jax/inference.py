@@ -20,6 +20,13 @@ already normalised (a PyTorch pipeline's tensors) at the model's size. A model t
 randomness at inference (MAE's masking without `noise`) gets a fresh key per call, from
 `load(..., seed=)`.
 
+`predict.sharded(devices)` is the same predictor with its batches split over the local devices
+(the "data" mesh of `parallel`; 0: all): a batch is padded to a multiple of the device count
+(padding frames masked, as padding of clips is; a clip of a model that masks none, the LSTM,
+runs whole on every device instead) and the outputs cut back: one device's outputs
+at the batch size each device gets (a device's batch size changes XLA's kernels, hence the
+last bits of its outputs).
+
 `predict.heads` names its task heads (of "va", "expr", "au"), `predict.post` is the
 post-processing stored with the checkpoint (per-head smoothing along a video, then AU
 thresholds; none for a converted folder) and `predict.feed` what the run fed the model (clip
@@ -29,6 +36,7 @@ video (`abaw_jax.video`) applies around it.
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -41,7 +49,7 @@ from flax import nnx
 from abaw_jax import convert, heads, metrics, models, parallel, postprocess, tasks
 from abaw_jax import state as state_lib
 from abaw_jax.data import audio, augment
-from abaw_jax.errors import NotFoundError
+from abaw_jax.errors import ConfigError, NotFoundError
 
 
 class Predictor:
@@ -66,6 +74,7 @@ class Predictor:
         self.preprocess = family.image_preprocess(model)
         self.post = post or postprocess.Post({})
         self.feed = feed or _default_feed(self.preprocess, inputs)
+        self.mesh: jax.sharding.Mesh | None = None  # None: jax's default device
         graphdef, state = nnx.split(model)
         clips = family.clips
 
@@ -102,6 +111,20 @@ class Predictor:
                              f"(N, 3, {size}, {size}), got {images.dtype} {images.shape}")
         return np.stack([augment.resize(im, size) for im in images]), False
 
+    def sharded(self, devices: int = 0) -> Predictor:
+        """This predictor (its compiled function shared) with its variables replicated on the
+        first `devices` local devices (0: all) and every batch split over them; itself when it
+        is already on those."""
+        local = jax.local_devices()
+        if devices > len(local):
+            raise ConfigError(f"devices={devices}: this process has {len(local)} local devices")
+        mesh = parallel.make_mesh(local[:devices or None])
+        if self.mesh is not None and self.mesh.devices.tolist() == mesh.devices.tolist():
+            return self
+        out = copy.copy(self)
+        out.mesh, out._state = mesh, jax.device_put(self._state, parallel.replicated(mesh))
+        return out
+
     def __call__(self, images: np.ndarray | None = None, embedding: bool = False,
                  valid: np.ndarray | None = None, **named: np.ndarray) -> dict[str, np.ndarray]:
         batch = {k: np.asarray(v, np.float32) for k, v in named.items()}
@@ -115,8 +138,13 @@ class Predictor:
         batch["index"] = np.arange(n, dtype=np.int32)  # every frame real (frame_mask) ...
         if valid is not None:  # ... but padding
             batch["index"] = np.where(np.asarray(valid, bool), batch["index"], -1)
+        if self.mesh is not None and self.mesh.size > 1:  # one device: as without a mesh
+            batch = self._split(batch)
         self._key, key = jax.random.split(self._key)
         heads, extra = jax.device_get(self._forward(self._state, batch, key, normalised))
+        if len(batch["index"]) != n:  # the padding's outputs go
+            heads, extra = (jax.tree.map(lambda v: v[:n] if np.ndim(v) and len(v) == len(
+                batch["index"]) else v, tree) for tree in (heads, extra))
         out = {k: np.asarray(v) for k, v in heads.items()}
         if self.post.fusion:
             out = {k: np.asarray(v, np.float32) for k, v in self.post.fuse(out).items()}
@@ -127,6 +155,20 @@ class Predictor:
             out.update({k: jax.tree.map(np.asarray, v) for k, v in extra.items()
                         if k not in out})
         return out
+
+    def _split(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """The batch (faces, or a clip's frames) padded to a multiple of the mesh's devices
+        (index -1: padding, masked as a clip's padding is) and split over them. A clip of a
+        model that masks no frames (the LSTM: padding would reach its backward pass) is not
+        padded: unless its length splits evenly, every device runs all of it."""
+        pad = -len(batch["index"]) % self.mesh.size
+        if pad and self.clips and "frame_mask" not in self.inputs:
+            return jax.device_put(batch, parallel.replicated(self.mesh))
+        if pad:
+            batch = {k: np.concatenate([v, np.full((pad, *v.shape[1:]), -1 if k == "index"
+                                                   else 0, v.dtype)])
+                     for k, v in batch.items()}
+        return parallel.to_global(batch, self.mesh)
 
 
 def load(path: str | Path, which: str = "best", seed: int = 0) -> Predictor:
@@ -191,6 +233,7 @@ def _default_feed(preprocess: models.Preprocess | None, inputs: tuple[str, ...]
 
 def _pick(names: tuple[str, ...]) -> Callable[[Mapping], dict]:
     """The converted model's outputs: a task head's as the task predicts it (EXPR class
-    probabilities from CLIP's prompt similarities), others raw (DDAMFN's `logits`)."""
+    probabilities from CLIP's prompt similarities; a branched model's, GCSA's audio-visual, from
+    its branches), others raw (DDAMFN's `logits`)."""
     task = tasks.Task("converted", tuple(n for n in names if n in heads.HEADS), "")
-    return lambda out: {**{k: out[k] for k in names}, **task.predict(out)}
+    return lambda out: {**{k: out[k] for k in names if k in out}, **task.predict(out)}

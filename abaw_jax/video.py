@@ -1,16 +1,19 @@
 """Raw video in, per-frame affect out.
 
     python -m abaw_jax.video --model=<workdir or converted folder> --input=<video | folder of
-        videos | folder of frames> --out=<dir> [--detector=haar|yunet:<onnx>|none] [--batch=32]
-        [--every=N] [--annotate]
+        videos | folder of frames | folder of frame folders> --out=<dir>
+        [--detector=haar|yunet:<onnx>|none] [--batch=32] [--every=N] [--max_gap=15]
+        [--min_hits=2] [--devices=0] [--annotate]
 
 For each input video: frames decoded in order by PyAV on a background thread; faces found and
-tracked (`faces.Tracker`: stable ids); each face cropped with a margin and run through the model
-as `inference.load` gives it (its own preprocessing), crops of many frames batched together, a
-temporal model over each track's crops in order (windows of the run's clip length and stride,
-each frame's outputs the mean over its windows, as evaluation does), a model that takes audio
-with the video's own windows (its run's `data.audio`); then the post-processing stored with the
-checkpoint (smoothing along each track, AU thresholds).
+tracked (`faces.Tracker`: stable ids; a new track written once found in `min_hits` frames, its
+first frames then too); each face cropped with a margin and run through the model as
+`inference.load` gives it (its own preprocessing), crops of many frames batched together and
+each batch split over the local devices (`Predictor.sharded`), a temporal model over each
+track's crops in order (windows of the run's clip length and stride, each frame's outputs the
+mean over its windows, as evaluation does), a model that takes audio with the video's own
+windows (its run's `data.audio`); then the post-processing stored with the checkpoint
+(smoothing along each track, AU thresholds).
 
 Outputs per input, in --out: `<name>.csv`, one row per frame and face (a frame without a face:
 one row with empty values), `<name>.png` (per track: valence and arousal over time, the
@@ -67,11 +70,16 @@ class Options:
     full_every: int = 10  # whole-frame searches every this many analysed frames
     max_gap: int = 15  # analysed frames a track may go unseen and keep its id
     fps: float = 30.0  # of a folder of frames (videos say their own)
+    min_hits: int = 2  # frames a new track must be found in before it is written
+    devices: int = 0  # local devices the model's batches are split over (0: all)
 
     def __post_init__(self):
-        if self.batch < 1 or self.every < 1 or self.margin < 0 or self.fps <= 0:
-            raise ConfigError(f"batch={self.batch} and every={self.every} must be >= 1, "
-                              f"margin={self.margin} >= 0, fps={self.fps} > 0")
+        if min(self.batch, self.every, self.min_hits) < 1 or self.margin < 0 or self.fps <= 0 \
+                or self.max_gap < 0 or self.devices < 0:
+            raise ConfigError(f"batch={self.batch}, every={self.every} and min_hits="
+                              f"{self.min_hits} must be >= 1, margin={self.margin}, max_gap="
+                              f"{self.max_gap} and devices={self.devices} >= 0, fps={self.fps} "
+                              "> 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,8 +104,9 @@ class Source:
 
 
 def find_inputs(path: str | Path) -> list[Source]:
-    """The inputs of --input: a video file; a folder's videos; or a folder of frame images (one
-    input, named after the folder)."""
+    """The inputs of --input: a video file; a folder's videos; a folder of frame images (one
+    input, named after the folder); or a folder of such folders (`cropped_aligned`: one input
+    per sub-folder that holds frame images, named after it)."""
     path = Path(path)
     if path.is_file():
         return [Source(path.stem, path)]
@@ -110,10 +119,14 @@ def find_inputs(path: str | Path) -> list[Source]:
         # a.mp4 and a.avi both: outputs named after the whole file name
         return [Source(p.stem if stems[p.stem] == 1 else p.name, p) for p in videos]
     files = video_lib.frame_files(path)
-    if not files:
-        raise DataError(f"{path}: no videos ({', '.join(VIDEO_SUFFIXES)}) and no frame images "
-                        f"({', '.join(video_lib.IMAGE_SUFFIXES)})")
-    return [Source(path.resolve().name, path, tuple(files))]
+    if files:
+        return [Source(path.resolve().name, path, tuple(files))]
+    folders = [Source(d.name, d, tuple(files)) for d in sorted(path.iterdir())
+               if d.is_dir() and (files := video_lib.frame_files(d))]
+    if not folders:
+        raise DataError(f"{path}: no videos ({', '.join(VIDEO_SUFFIXES)}), no frame images "
+                        f"({', '.join(video_lib.IMAGE_SUFFIXES)}) and no folders of them")
+    return folders
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,14 +191,15 @@ class _Outputs:
                     sums = self.sums[k]
                     sums[row] = sums[row] + v[i] if row in sums else np.array(v[i], np.float64)
 
-    def arrays(self, n: int) -> dict[str, np.ndarray]:
-        """{head: (n, size)} means, nan in rows without a face."""
+    def arrays(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """{head: (len(rows), size)} means of these rows, nan for rows -1 (no face)."""
         out = {}
         for k, sums in self.sums.items():
             size = len(next(iter(sums.values())))
-            values = np.full((n, size), np.nan)
-            for row, v in sums.items():
-                values[row] = v / self.counts[row]
+            values = np.full((len(rows), size), np.nan)
+            for i, row in enumerate(rows):
+                if row in sums:
+                    values[i] = sums[row] / self.counts[row]
             out[k] = values
         return out
 
@@ -365,12 +379,71 @@ class _Prefetch:
                 pass
 
 
+class _Rows:
+    """The table's rows as faces are found. A face of a tentative track (`faces.Tracker`'s
+    `min_hits`) is held with its model inputs until the track is confirmed (then fed to the
+    model under its id, before the face that confirmed it) or dropped (then its row goes)."""
+
+    def __init__(self, feeder: _FrameBatches | _TrackClips):
+        self.feeder = feeder
+        self.columns: dict[str, list] = {"frame": [], "track": [], "box": [], "score": []}
+        self.frames: list[int] = []  # analysed
+        self.pending: dict[int, list] = collections.defaultdict(list)
+        self.dropped: set[int] = set()
+
+    def add(self, number: int, found: list[tuple[faces.Face, np.ndarray | None, dict]],
+            tracker: faces.Tracker) -> None:
+        self.frames.append(number)
+        now = []
+        for face, image, named in found:
+            row = len(self.columns["frame"])
+            for k, v in zip(self.columns, (number, face.track, face.box, face.score),
+                            strict=True):
+                self.columns[k].append(v)
+            if face.confirmed:
+                now.append((row, face.track, image, named))
+            else:
+                self.pending[face.track].append((row, image, named))
+        self.settle(tracker)
+        for item in now:
+            self.feeder.add(*item)
+        for track in tracker.ended:
+            self.feeder.end_track(track)
+
+    def settle(self, tracker: faces.Tracker) -> None:
+        """The held faces of the tracks `tracker` confirmed or dropped at its last call."""
+        for provisional, track in tracker.confirmed.items():
+            for row, image, named in self.pending.pop(provisional, ()):
+                self.columns["track"][row] = track
+                self.feeder.add(row, track, image, named)
+        for provisional in tracker.dropped:
+            self.dropped.update(row for row, _, _ in self.pending.pop(provisional, ()))
+
+    def ordered(self) -> tuple[dict[str, list], np.ndarray]:
+        """(columns, row each came from: -1 for a frame without a face), by frame then track:
+        the kept faces and one empty row per analysed frame without any."""
+        keep = [i for i in range(len(self.columns["frame"])) if i not in self.dropped]
+        faced = {self.columns["frame"][i] for i in keep}
+        empty = [f for f in self.frames if f not in faced]
+        rows = np.array(keep + [-1] * len(empty), np.int64)
+        frame = np.array([self.columns["frame"][i] for i in keep] + empty, np.int64)
+        track = np.array([self.columns["track"][i] for i in keep] + [-1] * len(empty))
+        order = np.lexsort((track, frame))
+        nothing = {"box": np.full(4, np.nan), "score": math.nan}
+        columns = {k: [v[r] if r >= 0 else nothing.get(k, -1) for r in rows[order]]
+                   for k, v in self.columns.items()}
+        columns["frame"] = frame[order].tolist()
+        return columns, rows[order]
+
+
 def _check_inputs(predictor: inference.Predictor) -> None:
     other = [k for k in predictor.inputs if k not in _MODEL_INPUTS]
     if other:
-        raise ConfigError(f"the model takes {other}, which a video does not give (it gives "
-                          f"{list(_MODEL_INPUTS)}): e.g. a head on cached features needs its "
-                          "backbone's images instead")
+        raise ConfigError(
+            f"the model takes {other}, which the video path cannot give (it gives "
+            f"{list(_MODEL_INPUTS)}): a head trained on cached features (`--mode=extract`'s "
+            "embeddings, e.g. the MAE fusion's temporal heads) has no network to compute them "
+            "from faces; run a model that holds its backbone (the family's `backbone=`) instead")
 
 
 def analyse_input(source: Source, predictor: inference.Predictor, options: Options,
@@ -380,15 +453,16 @@ def analyse_input(source: Source, predictor: inference.Predictor, options: Optio
     check_video_name(source.name, str(source.path))  # it names the output files
     _check_inputs(predictor)
     fps, expected = source.info(options)
+    predictor = predictor.sharded(options.devices)
     tracker = faces.Tracker(faces.detector(options.detector), min_face=options.min_face,
-                            full_every=options.full_every, max_gap=options.max_gap)
+                            full_every=options.full_every, max_gap=options.max_gap,
+                            min_hits=options.min_hits)
     hears = _AudioWindows(source, predictor.feed.audio, fps) if "audio" in predictor.inputs \
         else None
     model = _Model(predictor)
-    feeder = (_TrackClips(model, predictor.feed.clip_length, predictor.feed.clip_stride)
-              if predictor.clips else _FrameBatches(model, options.batch))
+    rows = _Rows(_TrackClips(model, predictor.feed.clip_length, predictor.feed.clip_stride)
+                 if predictor.clips else _FrameBatches(model, options.batch))
     size = predictor.preprocess.size if "image" in predictor.inputs else 0
-    rows: dict[str, list] = {"frame": [], "track": [], "box": [], "score": []}
     outputs, error, host = _Outputs(), None, 0.0
     frames = _Prefetch(source.frames(options.every))
     bar = tqdm(total=expected, desc=source.name, unit="frame", disable=not progress,
@@ -396,18 +470,9 @@ def analyse_input(source: Source, predictor: inference.Predictor, options: Optio
     try:
         for number, rgb in frames:
             start = time.perf_counter()
-            found = tracker(rgb)
-            first = len(rows["frame"])
-            _add_rows(rows, number, found)
-            for row, face in enumerate(found, first):
-                image = None
-                if size:
-                    image = rgb if options.detector == "none" else faces.crop(
-                        rgb, face.box, options.margin)
-                    image = augment.resize(image, size)
-                feeder.add(row, face.track, image, {"audio": hears(number)} if hears else {})
-            for track in tracker.ended:
-                feeder.end_track(track)
+            found = [(face, _model_image(rgb, face, size, options),
+                      {"audio": hears(number)} if hears else {}) for face in tracker(rgb)]
+            rows.add(number, found, tracker)
             host += time.perf_counter() - start
             outputs.add(model.collect())
             bar.update()
@@ -416,20 +481,24 @@ def analyse_input(source: Source, predictor: inference.Predictor, options: Optio
     finally:
         frames.close()
         bar.close()
-    feeder.finish()
+    tracker.finish()
+    rows.settle(tracker)
+    rows.feeder.finish()
     outputs.add(model.collect(wait=True))
     model.pool.shutdown()
-    table = _table(rows, outputs.arrays(len(rows["frame"])), predictor, fps)
+    columns, index = rows.ordered()
+    table = _table(columns, outputs.arrays(index), predictor, fps)
     return Result(table, fps, error, {"decode": frames.busy, "detect_crop": host - model.waited,
                                       "model": model.busy})
 
 
-def _add_rows(rows: dict[str, list], number: int, found: list[faces.Face]) -> None:
-    for face in found or [None]:
-        rows["frame"].append(number)
-        rows["track"].append(-1 if face is None else face.track)
-        rows["box"].append(np.full(4, np.nan) if face is None else face.box)
-        rows["score"].append(math.nan if face is None else face.score)
+def _model_image(rgb: np.ndarray, face: faces.Face, size: int, options: Options
+                 ) -> np.ndarray | None:
+    """The face's crop at the model's size (None: the model takes no image)."""
+    if not size:
+        return None
+    image = rgb if options.detector == "none" else faces.crop(rgb, face.box, options.margin)
+    return augment.resize(image, size)
 
 
 def analyse(path: str | Path, model: str | Path | inference.Predictor, **options: Any
@@ -586,6 +655,7 @@ def run(model: str | Path | inference.Predictor, input_path: str | Path, out: st
     (their rows before the failure are written)."""
     out = Path(out)
     predictor = model if isinstance(model, inference.Predictor) else inference.load(model)
+    predictor = predictor.sharded(options.devices)
     sources = find_inputs(input_path)
     out.mkdir(parents=True, exist_ok=True)
     failures = []
@@ -628,8 +698,8 @@ def _define_flags() -> None:
     flags.DEFINE_string("model", None, "Training workdir or converted folder "
                         "(python -m abaw_jax.convert).")
     flags.DEFINE_string("checkpoint", "best", "Of a workdir: 'best', 'latest' or a step.")
-    flags.DEFINE_string("input", None, "A video file, a folder of videos or a folder of frame "
-                        "images.")
+    flags.DEFINE_string("input", None, "A video file, a folder of videos, a folder of frame "
+                        "images or a folder of such folders.")
     flags.DEFINE_string("out", None, "Output folder: <name>.csv, <name>.png per input.")
     flags.DEFINE_string("detector", "haar", "haar (OpenCV's bundled cascade), "
                         "yunet:<path of its .onnx> or none (the frames are faces).")
@@ -640,6 +710,12 @@ def _define_flags() -> None:
                        "(0: an eighth of the frame's shorter side).")
     flags.DEFINE_integer("full_every", Options.full_every, "Search the whole frame every N "
                          "analysed frames (in between, near each face only).")
+    flags.DEFINE_integer("max_gap", Options.max_gap, "Analysed frames a face may be missed in "
+                         "and keep its track id.")
+    flags.DEFINE_integer("min_hits", Options.min_hits, "Frames a new face must be found in "
+                         "before its track is written (its earlier frames then too).")
+    flags.DEFINE_integer("devices", Options.devices, "Local devices the model's batches are "
+                         "split over (0: all).")
     flags.DEFINE_float("fps", Options.fps, "Frame rate of a folder of frames.")
     flags.DEFINE_bool("annotate", False, "Also write <name>_annotated.mp4 with boxes and labels.")
     flags.DEFINE_bool("traceback", False, "Show the traceback of user errors.")
@@ -653,7 +729,7 @@ def main(argv: list[str]) -> None:
     console.quiet_libraries()
     try:
         options = Options(f.detector, f.batch, f.every, f.margin, f.min_face, f.full_every,
-                          Options.max_gap, f.fps)
+                          f.max_gap, f.fps, f.min_hits, f.devices)
         faces.detector(options.detector)  # a bad detector before the model loads
         failures = run(inference.load(f.model, f.checkpoint), f.input, f.out, options,
                        f.annotate)

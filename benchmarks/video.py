@@ -2,19 +2,23 @@ r"""The video command's speed: end-to-end frames/s of `abaw_jax.video` on a synt
 with the full DDAMFN, and the share of decoding, face detection and the model.
 
   python benchmarks/video.py [--seconds=60] [--faces=1] [--batch=32] [--detector=haar]
-      [--model=ddamfn] [--video=PATH]
+      [--model=ddamfn] [--video=PATH] [--devices=0] [--min_hits=1,2,3]
 
 Writes a `--seconds` long 1280x720, 25 fps H.264 video (a cluttered still background, `--faces`
 drawn faces moving about; `--video` reuses or keeps it), then times, each on its own: decoding
 (`data.video.read_frames`: PyAV, RGB frames), finding the faces (`faces.Tracker`: the
 whole-frame search every 10 frames and the searches near each face in between, plus cropping
 and resizing each face; on frames decoded beforehand), the model alone (the predictor on
-batches of 112x112 crops, random weights: the speed does not depend on them), and the whole
-command (`video.analyse_input`). Prints `<name>: <value> <unit>` lines: each stage's frames/s,
-its share of the three stages' summed time, end-to-end frames/s and its ratio to the model
-alone (goal: the model the largest share, the ratio >= 0.5).
+batches of 112x112 crops, random weights: the speed does not depend on them; split over
+`--devices`, as the command does; and, calls alternating with it, on jax's default device
+without a mesh), and the whole command (`video.analyse_input`). Prints
+`<name>: <value> <unit>` lines: each stage's frames/s, its share of the three stages' summed
+time, end-to-end frames/s and its ratio to the model alone (goal: the model the largest share,
+the ratio >= 0.5). Then, per `--min_hits`, the tracks the command would write and their faces:
+every track beyond the `--faces` drawn ones is a false detection's.
 """
 
+import collections
 import itertools
 import tempfile
 import time
@@ -37,6 +41,9 @@ flags.DEFINE_integer("batch", 32, "Faces per model call.")
 flags.DEFINE_string("detector", "haar", "As the command's --detector.")
 flags.DEFINE_string("model", "ddamfn", "Registered frame family (random weights).")
 flags.DEFINE_string("video", None, "Video path: read if it exists, else written there.")
+flags.DEFINE_integer("devices", 0, "As the command's --devices (0: all local devices).")
+flags.DEFINE_list("min_hits", ["1", "2", "3"], "Values of the command's --min_hits to count "
+                  "the tracks of (none: skip).")
 FLAGS = flags.FLAGS
 
 SIZE, FPS = (1280, 720), 25
@@ -116,15 +123,37 @@ def _find(path: Path, size: int) -> tuple[int, float]:
     return found, seconds
 
 
-def _model(predictor: inference.Predictor, n: int) -> float:
-    """Seconds for n faces, in full batches (compiled first)."""
-    size = predictor.preprocess.size
+def _model(predictors: list[inference.Predictor], n: int) -> list[float]:
+    """Seconds for n faces in full batches (compiled first), per predictor; their calls
+    alternate, in reversed order every other batch, so that the load of a busy machine falls on
+    each alike (in a fixed order, the predictor called first measured 0.94-0.97x the other in
+    two runs; reversing every other round, 1.05x: the order, not the predictors, made it)."""
+    size = predictors[0].preprocess.size
     crops = np.random.default_rng(0).integers(0, 255, (FLAGS.batch, size, size, 3), np.uint8)
-    predictor(crops)
-    start = time.perf_counter()
-    for _ in range(-(-n // FLAGS.batch)):
+    seconds = [0.0] * len(predictors)
+    for predictor in predictors:
         predictor(crops)
-    return time.perf_counter() - start
+    for batch in range(-(-n // FLAGS.batch)):
+        for i, predictor in list(enumerate(predictors))[::-1 if batch % 2 else 1]:
+            start = time.perf_counter()
+            predictor(crops)
+            seconds[i] += time.perf_counter() - start
+    return seconds
+
+
+def _tracks(path: Path, min_hits: int) -> collections.Counter:
+    """{track: faces the command writes} with `min_hits`: a tentative face counts once its
+    track is confirmed."""
+    tracker = faces.Tracker(faces.detector(FLAGS.detector), min_hits=min_hits)
+    held, written = collections.Counter(), collections.Counter()
+    for _, rgb in video_lib.read_frames(path):
+        for face in tracker(rgb):
+            (written if face.confirmed else held)[face.track] += 1
+        for provisional, track in tracker.confirmed.items():
+            written[track] += held.pop(provisional, 0)
+        for provisional in tracker.dropped:
+            held.pop(provisional, None)
+    return written
 
 
 def main(argv):
@@ -136,14 +165,16 @@ def main(argv):
         _write(path, frames, FLAGS.faces)
         print(f"wrote {path} in {time.perf_counter() - start:.0f} s")
     info = video_lib.probe(path)
-    predictor = _predictor()
+    unsplit = _predictor()
+    predictor = unsplit.sharded(FLAGS.devices)
     print(f"video: {info.width}x{info.height}, {info.num_frames} frames at {info.fps:g} fps, "
           f"{FLAGS.faces} face(s) drawn per frame; model {FLAGS.model} (random weights), "
-          f"batch {FLAGS.batch}, detector {FLAGS.detector}, jax on {jax.devices()[0].platform}")
+          f"batch {FLAGS.batch}, detector {FLAGS.detector}, jax on {predictor.mesh.size} "
+          f"{jax.devices()[0].platform} device(s)")
     n, decode = _decode(path)
     found, find = _find(path, predictor.preprocess.size)
-    model = _model(predictor, found)
-    options = video.Options(detector=FLAGS.detector, batch=FLAGS.batch)
+    model, model_unsplit = _model([predictor, unsplit], found)
+    options = video.Options(detector=FLAGS.detector, batch=FLAGS.batch, devices=FLAGS.devices)
     predictor(np.zeros((FLAGS.batch, 112, 112, 3), np.uint8))  # compiled before timing
     start = time.perf_counter()
     result = video.analyse_input(video.find_inputs(path)[0], predictor, options)
@@ -157,8 +188,18 @@ def main(argv):
         print(f"share_{name}: {100 * seconds / sum(stages.values()):.1f} %")
     print(f"end_to_end: {n / total:.1f} frames/s ({total:.1f} s)")
     print(f"end_to_end_vs_model: {model / total:.2f} (goal >= 0.5)")
+    print(f"model_unsplit: {n / model_unsplit:.1f} frames/s (the predictor on jax's default "
+          f"device, as before --devices; split over {predictor.mesh.size}: "
+          f"{model_unsplit / model:.3f}x its speed)")
     print("end_to_end_busy: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
           + " (each stage's own thread during the run)")
+    for min_hits in map(int, FLAGS.min_hits):
+        written = _tracks(path, min_hits)
+        true = sum(n for _, n in written.most_common(FLAGS.faces))
+        false = sum(written.values()) - true
+        print(f"tracks_min_hits_{min_hits}: {len(written)} tracks, "
+              f"{max(0, len(written) - FLAGS.faces)} false ({false} faces), {true} faces in "
+              f"the {FLAGS.faces} longest")
 
 
 if __name__ == "__main__":

@@ -86,12 +86,18 @@ def random_model(name: str, seed: int = 0, **kwargs) -> nnx.Module:
     initialiser is compiled (an eager `models.build` of ddamfn_tiny compiles each of them,
     ~15 s on the busy 2-core machine). Kernels are normal with sd 1 / sqrt(fan-in) (the signal
     keeps its scale through the layers, so the outputs depend on the input), norm scales and
-    BatchNorm variances uniform in [0.5, 1.5], everything else normal with sd 0.1."""
-    model = nnx.eval_shape(lambda: models.build(name, **kwargs))
+    BatchNorm variances uniform in [0.5, 1.5], everything else normal with sd 0.1 (random keys
+    from `seed`, integer counters 0)."""
+    model = nnx.eval_shape(lambda: models.build(name, **{"rngs": nnx.Rngs(0), **kwargs}))
     rng = np.random.default_rng(seed)
 
     def draw(path, s):
         leaf = str(path[-1].key)
+        if jax.dtypes.issubdtype(s.dtype, jax.dtypes.prng_key):  # an nnx.RNN's keys, ...
+            return jax.random.split(jax.random.key(seed), s.shape) if s.shape else \
+                jax.random.key(seed)
+        if not jnp.issubdtype(s.dtype, jnp.floating):  # ... and their counts
+            return jnp.zeros(s.shape, s.dtype)
         if leaf == "kernel" and len(s.shape) > 1:
             values = rng.normal(0, 1 / np.sqrt(np.prod(s.shape[:-1])), s.shape)
         elif leaf in ("var", "scale"):

@@ -71,6 +71,48 @@ def test_tracks_keep_their_ids_over_short_gaps_and_new_faces_wait_for_a_full_sea
     assert min(i for i in q if i > 24) == 41 and {q[i] for i in q if i > 24} == {3}  # ... new
 
 
+def _confirmations(min_hits: int, frames: int = 30) -> tuple[dict, dict, dict, list]:
+    """Squares: P from frame 1 on; F in frame 1 only (a one-frame false detection); G from frame
+    11 (a full search) on, but missed in frame 12. {name: [(frame, track)]} of the faces the
+    tracker returned, {frame: confirmed} and {frame: dropped} where not empty, and what
+    `finish` dropped."""
+    squares = {"P": (10, 10, 20), "F": (100, 20, 16), "G": (60, 70, 24)}
+    tracker = faces.Tracker(Squares(), min_face=8, full_every=10, max_gap=6, min_hits=min_hits)
+    seen, confirmed, dropped = {}, {}, {}
+    for i in range(1, frames + 1):
+        frame = np.zeros((H, W, 3), np.uint8)
+        for name, (x, y, s) in squares.items():
+            if name == "P" or (name == "F" and i == 1) or (name == "G" and i >= 11 and i != 12):
+                frame[y:y + s, x:x + s] = 255
+        for face in tracker(frame):
+            name = next(n for n, b in squares.items() if face.box[0] == b[0])
+            seen.setdefault(name, []).append((i, face.track))
+        if tracker.confirmed:
+            confirmed[i] = tracker.confirmed
+        if tracker.dropped:
+            dropped[i] = tracker.dropped
+    tracker.finish()
+    return seen, confirmed, dropped, tracker.dropped
+
+
+def test_new_tracks_are_confirmed_after_min_hits_frames_and_one_frame_detections_dropped():
+    seen, confirmed, dropped, _ = _confirmations(min_hits=2)
+    # Tentative faces carry provisional ids (< -1) until their track's second frame.
+    assert seen["P"] == [(1, -2)] + [(i, 0) for i in range(2, 31)]
+    assert seen["F"] == [(1, -3)]
+    # G: found at 11 (tentative), missed at 12 (within max_gap: still tentative), found at 13.
+    assert seen["G"] == [(11, -4)] + [(i, 1) for i in range(13, 31)]
+    assert confirmed == {2: {-2: 0}, 13: {-4: 1}}  # ids from 0, with no gap for F
+    assert dropped == {8: [-3]}  # F unseen for more than max_gap = 6 frames
+    # min_hits=1: every new track at once, F included; min_hits=3: G waits for frame 14.
+    once = _confirmations(min_hits=1)
+    assert once[0]["F"] == [(1, 1)] and once[0]["G"][0] == (11, 2)
+    assert once[1] == {1: {-2: 0, -3: 1}, 11: {-4: 2}}
+    assert _confirmations(min_hits=3)[1] == {3: {-2: 0}, 14: {-4: 1}}
+    # The end: a track still tentative is dropped.
+    assert _confirmations(min_hits=3, frames=13)[3] == [-4]
+
+
 def test_whole_frames_without_a_detector_and_searches_at_a_reduced_scale(monkeypatch):
     assert [(f.track, f.box.tolist()) for f in faces.Tracker(None)(np.zeros((H, W, 3)))] == [
         (0, [0, 0, W, H])]

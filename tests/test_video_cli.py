@@ -1,5 +1,6 @@
 """`python -m abaw_jax.video`: a raw video in, per-frame affect out, on short videos written here
-with PyAV (faces drawn where OpenCV's Haar cascade finds them) and a tiny converted DDAMFN."""
+with PyAV (faces drawn where OpenCV's Haar cascade finds them) and tiny converted models (DDAMFN,
+GCSA audio-visual, MAE); the model's batches split over the suite's 8 fake CPU devices."""
 
 import copy
 import csv
@@ -10,17 +11,21 @@ from pathlib import Path
 
 import av
 import cv2
+import jax
 import jax.numpy as jnp
 import numpy as np
+import onnx
 import pytest
 from flax import nnx
 from helpers import random_model
+from onnx import TensorProto, helper, numpy_helper
 
-from abaw_jax import convert, heads, inference, models, postprocess, tasks, video
+from abaw_jax import convert, errors, heads, inference, models, postprocess, tasks, video
 from abaw_jax import state as state_lib
 from abaw_jax.data import audio, pipeline, synthetic
 from abaw_jax.data import video as video_lib
 from abaw_jax.data.affwild2 import DataError
+from abaw_jax.models import gcsa
 
 REPO = Path(__file__).parents[1]
 SIZE = (320, 240)
@@ -41,22 +46,20 @@ def _boxes(i: int) -> dict[str, tuple[float, float, float]]:
     return out
 
 
-TONES = {"A": (150, 170, 200), "B": (200, 170, 140), "C": (170, 200, 150)}
+TONES = {"A": (150, 170, 200), "B": (200, 170, 140), "C": (170, 200, 150), "D": (220, 190, 160)}
 
 
-def _write_faces(path: Path, frames: int, boxes=_boxes, faststart: bool = False) -> None:
-    """MPEG-4 at near-lossless quality, 25 fps."""
-    options = {"movflags": "faststart"} if faststart else {}
-    with av.open(str(path), "w", options=options) as container:
-        stream = container.add_stream("mpeg4", rate=25)
-        stream.width, stream.height, stream.pix_fmt = *SIZE, "yuv420p"
-        stream.options = {"qscale": "2"}
-        for i in range(frames):
-            image = np.full((SIZE[1], SIZE[0], 3), 110, np.uint8)
-            for name, box in boxes(i).items():
-                synthetic.draw_face(image, box, TONES[name])
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
-        container.mux(stream.encode(None))
+def _write_faces(path: Path, frames: int, boxes=_boxes, faststart: bool = False,
+                 sound: np.ndarray | None = None, size: tuple[int, int] = SIZE) -> None:
+    """MPEG-4 at near-lossless quality, 25 fps; `sound` at 16 kHz as its AAC track."""
+    def draw(i: int) -> np.ndarray:
+        image = np.full((size[1], size[0], 3), 110, np.uint8)
+        for name, box in boxes(i).items():
+            synthetic.draw_face(image, box, TONES[name])
+        return image
+
+    video_lib.write_video(path, 25, frames, size=size, audio=sound, faststart=faststart,
+                          draw=draw, quality=2)
 
 
 def _frames(path: Path) -> dict[int, np.ndarray]:
@@ -101,18 +104,29 @@ def _standardise(kernel, bias, embeddings: np.ndarray) -> None:
     bias.set_value(jnp.asarray(-mean @ scaled.reshape(len(mean), -1)))
 
 
+def _save(folder: Path, model: nnx.Module, name: str, kwargs: dict, outputs: dict) -> Path:
+    """The model as `python -m abaw_jax.convert` writes a converted folder."""
+    return convert.save(folder, nnx.to_pure_dict(nnx.state(model)), {
+        "family": name, "model": name, "model_kwargs": kwargs, "outputs": outputs,
+        "source": "test"})
+
+
+def _varied(model: nnx.Module, name: str, layers: dict) -> None:
+    """Task layers ({head: Linear}) on standardised embeddings of drawn faces."""
+    embed = inference.Predictor(model, models.get(name), ("image",), lambda out: {})
+    e = embed(_drawn_faces(8))["embedding"]
+    for layer in layers.values():
+        _standardise(layer.kernel, layer.bias, e)
+
+
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory) -> Path:
     """A converted tiny DDAMFN with the three heads and random weights, its task layers on
     standardised embeddings: outputs that differ from face to face."""
     model = random_model("ddamfn_tiny", outputs=HEADS, num_head=2)
-    embed = inference.Predictor(model, models.get("ddamfn_tiny"), ("image",), lambda out: {})
-    e = embed(_drawn_faces(8))["embedding"]
-    for head in HEADS:
-        _standardise(model.tasks[head].kernel, model.tasks[head].bias, e)
-    return convert.save(tmp_path_factory.mktemp("model") / "tiny", nnx.to_pure_dict(
-        nnx.state(model)), {"family": "ddamfn", "model": "ddamfn_tiny",
-                            "model_kwargs": {"num_head": 2}, "outputs": HEADS, "source": "test"})
+    _varied(model, "ddamfn_tiny", model.tasks)
+    return _save(tmp_path_factory.mktemp("model") / "tiny", model, "ddamfn_tiny",
+                 {"num_head": 2}, HEADS)
 
 
 @pytest.fixture(scope="module")
@@ -131,12 +145,12 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def _nearest_face(frame: int, row: dict[str, str]) -> tuple[str, float, float]:
+def _nearest_face(frame: int, row: dict, boxes=_boxes) -> tuple[str, float, float]:
     """The drawn face nearest to a row's box; how far apart their centres are (pixels) and
     their sides (a fraction of the drawn side)."""
     x, y, w = (float(row[k]) for k in "xyw")
     apart = {name: (np.hypot(x + w / 2 - bx - s / 2, y + w / 2 - by - s / 2), abs(w / s - 1))
-             for name, (bx, by, s) in _boxes(frame - 1).items()}
+             for name, (bx, by, s) in boxes(frame - 1).items()}
     name = min(apart, key=apart.get)
     return name, *apart[name]
 
@@ -148,6 +162,8 @@ def test_command_writes_a_row_per_frame_and_face_near_the_drawn_boxes_with_stabl
                   "--annotate")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = _read_csv(out / "faces.csv")
+    # Every face's frames, the first ones included: a new track (A and B in frame 1, C in 21)
+    # is confirmed in its second frame (--min_hits=2), its first frame's row then written.
     assert [int(r["frame"]) for r in rows if r["track"] == ""] == [31, 32, 33, 34]
     faces_per_frame = {f: len(_boxes(f - 1)) for f in range(1, 35)}
     counted = {f: sum(1 for r in rows if int(r["frame"]) == f and r["track"] != "")
@@ -382,3 +398,247 @@ def test_analyse_of_a_cut_video_is_an_error_naming_it(tmp_path, predictor):
     (tmp_path / "cut.mp4").write_bytes(data[: len(data) // 2])
     with pytest.raises(DataError, match=f"{tmp_path / 'cut.mp4'}: truncated: [0-9]+ of the 12"):
         video.analyse(tmp_path / "cut.mp4", predictor)
+
+
+def _with_a_flash(i: int) -> dict[str, tuple[float, float, float]]:
+    """`_boxes` and D, drawn in frame 11 only (a whole-frame search's), away from where the
+    others are or come (a tentative track lives max_gap frames): a one-frame face."""
+    return {**_boxes(i), **({"D": (235, 165, 64)} if i == 10 else {})}
+
+
+def test_min_hits_drops_a_one_frame_face_and_max_gap_ends_a_missing_track(tmp_path, converted,
+                                                                           predictor):
+    path, out = tmp_path / "flash.mp4", tmp_path / "out"
+    _write_faces(path, 30, _with_a_flash)
+    result = _cli(f"--model={converted}", f"--input={path}", f"--out={out}", "--min_hits=1",
+                  "--max_gap=3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    tracks: dict[str, dict[int, int]] = {}
+    for r in _read_csv(out / "flash.csv"):
+        if r["track"] != "":
+            name, _, _ = _nearest_face(int(r["frame"]), r, _with_a_flash)
+            tracks.setdefault(name, {})[int(r["frame"])] = int(r["track"])
+    assert list(tracks["D"]) == [11]  # --min_hits=1: the flash is a track of its own
+    # --max_gap=3: B, unseen in frames 13-18, ended; found again in the next whole-frame
+    # search (frame 21), it is a new track.
+    assert sorted(tracks["B"]) == [*range(1, 13), *range(21, 31)]
+    assert len({tracks["B"][f] for f in range(1, 13)} | {tracks["B"][f] for f in range(21, 31)}
+               | {tracks["D"][11]}) == 3
+    # The defaults (--min_hits=2, --max_gap=15): no D; B keeps its id over its absence.
+    table = video.analyse(path, predictor)
+    faced = table["track"] >= 0
+    names = [_nearest_face(int(f), {"x": x, "y": y, "w": w}, _with_a_flash)[0] for f, x, y, w
+             in zip(*(table[k][faced] for k in ("frame", "x", "y", "w")), strict=True)]
+    assert "D" not in names and sorted(set(table["track"][faced])) == [0, 1, 2]
+    assert {t for t, n in zip(table["track"][faced], names, strict=True) if n == "B"} == {1}
+    assert int(np.sum(faced)) == sum(len(_boxes(i)) for i in range(30))
+
+
+def test_a_folder_of_frame_folders_gives_a_table_per_folder(tmp_path, predictor):
+    """`cropped_aligned` layout: one sub-folder of numbered crops per video (gaps stay gaps); a
+    sub-folder without images is no input."""
+    root, out = tmp_path / "cropped_aligned", tmp_path / "out"
+    rng = np.random.default_rng(1)
+    numbers = {"video1": [1, 2, 4], "video2_left": [3, 4, 5, 6]}
+    for name, frames in numbers.items():
+        (root / name).mkdir(parents=True)
+        for n in frames:
+            face = np.full((96, 96, 3), int(rng.integers(60, 200)), np.uint8)
+            synthetic.draw_face(face, (8, 8, 80), tuple(int(v) for v in rng.integers(120, 230, 3)))
+            cv2.imwrite(str(root / name / f"{n:05d}.png"), face)
+    (root / "notes").mkdir()
+    (root / "notes" / "readme.txt").write_text("no frames")
+    assert video.run(predictor, root, out, video.Options(detector="none"), progress=False) == []
+    assert sorted(p.name for p in out.glob("*.csv")) == ["video1.csv", "video2_left.csv"]
+    for name, frames in numbers.items():
+        rows = _read_csv(out / f"{name}.csv")
+        assert [int(r["frame"]) for r in rows] == frames
+        images = np.stack([cv2.cvtColor(cv2.imread(str(root / name / f"{n:05d}.png")),
+                                        cv2.COLOR_BGR2RGB) for n in frames])
+        np.testing.assert_allclose([[float(r["valence"]), float(r["arousal"])] for r in rows],
+                                   predictor(images)["va"], atol=1e-4)
+    (root / "notes").rename(tmp_path / "notes")
+    for name in numbers:
+        for file in (root / name).iterdir():
+            file.unlink()
+    with pytest.raises(DataError, match="no videos .* and no folders of them"):
+        video.find_inputs(root)
+
+
+def test_the_models_batches_split_over_the_devices_give_one_devices_outputs(faces_video,
+                                                                            predictor):
+    """The suite's 8 fake CPU devices: the variables replicated on each, a batch of 5 faces
+    padded to 8 and cut back; the whole table equal to one device's. A device's outputs depend
+    slightly on its batch size (XLA:CPU's kernels: up to 2.8e-3 apart between batches of 1 and
+    5 here, where the task layers magnify the embeddings' differences), so one device is run
+    at the batch each of the 8 gets. (The temporal model's test above splits each window's 16
+    frames over the 8 devices likewise.)"""
+    assert jax.local_device_count() == 8
+    split = predictor.sharded()
+    assert split.mesh.size == 8 and split.sharded(0) is split and predictor.mesh is None
+    with pytest.raises(errors.ConfigError, match="devices=9: this process has 8 local devices"):
+        predictor.sharded(9)
+    assert {len(leaf.sharding.device_set) for leaf in jax.tree.leaves(split._state)} == {8}
+    faces = _drawn_faces(5)
+    alone = [predictor(faces[i:i + 1]) for i in range(5)]
+    for k, v in split(faces).items():
+        np.testing.assert_allclose(v, np.concatenate([a[k] for a in alone]), atol=1e-5)
+    one, all_ = (video.analyse(faces_video, predictor, devices=d, batch=b)
+                 for d, b in ((1, 4), (0, 32)))
+    assert set(one) == set(all_)
+    for k, v in one.items():
+        if v.dtype.kind == "f":
+            np.testing.assert_allclose(all_[k], v, atol=1e-5, err_msg=k)
+        else:
+            np.testing.assert_array_equal(all_[k], v, err_msg=k)
+
+
+def test_an_lstm_clip_runs_whole_on_each_device_rather_than_padded():
+    """A bidirectional LSTM masks no frames: padding a clip of 5 frames to the 8 devices would
+    reach its backward pass, so the split predictor gives every device the whole clip."""
+    model = random_model("lstm", outputs={"va": 2}, backbone="gcsa_visual",
+                         backbone_kwargs=gcsa.RHCNN_TINY, hidden=8, bidirectional=True)
+    clips = inference.Predictor(model, models.get("lstm"), tuple(model.inputs),
+                                tasks.Task("va", ("va",), "").predict)
+    faces = _drawn_faces(5)
+    whole = clips(faces)["va"]
+    padded = clips(np.concatenate([faces, np.zeros((3, 112, 112, 3), np.uint8)]),
+                   valid=np.arange(8) < 5)["va"][:5]
+    assert np.abs(padded - whole).max() > 1e-4  # what padding would do
+    np.testing.assert_allclose(clips.sharded()(faces)["va"], whole, atol=1e-5)
+
+
+def _crops_and_windows(table: dict, path: Path, size: int, cfg: audio.AudioConfig | None = None
+                       ) -> tuple[np.ndarray, np.ndarray | None]:
+    """The faced rows' crops at the model's `size` and, with `cfg`, their frames' audio windows
+    of the video's own track."""
+    frames = _frames(path)
+    faced = np.flatnonzero(table["track"] >= 0)
+    crops = np.stack([cv2.resize(_crop(frames[table["frame"][i]], *(table[k][i] for k in "xywh")),
+                                 (size, size)) for i in faced])
+    if cfg is None:
+        return crops, None
+    mel = audio.log_mel(audio.decode(path, cfg.sample_rate), cfg).astype(np.float16)
+    return crops, np.stack([audio.frame_window(mel, table["frame"][i], 25, cfg) for i in faced])
+
+
+def test_gcsa_audio_visual_model_sees_the_faces_and_hears_the_videos_own_track(tmp_path):
+    """A converted tiny `gcsa_av` (RHCNN on 64x64 faces, MCNN on the log-mel windows) and
+    decision fusion weights as a workdir stores them (`Post.fusion`): the table's outputs are
+    inference.load's on the same crops and windows, fused."""
+    kwargs = {"visual": gcsa.RHCNN_TINY, "audio": gcsa.MCNN_TINY}
+    model = random_model("gcsa_av", outputs=HEADS, **kwargs)
+    _varied(model.visual, "gcsa_visual", model.visual.tasks)
+    loaded = inference.load(_save(tmp_path / "gcsa", model, "gcsa_av", kwargs, HEADS))
+    fused = copy.copy(loaded)  # the same compiled model, the run's stored fusion
+    fused.post = postprocess.Post({}, fusion={h: {"audio": 2, "visual": 5} for h in HEADS})
+    path = tmp_path / "talk.mp4"
+    _write_faces(path, 30, sound=_clicks(30 / 25, 25))
+    table = video.analyse(path, fused)
+    crops, windows = _crops_and_windows(table, path, 64, loaded.feed.audio)
+    assert len(crops) == sum(len(_boxes(i)) for i in range(30))
+    want = fused(crops, audio=windows)
+    faced = table["track"] >= 0
+    np.testing.assert_allclose(np.stack([table["valence"], table["arousal"]], -1)[faced],
+                               want["va"], atol=1e-4)
+    expr = np.stack([table[f"p_{n}"] for n in heads.get("expr").columns], -1)[faced]
+    np.testing.assert_allclose(expr, want["expr"], atol=1e-4)
+    np.testing.assert_allclose(want["expr"], (2 * want["expr.audio"] + 5 * want["expr.visual"])
+                               / 7, atol=1e-6)
+    # Both branches count: other windows (silence), or the plain mean, give other outputs.
+    deaf = fused(crops, audio=np.full_like(windows, audio.SILENCE_DB))["expr"]
+    assert np.abs(deaf - want["expr"]).max() > 1e-3
+    assert np.abs(loaded(crops, audio=windows)["expr"] - want["expr"]).max() > 1e-3
+    assert np.ptp(want["va"], axis=0).min() > 0.01
+
+
+def test_a_fine_tuned_mae_runs_over_the_faces(faces_video, tmp_path):
+    """A converted tiny `mae` (ViT on 32x32 faces, global pooling, task layers)."""
+    model = random_model("mae", outputs=HEADS, size="tiny")
+    _varied(model, "mae", model.tasks)
+    predictor = inference.load(_save(tmp_path / "mae", model, "mae", {"size": "tiny"}, HEADS))
+    table = video.analyse(faces_video, predictor)
+    crops, _ = _crops_and_windows(table, faces_video, 32)
+    want = predictor(crops)
+    faced = table["track"] >= 0
+    for head, columns in (("va", ["valence", "arousal"]),
+                          ("au", [f"p_{n}" for n in heads.get("au").columns])):
+        got = np.stack([table[c] for c in columns], -1)[faced]
+        np.testing.assert_allclose(got, want[head], atol=1e-4)
+    assert np.ptp(want["va"], axis=0).min() > 0.01
+
+
+def test_a_head_on_cached_features_is_refused_with_what_to_run_instead(faces_video):
+    """The MAE fusion's temporal heads read `--mode=extract`'s embeddings: no video gives them."""
+    model = random_model("transformer", outputs={"va": 2}, feature_dim=16, proj=(8,), layers=1,
+                         heads=2, mlp=8, dropout=0.0)
+    heads_only = inference.Predictor(model, models.get("transformer"), tuple(model.inputs),
+                                     tasks.Task("va", ("va",), "").predict)
+    with pytest.raises(errors.ConfigError, match=r"takes \['features'\], which the video path "
+                                                 r"cannot give.*holds its backbone"):
+        video.analyse(faces_video, heads_only)
+
+
+# YuNet's strides and what OpenCV's FaceDetectorYN reads per stride (objdetect/face_detect.cpp):
+# cls, obj (N, 1), bbox (N, 4: centre offsets in cells, log width and height in strides), kps
+# (N, 10), N the cells of the input padded to a multiple of 32.
+YUNET_STRIDES = (8, 16, 32)
+YUNET_WIDTHS = {"cls": 1, "obj": 1, "bbox": 4, "kps": 10}
+
+
+def _yunet_stub(path: Path, size: tuple[int, int], cell: tuple[int, int], side: float,
+                score: float) -> Path:
+    """An ONNX graph with YuNet's input ("input", 1x3xHxW) and outputs (`cls_8` ... `kps_32`)
+    whose values are constants: zero everywhere but one stride-32 cell (row, col) of score
+    `score` and a box of `side` centred on it. Each output adds the constant to 0 * the input's
+    mean, so that it is a layer's output (OpenCV cannot forward to a bare constant). Constants:
+    right for inputs of `size` only."""
+    w, h = size
+    nodes = [helper.make_node("ReduceMean", ["input"], ["mean"], keepdims=1),
+             helper.make_node("Reshape", ["mean", "shape"], ["mean3"]),
+             helper.make_node("Mul", ["mean3", "zero"], ["nothing"])]
+    inits = [numpy_helper.from_array(np.array([1, 1, 1], np.int64), "shape"),
+             numpy_helper.from_array(np.zeros((1, 1, 1), np.float32), "zero")]
+    outputs = []
+    for kind, width in YUNET_WIDTHS.items():
+        for stride in YUNET_STRIDES:
+            rows, cols = h // stride, w // stride
+            values = np.zeros((1, rows * cols, width), np.float32)
+            if stride == 32:
+                planted = {"cls": [score], "obj": [score], "kps": [0.5] * 10,
+                           "bbox": [0.5, 0.5, np.log(side / 32), np.log(side / 32)]}
+                values[0, cell[0] * cols + cell[1]] = planted[kind]
+            name = f"{kind}_{stride}"
+            inits.append(numpy_helper.from_array(values, f"{name}_value"))
+            nodes.append(helper.make_node("Add", ["nothing", f"{name}_value"], [name]))
+            outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT,
+                                                         list(values.shape)))
+    graph = helper.make_graph(nodes, "yunet_stub", [helper.make_tensor_value_info(
+        "input", TensorProto.FLOAT, [1, 3, h, w])], outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def test_yunet_from_its_onnx_file_finds_the_planted_face(tmp_path, predictor):
+    """The stub's cell (row 3, column 5) of stride 32 is centred on (176, 112); a box of side 64
+    there is (144, 80, 64, 64), where the face is drawn. Whole-frame searches at full scale
+    (--full_every=1, --min_face=16, YuNet's smallest face): the input the constants fit."""
+    size = (320, 256)  # multiples of 32: no padding
+    onnx_file = _yunet_stub(tmp_path / "yunet.onnx", size, (3, 5), 64, 0.9)
+    path = tmp_path / "one.mp4"
+    _write_faces(path, 4, lambda i: {"A": (144, 80, 64)}, size=size)
+    table = video.analyse(path, predictor, detector=f"yunet:{onnx_file}", full_every=1,
+                          min_face=16)
+    assert table["frame"].tolist() == [1, 2, 3, 4] and set(table["track"]) == {0}
+    np.testing.assert_array_equal(np.stack([table[k] for k in "xywh"], -1),
+                                  [[144, 80, 64, 64]] * 4)
+    np.testing.assert_allclose(table["score"], 0.9, rtol=1e-6)
+    crops, _ = _crops_and_windows(table, path, 112)
+    np.testing.assert_allclose(np.stack([table["valence"], table["arousal"]], -1),
+                               predictor(crops)["va"], atol=1e-4)
+    # A score under YuNet's threshold (0.6): no face.
+    quiet = _yunet_stub(tmp_path / "quiet.onnx", size, (3, 5), 64, 0.5)
+    assert set(video.analyse(path, predictor, detector=f"yunet:{quiet}", full_every=1,
+                             min_face=16)["track"]) == {-1}

@@ -15,7 +15,7 @@ import dataclasses
 import fractions
 import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import av
@@ -250,9 +250,11 @@ def read_frame_files(files: Sequence[tuple[int, Path]], every: int = 1
 def write_video(path: Path, fps: float | fractions.Fraction, num_frames: int, *,
                 size: tuple[int, int] = (64, 48), audio: np.ndarray | None = None,
                 sample_rate: int = 16000, audio_delay: float = 0.0,
-                faststart: bool = False) -> None:
-    """A small video: MPEG-4 frames of a grey level that changes per frame, and with `audio`
-    ((samples,) or (channels, samples) float in [-1, 1]; 1 or 2 channels) an audio track
+                faststart: bool = False, draw: Callable[[int], np.ndarray] | None = None,
+                quality: int | None = None) -> None:
+    """A small video: MPEG-4 frames of a grey level that changes per frame (or `draw(i)`'s RGB
+    image of `size` for frame i from 0; `quality`: MPEG-4's qscale, 2 near-lossless), and with
+    `audio` ((samples,) or (channels, samples) float in [-1, 1]; 1 or 2 channels) an audio track
     starting `audio_delay` seconds after the first frame: AAC in `.mp4`, 16-bit PCM in `.avi`
     (the AVI muxer turns an AAC encoder's start delay into empty video frames: 75 written frames
     read back as 77 at 25 fps). Packets are interleaved by time; `faststart` puts an `.mp4`'s
@@ -265,10 +267,12 @@ def write_video(path: Path, fps: float | fractions.Fraction, num_frames: int, *,
     with av.open(str(path), "w", options=options) as container:
         stream = container.add_stream("mpeg4", rate=rate)
         stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        if quality is not None:
+            stream.options = {"qscale": str(quality)}
         track = None if signal is None else _AudioTrack(container, path.suffix.lower(), signal,
                                                          sample_rate, audio_delay)
         for i in range(num_frames):
-            image = np.full((size[1], size[0], 3), (i * 37) % 256, np.uint8)
+            image = draw(i) if draw else np.full((size[1], size[0], 3), (i * 37) % 256, np.uint8)
             frame = av.VideoFrame.from_ndarray(image, format="rgb24")
             frame.pts, frame.time_base = i, 1 / rate
             container.mux(stream.encode(frame))
