@@ -1,0 +1,152 @@
+"""Cross-validation folds (data/folds.py), the record subsets they are read through, and the
+fold ensemble (abaw_jax/ensemble.py)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from abaw_jax import config_lib
+from abaw_jax.data import augment, folds, pipeline, records
+from abaw_jax.data.video import raw_name
+from abaw_jax.errors import ConfigError
+
+
+def _data(folds_: int = 3, fold: int = 0, seed: int = 0) -> dict:
+    return {"train_split": "train", "eval_split": "validation", "folds": folds_, "fold": fold,
+            "fold_seed": seed}
+
+
+def _planted_videos(n: int, seed: int) -> dict[str, int]:
+    """n raw videos of 10-1000 frames, a third of them as _left/_right pairs."""
+    rng = np.random.default_rng(seed)
+    frames = {}
+    for i in range(n):
+        if i % 3 == 0:
+            frames[f"v{i}_left"], frames[f"v{i}_right"] = rng.integers(10, 1000, 2).tolist()
+        else:
+            frames[f"v{i}"] = int(rng.integers(10, 1000))
+    return frames
+
+
+def test_folds_are_disjoint_by_raw_video_cover_all_and_are_balanced():
+    frames = _planted_videos(60, seed=1)
+    lists = folds.make_folds(frames, 5, seed=0)
+    assert len(lists) == 5 and all(lists)
+    assert sorted(v for f in lists for v in f) == sorted(frames)  # every video once
+    raws = [{raw_name(v) for v in f} for f in lists]
+    for i in range(5):
+        for j in range(i + 1, 5):
+            assert not raws[i] & raws[j]
+    fold_of = {v: i for i, f in enumerate(lists) for v in f}
+    for i in range(0, 60, 3):  # _left and _right together
+        assert fold_of[f"v{i}_left"] == fold_of[f"v{i}_right"]
+    load = [sum(frames[v] for v in f) for f in lists]
+    largest = max(frames[f"v{i}_left"] + frames[f"v{i}_right"] if i % 3 == 0 else frames[f"v{i}"]
+                  for i in range(60))
+    assert max(load) - min(load) <= largest
+    # Balanced far better than a split by name order would be.
+    assert max(load) - min(load) < 0.1 * np.mean(load)
+
+
+def test_folds_are_deterministic_per_seed_and_need_enough_raw_videos():
+    frames = _planted_videos(40, seed=2)
+    assert folds.make_folds(frames, 5, 7) == folds.make_folds(dict(reversed(frames.items())),
+                                                              5, 7)
+    assert folds.make_folds(frames, 5, 7) != folds.make_folds(frames, 5, 8)
+    with pytest.raises(folds.DataError, match="3 raw videos cannot make 4 folds"):
+        folds.make_folds({"a_left": 5, "a_right": 5, "b": 1, "c": 2}, 4, 0)
+
+
+def test_fold_config_is_checked():
+    config = config_lib.experiment("va")
+    config_lib.check(config, 1)  # folds off by default
+    config.data.folds, config.data.fold = 5, 4
+    config_lib.check(config, 1)
+    config.data.fold = 5
+    with pytest.raises(ConfigError, match=r"data.fold=5 must be in 0..4"):
+        config_lib.check(config, 1)
+    config.data.folds = 1
+    with pytest.raises(ConfigError, match="data.folds=1 must be 0"):
+        config_lib.check(config, 1)
+
+
+def test_record_folds_cover_train_and_validation_and_the_subsets_split_them(tiny_records):
+    train_videos = records.read_frame_index(tiny_records, "train")[0]
+    val_videos = records.read_frame_index(tiny_records, "validation")[0]
+    found = folds.read(_data(3), tiny_records)
+    assert sorted(v for f in found.videos for v in f) == sorted(train_videos + val_videos)
+    n_records = sum(len(records.read_frame_index(tiny_records, s)[1])
+                    for s in ("train", "validation"))
+    for fold in range(3):
+        train, held = folds.run_splits(_data(3, fold), tiny_records)
+        held_videos = set(records.read_frame_index(tiny_records, held)[0])
+        train_videos_ = set(records.read_frame_index(tiny_records, train)[0])
+        assert held_videos == set(found.videos[fold])
+        assert not {raw_name(v) for v in held_videos} & {raw_name(v) for v in train_videos_}
+        n = len(records.read_frame_index(tiny_records, held)[1])
+        assert n + len(records.read_frame_index(tiny_records, train)[1]) == n_records
+        frames = records.read_video_frames(tiny_records, held)
+        assert sorted(frames) == sorted(held_videos)
+        labels = records.read_labels(tiny_records, held)
+        assert sorted(labels.videos) == sorted(held_videos)
+        assert labels.offsets[-1] == sum(frames.values())  # one line per frame
+    assert folds.run_splits(_data(0), tiny_records) == ("train", "validation")
+
+
+def _source_of(data_dir, subset):
+    """Subset index -> (split, record) it stands for, from `records.subset_rows`."""
+    rows = records.subset_rows(data_dir, subset)
+    starts = np.cumsum([0] + [len(r) for _, r in rows])
+
+    def source(j: int) -> tuple[str, int]:
+        part = int(np.searchsorted(starts, j, side="right")) - 1
+        return rows[part][0], int(rows[part][1][j - starts[part]])
+
+    return source
+
+
+def test_fold_streams_read_only_their_folds_records(tiny_records):
+    data = _data(3, fold=1)
+    train, held = folds.run_splits(data, tiny_records)
+    held_raw = {raw_name(v) for v in folds.read(data, tiny_records).videos[1]}
+    readers = {s: pipeline.FrameReader(tiny_records, s, size=16)
+               for s in ("train", "validation")}
+    # Evaluation: every held-out record once, each the record (image, labels) it stands for.
+    source = _source_of(tiny_records, held)
+    videos, video, _ = records.read_frame_index(tiny_records, held)
+    seen = []
+    for batch in pipeline.eval_dataset(tiny_records, held, batch_size=16, size=16):
+        for k in np.flatnonzero(batch["mask"]):
+            j = int(batch["index"][k])
+            want = readers[source(j)[0]](source(j)[1])
+            assert raw_name(videos[video[j]]) in held_raw
+            np.testing.assert_array_equal(batch["image"][k], want["image"])
+            np.testing.assert_array_equal(batch["va"][k], want["va"])
+            seen.append(j)
+    assert sorted(seen) == list(range(len(video)))
+    # Training: shuffled records of the other folds only, with their own labels.
+    source = _source_of(tiny_records, train)
+    videos, video, _ = records.read_frame_index(tiny_records, train)
+    stream = pipeline.train_dataset(tiny_records, train, batch_size=16, seed=0,
+                                    augment_cfg=augment.AugmentConfig(size=16))
+    picked = set()
+    for _, batch in zip(range(len(video) // 16 + 2), stream, strict=False):
+        for k, j in enumerate(batch["index"].tolist()):
+            assert raw_name(videos[video[j]]) not in held_raw
+            np.testing.assert_array_equal(batch["va"][k], readers[source(j)[0]](
+                source(j)[1])["va"])
+            picked.add(j)
+    stream.close()
+    assert picked == set(range(len(video)))  # a whole epoch and more: every training record
+    assert json.loads(stream.get_state())["split"] == "folds-but-1-of-3"
+
+
+def test_subset_label_counts_match_the_prepared_stats(tiny_task_records):
+    data_dir = tiny_task_records("au")
+    videos = tuple(records.read_frame_index(data_dir, "train")[0])
+    whole = records.Subset("all-train", (("train", videos),))
+    stats = json.loads((data_dir / "stats.json").read_text())["splits"]["train"]["histogram"]
+    assert folds.histogram(data_dir, whole) == {k: stats[k] for k in ("au_positive",
+                                                                      "au_frames")}
+    assert folds.histogram(data_dir, "train") == stats
