@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from abaw_jax import config_lib
+from abaw_jax import config_lib, ensemble, heads
 from abaw_jax.data import augment, folds, pipeline, records
 from abaw_jax.data.video import raw_name
 from abaw_jax.errors import ConfigError
@@ -150,3 +150,80 @@ def test_subset_label_counts_match_the_prepared_stats(tiny_task_records):
     assert folds.histogram(data_dir, whole) == {k: stats[k] for k in ("au_positive",
                                                                       "au_frames")}
     assert folds.histogram(data_dir, "train") == stats
+
+
+def test_va_averages_the_members():
+    members = np.array([[[0.2, 0.4], [-1.0, 0.0]], [[0.4, -0.2], [0.5, 0.5]],
+                        [[0.0, 0.1], [0.2, -0.2]]])
+    np.testing.assert_allclose(heads.get("va").combine(members),
+                               [[0.2, 0.1], [-0.1, 0.1]])
+
+
+def _probs(*rows):
+    """(frames, 8) probabilities: each row is {class: probability}, the rest shared evenly."""
+    out = np.zeros((len(rows), 8))
+    for i, row in enumerate(rows):
+        out[i] = (1 - sum(row.values())) / (8 - len(row))
+        for c, p in row.items():
+            out[i, c] = p
+    return out
+
+
+def test_expr_majority_vote_breaks_ties_by_mean_probability():
+    expr = heads.get("expr")
+    # Frame 0: three members say 1 (barely), one says 3 (surely): the majority wins, though
+    # the mean probability favours 3. Frame 1: two votes each for 2 and 5; 5 has the higher
+    # mean probability (the first class, 2, is not taken). Frame 2: unanimous.
+    members = np.stack([
+        _probs({1: 0.3, 3: 0.25}, {2: 0.5, 5: 0.3}, {4: 0.9}),
+        _probs({1: 0.3, 3: 0.2}, {2: 0.4, 5: 0.3}, {4: 0.6}),
+        _probs({3: 0.95}, {5: 0.9}, {4: 0.5}),
+        _probs({1: 0.4}, {5: 0.5, 2: 0.1}, {4: 0.7}),
+    ])
+    voted = expr.combine(members)
+    assert expr.submitted(voted).tolist() == [1, 5, 4]
+    assert expr.submitted(members.mean(0))[0] == 3  # what averaging would have said
+    assert voted.sum(-1).tolist() == [1, 1, 1]  # one-hot
+
+
+def test_au_majority_vote_of_decisions_at_the_thresholds():
+    au = heads.get("au")
+    thresholds = np.full(12, 0.5)
+    thresholds[1] = 0.2
+    p = np.zeros((3, 2, 12))
+    p[:, 0, 0] = [0.6, 0.55, 0.0]  # two of three on: on (the mean 0.38 is below 0.5)
+    p[:, 0, 1] = [0.25, 0.1, 0.1]  # one of three at 0.2: off
+    p[:, 1, 2] = [0.9, 0.9, 0.4]  # on
+    voted = au.combine(p, thresholds)
+    assert au.submitted(voted).tolist() == [[1] + [0] * 11, [0, 0, 1] + [0] * 9]
+    # Two members, one each way: the mean probability at the threshold decides.
+    tie = np.zeros((2, 1, 12))
+    tie[:, 0, 0] = [0.9, 0.3]  # mean 0.6: on
+    tie[:, 0, 1] = [0.25, 0.05]  # mean 0.15 < 0.2: off
+    assert au.submitted(au.combine(tie, thresholds))[0, :2].tolist() == [1, 0]
+
+
+def _fold_workdir(path, task="au", folds_=2, fold=0, videos=(("a",), ("b",)), **data):
+    config = config_lib.experiment(task)
+    config.data.folds, config.data.fold = folds_, fold
+    config.data.update(data)
+    path.mkdir()
+    (path / "config.json").write_text(config.to_json())
+    (path / folds.FOLDS_FILE).write_text(json.dumps({"videos": [list(v) for v in videos]}))
+    return path
+
+
+def test_ensemble_refuses_runs_that_are_not_one_cross_validation(tmp_path):
+    a = _fold_workdir(tmp_path / "a", fold=0)
+    cases = [
+        (_fold_workdir(tmp_path / "b", fold=0), "both hold out fold 0"),
+        (_fold_workdir(tmp_path / "c", task="expr", fold=1), "task='expr', but"),
+        (_fold_workdir(tmp_path / "d", folds_=3, fold=1), "data.folds=3, but"),
+        (_fold_workdir(tmp_path / "e", fold=1, fold_seed=4), "data.fold_seed=4, but"),
+        (_fold_workdir(tmp_path / "f", fold=1, videos=(("a",), ("c",))), "other videos"),
+        (_fold_workdir(tmp_path / "g", folds_=0), "not a fold run"),
+    ]
+    for other, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            ensemble.run([a, other], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
