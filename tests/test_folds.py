@@ -5,9 +5,10 @@ import json
 
 import numpy as np
 import pytest
+from helpers import tiny_config
 
-from abaw_jax import config_lib, ensemble, heads
-from abaw_jax.data import augment, folds, pipeline, records
+from abaw_jax import checkpoint, config_lib, ensemble, heads, submission, trainers
+from abaw_jax.data import affwild2, augment, folds, pipeline, prepare, records
 from abaw_jax.data.video import raw_name
 from abaw_jax.errors import ConfigError
 
@@ -227,3 +228,35 @@ def test_ensemble_refuses_runs_that_are_not_one_cross_validation(tmp_path):
         with pytest.raises(ConfigError, match=message):
             ensemble.run([a, other], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_fold_ensemble_end_to_end_writes_every_test_frame(tiny_tree, tmp_path):
+    root, manifest = tiny_tree
+    data = tmp_path / "au"  # in this process: a pool's start-up (~30 s loaded) outweighs the work
+    prepare.prepare(affwild2.Layout.discover(root), "au", data, splits=(*affwild2.SPLITS, "test"),
+                    workers=1, progress=False)
+    workdirs = [tmp_path / f"fold{fold}" for fold in range(2)]
+    for fold, workdir in enumerate(workdirs):
+        config = tiny_config(data, task="au", total_steps=2, **{"data.folds": 2,
+                                                                 "data.fold": fold})
+        trainers.train_and_evaluate(config, workdir)
+    lists = [folds.read_file(w) for w in workdirs]
+    assert lists[0]["videos"] == lists[1]["videos"] and [f["fold"] for f in lists] == [0, 1]
+    report = ensemble.run(workdirs, tmp_path / "ensemble")
+    lengths = records.read_video_frames(data, "test")
+    assert sorted(lengths) == sorted(manifest["test"]["au"])
+    out = tmp_path / "ensemble" / "au"
+    assert submission.check(out, "au", lengths) == []
+    for video, n in lengths.items():  # every frame of every test video, crop or not
+        assert len((out / f"{video}.txt").read_text().splitlines()) == 1 + n
+    # Each run evaluated on its held-out fold: the frames it scored are the fold's in the
+    # ensemble's report, and together they are the pooled out-of-fold frames.
+    frames = [f["au/challenge_frames"] for f in report["folds"]]
+    for workdir, n in zip(workdirs, frames, strict=True):
+        ckpt = checkpoint.Checkpoints(workdir / "checkpoints", read_only=True)
+        assert ckpt.metrics(ckpt.resolve("best"))["au/challenge_frames"] == n
+        ckpt.close()
+    assert sum(frames) == report["pooled"]["au/challenge_frames"] > 0
+    assert len(report["pooled"]["post/au/thresholds"]) == 12
+    written = json.loads((tmp_path / "ensemble" / ensemble.REPORT_FILE).read_text())
+    assert written["folds"] == report["folds"]
