@@ -5,7 +5,8 @@ Folds are made by raw video: `x_left` and `x_right` (two people of one raw video
 a fold, and no video is in two. They are balanced by the number of records (frames with a
 crop), greedily: raw videos from the largest, in blocks of `folds` whose order the seed
 shuffles, each to the fold with the fewest records so far; no fold then has more records than
-another plus the largest raw video. A fold run trains on the other folds and evaluates on its
+another plus the largest raw video (0.13 % of a fold's records apart at the AU challenge's
+size, `benchmarks/folds.py`). A fold run trains on the other folds and evaluates on its
 fold: two `records.Subset`s of the prepared records, read through a filter over the records'
 video index (`records.subset_rows`), so nothing is prepared again. Training writes the fold
 lists to `<workdir>/folds.json` (`write`); the fold ensemble (abaw_jax/ensemble.py) reads them.
@@ -132,7 +133,8 @@ def read_file(workdir: str | os.PathLike) -> dict[str, Any]:
 def histogram(data_dir: str | os.PathLike, split: records.Split) -> dict[str, Any]:
     """The label counts loss balancing reads (`expr` per class, `au_positive` per AU,
     `au_frames`) over a split's records: stats.json's; for a subset, counted from the labels
-    file at its records' frames (no record is read: ~1 s for 3M records)."""
+    file at its records' frames (no record is read: 1.2 s for the 1.4M records of 4 of 5 folds
+    of the AU challenge's size on the 2-core machine, loaded; `benchmarks/folds.py`)."""
     if not isinstance(split, records.Subset):
         stats = json.loads((Path(data_dir) / "stats.json").read_text())
         return stats["splits"][split]["histogram"]
