@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from helpers import tiny_config
+from helpers import fake_feature_cache, tiny_config
 
 from abaw_jax import checkpoint, config_lib, ensemble, heads, submission, trainers
 from abaw_jax.data import affwild2, augment, folds, pipeline, prepare, records
@@ -141,6 +141,30 @@ def test_fold_streams_read_only_their_folds_records(tiny_records):
     stream.close()
     assert picked == set(range(len(video)))  # a whole epoch and more: every training record
     assert json.loads(stream.get_state())["split"] == "folds-but-1-of-3"
+
+
+def test_fold_clips_and_feature_caches_read_the_same_records(tiny_records, tmp_path):
+    """Temporal models and cached features (CLIP, MAE fusion) read folds like images."""
+    cache_dir = fake_feature_cache(tmp_path / "features", {s: tiny_records for s in
+                                                           ("train", "validation")}, 4, 0)
+    _, held = folds.run_splits(_data(3, fold=2), tiny_records)
+    source = _source_of(tiny_records, held)
+    readers = {s: pipeline.FrameReader(tiny_records, s, features=[cache_dir])
+               for s in ("train", "validation")}
+    subset = pipeline.frame_reader(tiny_records, held, features=[cache_dir])
+    for j in range(len(subset)):
+        np.testing.assert_array_equal(subset(j)["features"],
+                                      readers[source(j)[0]](source(j)[1])["features"])
+    videos, video, frame = records.read_frame_index(tiny_records, held)
+    seen = np.zeros(len(video), int)
+    for batch in pipeline.clip_eval_dataset(tiny_records, held, length=8, stride=4,
+                                            batch_size=4, size=0, features=[cache_dir]):
+        for clip in batch["index"][batch["mask"]]:
+            clip = clip[clip >= 0]
+            assert len(set(video[clip])) == 1  # a window never crosses videos
+            assert np.all(np.diff(frame[clip]) > 0)
+            seen[clip] += 1
+    assert seen.min() >= 1  # every held-out record in a window
 
 
 def test_subset_label_counts_match_the_prepared_stats(tiny_task_records):

@@ -11,7 +11,8 @@ Batches are dicts of numpy arrays, named as the models' inputs: `image` uint8 (B
 log-mel windows around each frame's timestamp (data/audio_table.py), labels and masks of every
 task, `index` (the record index within the split, -1 for padding) and, for eval
 and clip batches, `mask` (False on padding). Map an `index` back to (video, frame) with
-`records.read_frame_index`.
+`records.read_frame_index`. A split may be a `records.Subset` (cross-validation folds,
+data/folds.py): some videos of several splits, read as one (`SubsetReader`).
 """
 
 from __future__ import annotations
@@ -392,7 +393,7 @@ def clip_index(video: np.ndarray, frame: np.ndarray, length: int, stride: int) -
 
 
 def _clips(data_dir, split: records.Split, length: int, stride: int, size: int, features, audio
-           ) -> tuple[FrameReader, np.ndarray]:
+           ) -> tuple[FrameReader | SubsetReader, np.ndarray]:
     reader = frame_reader(data_dir, split, size=size, features=features, audio=audio)
     return reader, clip_index(reader.video, reader.frame, length, stride)
 
