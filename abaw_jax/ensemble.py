@@ -90,6 +90,9 @@ def run(workdirs: Sequence[str | Path], out: str | Path, which: str = "best") ->
     workdirs, out = [Path(w) for w in workdirs], Path(out)
     configs = [extract.resolve_features(state_lib.read_config(w)) for w in workdirs]
     check_members(workdirs, configs)
+    if len(workdirs) < configs[0].data.folds:
+        logging.warning("%d fold models of %d folds: the post-processing is fitted on their "
+                        "folds only", len(workdirs), configs[0].data.folds)
     task = tasks.get(configs[0].task)
     data_dir = cache.records_for(configs[0].data, task.name)
     test_dir = cache.records_for(configs[0].data, task.name, test=True)
