@@ -67,6 +67,16 @@ def check(config: ml_collections.ConfigDict, num_devices: int) -> None:
             raise ConfigError(f"config: {key}={value!r} must be a positive integer")
     if not isinstance(config.get("total_steps"), int) or config.total_steps < 0:
         raise ConfigError(f"config: total_steps={config.get('total_steps')!r} must be >= 0")
+    _check_folds(config.get("data", {}))
+
+
+def _check_folds(data) -> None:
+    k, fold = data.get("folds", 0), data.get("fold", 0)
+    if not isinstance(k, int) or k < 0 or k == 1:
+        raise ConfigError(f"config: data.folds={k!r} must be 0 (off) or at least 2")
+    if k and (not isinstance(fold, int) or not 0 <= fold < k):
+        raise ConfigError(f"config: data.fold={fold!r} must be in 0..{k - 1} "
+                          f"(data.folds={k})")
 
 
 def base() -> ml_collections.ConfigDict:
@@ -100,6 +110,11 @@ def base() -> ml_collections.ConfigDict:
     c.data.format = "tfrecord"
     c.data.train_split = "train"
     c.data.eval_split = "validation"
+    # Cross-validation (data/folds.py): `folds` folds by raw video over the train and eval
+    # splits together; the run trains on the others and evaluates on fold `fold`. 0: off.
+    c.data.folds = 0
+    c.data.fold = 0
+    c.data.fold_seed = 0
     # Without root/records: the synthetic Aff-Wild2 (SyntheticSpec fields), cached.
     c.data.synthetic = ml_collections.ConfigDict(
         {"num_videos": 24, "frames_per_video": 300, "seed": 0})

@@ -12,7 +12,7 @@ import ml_collections
 from absl import logging
 
 from abaw_jax import state as state_lib
-from abaw_jax.data import cache
+from abaw_jax.data import cache, folds
 from abaw_jax.evaluators import abaw, split
 
 
@@ -26,9 +26,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, which: str = "be
     logging.info("evaluating %s", describe_checkpoint(which, step, restored.metrics,
                                                       setup.task.score))
     data_dir = cache.records_for(config.data, config.task)
-    name = config.data.eval_split
+    name = folds.run_splits(config.data, data_dir)[1]  # a fold run's: its held-out fold
     predict = state_lib.bind(state_lib.predict_fn(setup), restored.state)
-    result = split.predict_run(predict, setup, data_dir)
+    result = split.predict_run(predict, setup, data_dir, name)
     metrics = abaw.metrics(setup.task, result, data_dir, name)
     metrics["step"] = step
     out = workdir / "eval" / f"{name}-step{step}"

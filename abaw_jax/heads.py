@@ -86,6 +86,12 @@ class Head:
         """Decision thresholds fitted on these frames; None for heads that use none."""
         return None
 
+    def combine(self, members: np.ndarray, thresholds: np.ndarray | float = 0.5
+                ) -> np.ndarray:
+        """An ensemble's prediction from its members' post-processed outputs (m, n, size):
+        values whose `submitted(values)` (at 0.5) is the ensemble's answer."""
+        raise NotImplementedError
+
 
 class Regression(Head):
     """Values in [-1, 1] (valence, arousal), scored by CCC."""
@@ -115,6 +121,11 @@ class Regression(Head):
 
     def challenge(self, submitted: np.ndarray, target: np.ndarray) -> dict[str, Any]:
         return metrics.va_metrics(submitted, target)
+
+    def combine(self, members: np.ndarray, thresholds: np.ndarray | float = 0.5
+                ) -> np.ndarray:
+        """The members' mean."""
+        return np.mean(np.asarray(members, np.float64), 0)
 
     def _value_problem(self, fields: list[str]) -> str | None:
         values = [float(f) for f in fields]
@@ -150,6 +161,15 @@ class Classes(Head):
     def challenge(self, submitted: np.ndarray, target: np.ndarray) -> dict[str, Any]:
         per_class = metrics.f1_per_class(submitted, target, self.size)
         return {"f1_macro": float(per_class.mean()), "f1_per_class": per_class.tolist()}
+
+    def combine(self, members: np.ndarray, thresholds: np.ndarray | float = 0.5
+                ) -> np.ndarray:
+        """Majority vote of the members' classes (the ABAW6 Netease ensemble's), a tie going
+        to the tied class of highest mean probability; one-hot of the voted class."""
+        members = np.asarray(members, np.float64)
+        votes = np.eye(self.size)[np.argmax(members, -1)].sum(0)
+        tied = votes == votes.max(-1, keepdims=True)
+        return np.eye(self.size)[np.argmax(np.where(tied, members.mean(0), -np.inf), -1)]
 
     def _value_problem(self, fields: list[str]) -> str | None:
         if len(fields) != 1 or int(fields[0]) not in range(self.size):
@@ -197,6 +217,15 @@ class Binary(Head):
 
     def search_thresholds(self, pred: np.ndarray, target: np.ndarray) -> np.ndarray:
         return metrics.search_thresholds(pred, target)
+
+    def combine(self, members: np.ndarray, thresholds: np.ndarray | float = 0.5
+                ) -> np.ndarray:
+        """Majority vote of the members' 0/1 decisions at `thresholds`; a tie (an even number
+        of members) is decided by the mean probability at the thresholds. 0/1 values."""
+        members = np.asarray(members, np.float64)
+        votes = 2 * (members >= np.asarray(thresholds)).sum(0)
+        tie = members.mean(0) >= np.asarray(thresholds)
+        return np.where(votes == len(members), tie, votes > len(members)).astype(np.float64)
 
 
 HEADS: dict[str, Head] = {

@@ -11,7 +11,8 @@ Batches are dicts of numpy arrays, named as the models' inputs: `image` uint8 (B
 log-mel windows around each frame's timestamp (data/audio_table.py), labels and masks of every
 task, `index` (the record index within the split, -1 for padding) and, for eval
 and clip batches, `mask` (False on padding). Map an `index` back to (video, frame) with
-`records.read_frame_index`.
+`records.read_frame_index`. A split may be a `records.Subset` (cross-validation folds,
+data/folds.py): some videos of several splits, read as one (`SubsetReader`).
 """
 
 from __future__ import annotations
@@ -123,6 +124,39 @@ class FrameReader:
             out["image"] = augment.augment(image, cfg, rng) if cfg else \
                 augment.resize(image, self.size)
         return {**out, **{k: ex[k] for k in schema.LABEL_KEYS}}
+
+
+class SubsetReader:
+    """A `records.Subset` read as one split: each part's split by a `FrameReader` (images,
+    caches and audio as it reads them), subset record j mapped to its part's record
+    (`records.subset_rows`); the output's "index" is j. No record is written for a subset."""
+
+    def __init__(self, data_dir: str | os.PathLike, subset: records.Subset, **kwargs):
+        self.parts = [(FrameReader(data_dir, split, **kwargs), rows)
+                      for split, rows in records.subset_rows(data_dir, subset)]
+        self._starts = np.cumsum([0] + [len(rows) for _, rows in self.parts])
+        self.videos, self.video, self.frame = records.read_frame_index(data_dir, subset)
+        self.split = subset.name
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __call__(self, index: int, cfg: augment.AugmentConfig | None = None,
+                 rng: np.random.Generator | None = None) -> dict:
+        if index < 0:
+            return self.parts[0][0](-1, cfg, rng)
+        part = int(np.searchsorted(self._starts, index, side="right")) - 1
+        reader, rows = self.parts[part]
+        out = reader(int(rows[index - self._starts[part]]), cfg, rng)
+        return {**out, "index": np.int32(index)}
+
+
+def frame_reader(data_dir: str | os.PathLike, split: records.Split, **kwargs
+                 ) -> FrameReader | SubsetReader:
+    """The reader of a split or of a subset of splits (FrameReader's keyword arguments)."""
+    if isinstance(split, records.Subset):
+        return SubsetReader(data_dir, split, **kwargs)
+    return FrameReader(data_dir, split, **kwargs)
 
 
 class Stream:
@@ -270,7 +304,8 @@ class _Indices:
         return int(self.indices[position]), position
 
 
-def train_dataset(data_dir: str | os.PathLike, split: str, *, batch_size: int, seed: int,
+def train_dataset(data_dir: str | os.PathLike, split: records.Split, *,
+                  batch_size: int, seed: int,
                   augment_cfg: augment.AugmentConfig | None, shard: Shard = Shard(),
                   loader: Loader = Loader(), features: Sequence[str | os.PathLike] = (),
                   audio: audio_lib.AudioConfig | None = None) -> Stream:
@@ -281,11 +316,11 @@ def train_dataset(data_dir: str | os.PathLike, split: str, *, batch_size: int, s
     The state keeps the seed, global batch size and record count, and refuses to resume a
     different stream; the augmentation, worker count and process count may change between runs.
     """
-    reader = FrameReader(data_dir, split, size=augment_cfg.size if augment_cfg else 0,
-                         features=features, audio=audio)
+    reader = frame_reader(data_dir, split, size=augment_cfg.size if augment_cfg else 0,
+                          features=features, audio=audio)
     element = functools.partial(_train_frame, reader, augment_cfg)
     return _finish(_GlobalOrder(len(reader), seed, batch_size, shard), batch_size, loader,
-                   element, seed + 1, split=split, seed=seed, records=len(reader),
+                   element, seed + 1, split=str(split), seed=seed, records=len(reader),
                    global_batch=batch_size * shard.count, **_describe(features))
 
 
@@ -311,13 +346,14 @@ def _host_indices(n: int, batch_size: int, shard: Shard) -> np.ndarray:
     return out
 
 
-def eval_dataset(data_dir: str | os.PathLike, split: str, *, batch_size: int, size: int,
+def eval_dataset(data_dir: str | os.PathLike, split: records.Split, *,
+                 batch_size: int, size: int,
                  shard: Shard = Shard(), loader: Loader = Loader(),
                  features: Sequence[str | os.PathLike] = (),
                  audio: audio_lib.AudioConfig | None = None) -> Stream:
     """Every record exactly once over all processes, in order, padded (mask False) so that
     every process runs `eval_steps` batches. `size` 0: no image (cached `features` only)."""
-    reader = FrameReader(data_dir, split, size=size, features=features, audio=audio)
+    reader = frame_reader(data_dir, split, size=size, features=features, audio=audio)
     return _finish(_Indices(_host_indices(len(reader), batch_size, shard), batch_size),
                    batch_size, loader, functools.partial(_eval_frame, reader))
 
@@ -356,9 +392,9 @@ def clip_index(video: np.ndarray, frame: np.ndarray, length: int, stride: int) -
     return np.stack(clips) if clips else np.zeros((0, length), np.int64)
 
 
-def _clips(data_dir, split: str, length: int, stride: int, size: int, features, audio
-           ) -> tuple[FrameReader, np.ndarray]:
-    reader = FrameReader(data_dir, split, size=size, features=features, audio=audio)
+def _clips(data_dir, split: records.Split, length: int, stride: int, size: int, features, audio
+           ) -> tuple[FrameReader | SubsetReader, np.ndarray]:
+    reader = frame_reader(data_dir, split, size=size, features=features, audio=audio)
     return reader, clip_index(reader.video, reader.frame, length, stride)
 
 
@@ -370,7 +406,8 @@ def _clip(reader, clips, cfg, clip, rng=None):
     return {k: np.stack([f[k] for f in frames]) for k in frames[0]} | {"mask": np.bool_(True)}
 
 
-def clip_train_dataset(data_dir: str | os.PathLike, split: str, *, length: int, stride: int,
+def clip_train_dataset(data_dir: str | os.PathLike, split: records.Split, *,
+                       length: int, stride: int,
                        batch_size: int, seed: int, augment_cfg: augment.AugmentConfig | None,
                        shard: Shard = Shard(), loader: Loader = Loader(),
                        features: Sequence[str | os.PathLike] = (),
@@ -381,11 +418,12 @@ def clip_train_dataset(data_dir: str | os.PathLike, split: str, *, length: int, 
                            augment_cfg.size if augment_cfg else 0, features, audio)
     element = functools.partial(_clip, reader, clips, augment_cfg)
     return _finish(_GlobalOrder(len(clips), seed, batch_size, shard), batch_size, loader,
-                   element, seed + 1, split=split, seed=seed, clips=len(clips), length=length,
+                   element, seed + 1, split=str(split), seed=seed, clips=len(clips), length=length,
                    stride=stride, global_batch=batch_size * shard.count, **_describe(features))
 
 
-def clip_eval_dataset(data_dir: str | os.PathLike, split: str, *, length: int, stride: int,
+def clip_eval_dataset(data_dir: str | os.PathLike, split: records.Split, *,
+                      length: int, stride: int,
                       batch_size: int, size: int, shard: Shard = Shard(),
                       loader: Loader = Loader(), features: Sequence[str | os.PathLike] = (),
                       audio: audio_lib.AudioConfig | None = None) -> Stream:

@@ -16,6 +16,7 @@ Neither writing nor reading imports TensorFlow (a multi-second import in every w
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -327,15 +328,66 @@ def write_frame_index(data_dir: Path, split: str, table: FrameTable, order: np.n
              video=table.video[order], frame=table.frame[order], video_frames=table.video_frames)
 
 
-def read_frame_index(data_dir: str | os.PathLike, split: str) -> tuple[list[str], np.ndarray,
-                                                                        np.ndarray]:
+@dataclasses.dataclass(frozen=True)
+class Subset:
+    """Some videos of one or more splits, read as one split (cross-validation folds:
+    data/folds.py): the records of each part's videos in their split's record order, part after
+    part. The split readers here and the pipeline's take one wherever they take a split name;
+    nothing is written for it. `name` names it in logs, stream states and output folders."""
+
+    name: str
+    parts: tuple[tuple[str, tuple[str, ...]], ...]  # (split, the names of its videos)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+Split = str | Subset  # what the split readers take
+
+
+def subset_rows(data_dir: str | os.PathLike, subset: Subset) -> list[tuple[str, np.ndarray]]:
+    """(split, its record indices in the subset) of each part, in the subset's record order."""
+    out = []
+    for split, names in subset.parts:
+        videos, video, _ = read_frame_index(data_dir, split)
+        out.append((split, np.flatnonzero(_kept_videos(videos, names)[video])))
+    return out
+
+
+def _kept_videos(videos: list[str], names: tuple[str, ...]) -> np.ndarray:
+    return np.isin(np.asarray(videos, dtype=str), np.asarray(names, dtype=str))
+
+
+def read_frame_index(data_dir: str | os.PathLike, split: Split) -> tuple[list[str], np.ndarray,
+                                                                          np.ndarray]:
     """Video names, and per record its video index and frame number."""
+    if isinstance(split, Subset):
+        return _subset_frame_index(data_dir, split)
     with np.load(_frames_file(data_dir, split)) as z:
         return z["videos"].tolist(), z["video"], z["frame"]
 
 
-def read_video_frames(data_dir: str | os.PathLike, split: str) -> dict[str, int]:
+def _subset_frame_index(data_dir: str | os.PathLike, subset: Subset
+                        ) -> tuple[list[str], np.ndarray, np.ndarray]:
+    names: list[str] = []
+    video, frame = [np.zeros(0, np.int32)], [np.zeros(0, np.int32)]
+    for split, wanted in subset.parts:
+        videos, v, f = read_frame_index(data_dir, split)
+        kept = np.flatnonzero(_kept_videos(videos, wanted))
+        remap = np.full(len(videos), -1, np.int64)
+        remap[kept] = np.arange(len(names), len(names) + len(kept))
+        names += [videos[i] for i in kept]
+        rows = np.flatnonzero(remap[v] >= 0)  # as `subset_rows`
+        video.append(remap[v[rows]].astype(v.dtype))
+        frame.append(f[rows])
+    return names, np.concatenate(video), np.concatenate(frame)
+
+
+def read_video_frames(data_dir: str | os.PathLike, split: Split) -> dict[str, int]:
     """Frames of each video of a split (all of them, with or without a record)."""
+    if isinstance(split, Subset):
+        return {name: n for part, wanted in split.parts
+                for name, n in read_video_frames(data_dir, part).items() if name in wanted}
     with np.load(_frames_file(data_dir, split)) as z:
         return dict(zip(z["videos"].tolist(), z["video_frames"].tolist(), strict=True))
 
@@ -355,6 +407,12 @@ LABELS_FORMAT = 1
 
 def labels_path(data_dir: str | os.PathLike, split: str) -> Path:
     return Path(data_dir) / f"labels-{split}.npz"
+
+
+def has_labels(data_dir: str | os.PathLike, split: Split) -> bool:
+    """Whether the split (each split of a subset) has its labels file."""
+    parts = [p for p, _ in split.parts] if isinstance(split, Subset) else [split]
+    return all(labels_path(data_dir, p).is_file() for p in parts)
 
 
 def array_crc(x: np.ndarray) -> str:
@@ -377,9 +435,12 @@ def write_labels(data_dir: Path, split: str, annotated: affwild2.Annotated) -> N
     np.savez(labels_path(data_dir, split), meta=np.asarray(json.dumps(meta)), **arrays)
 
 
-def read_labels(data_dir: str | os.PathLike, split: str) -> affwild2.Annotated:
+def read_labels(data_dir: str | os.PathLike, split: Split) -> affwild2.Annotated:
     """Every annotation line of a labelled split (`write_labels`), each array checked against its
-    CRC32C; a missing, unreadable or corrupt file is a `DataError` naming it."""
+    CRC32C; a missing, unreadable or corrupt file is a `DataError` naming it. A subset: the
+    lines of its videos, part after part."""
+    if isinstance(split, Subset):
+        return _subset_labels(data_dir, split)
     path = labels_path(data_dir, split)
     again = "write the records again with prepare"
     if not path.is_file():
@@ -401,3 +462,19 @@ def read_labels(data_dir: str | os.PathLike, split: str) -> affwild2.Annotated:
         arrays["videos"].tolist(), offsets,
         affwild2.line_frames(np.diff(offsets)) if frame is None else frame, labels,
         {t: affwild2.valid_mask(t, v) for t, v in labels.items()})
+
+
+def _subset_labels(data_dir: str | os.PathLike, subset: Subset) -> affwild2.Annotated:
+    videos, rows, parts = [], [], []
+    for split, wanted in subset.parts:
+        annotated = read_labels(data_dir, split)
+        kept = np.flatnonzero(_kept_videos(annotated.videos, wanted))
+        videos += [annotated.videos[i] for i in kept]
+        rows += [np.arange(annotated.offsets[i], annotated.offsets[i + 1]) for i in kept]
+        parts.append((annotated, np.concatenate([np.zeros(0, np.int64)]
+                                                + rows[len(rows) - len(kept):])))
+    offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
+    return affwild2.Annotated(
+        videos, offsets, np.concatenate([a.frame[r] for a, r in parts]),
+        {t: np.concatenate([a.labels[t][r] for a, r in parts]) for t in parts[0][0].labels},
+        {t: np.concatenate([a.masks[t][r] for a, r in parts]) for t in parts[0][0].masks})

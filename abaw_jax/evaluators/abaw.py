@@ -21,7 +21,8 @@ from abaw_jax.data import affwild2, records
 Index = tuple[list[str], np.ndarray, np.ndarray]  # `records.read_frame_index`
 
 
-def metrics(task: tasks.Task, result: dict, data_dir: Path, split: str) -> dict[str, Any]:
+def metrics(task: tasks.Task, result: dict, data_dir: Path, split: records.Split
+            ) -> dict[str, Any]:
     """Task metrics of `result` (`split.predict_split`) over the frames with a crop, the
     post-processing report (`post/...`: the smoothing chosen per head, AU thresholds after it,
     scores before/after) and the challenge's figures (`challenge`). `score` is
@@ -40,7 +41,7 @@ def metrics(task: tasks.Task, result: dict, data_dir: Path, split: str) -> dict[
 
 
 def challenge(task: tasks.Task, smoothed: dict[str, np.ndarray], thresholds: np.ndarray | None,
-              data_dir: Path, split: str) -> dict[str, Any]:
+              data_dir: Path, split: records.Split) -> dict[str, Any]:
     """The challenge's figures, as the organisers compute them from a submission: the values of
     the submission files (`smoothed` outputs filled per video over its frame count by
     `submission.filled_videos`, AU at `thresholds`) over every annotation line of the split with
@@ -51,12 +52,12 @@ def challenge(task: tasks.Task, smoothed: dict[str, np.ndarray], thresholds: np.
     `challenge_score`. Multi-task (s-Aff-Wild2): the listed images only, as `write_mtl` submits
     them (an image without a crop takes its video's nearest prediction, interpolated for VA);
     `challenge_score` is P. {} when the records predate the labels file (with a warning)."""
-    if not records.labels_path(data_dir, split).is_file():
-        logging.warning("%s: no %s (records prepared before it was kept), so no challenge "
-                        "figures: the best checkpoint is picked by %s over the frames with a "
-                        "crop. Prepare the records again to get them (a data cache folder: "
-                        "delete it, and the next run prepares it again)",
-                        data_dir, records.labels_path(data_dir, split).name, task.score)
+    if not records.has_labels(data_dir, split):
+        logging.warning("%s: no labels file of %s (records prepared before it was kept), so "
+                        "no challenge figures: the best checkpoint is picked by %s over the "
+                        "frames with a crop. Prepare the records again to get them (a data cache "
+                        "folder: delete it, and the next run prepares it again)",
+                        data_dir, split, task.score)
         return {}
     annotated = records.read_labels(data_dir, split)
     index = records.read_frame_index(data_dir, split)
@@ -112,7 +113,7 @@ def _at_listed_images(head: str, annotated: affwild2.Annotated, index: Index,
         submission.at_images(pairs, *index, values, head), thresholds)
 
 
-def write_outputs(out: Path, data_dir: Path, split: str, result: dict, metrics: dict,
+def write_outputs(out: Path, data_dir: Path, split: records.Split, result: dict, metrics: dict,
                   heads: tuple[str, ...]) -> None:
     """metrics.json, per-video ABAW prediction files per head, and the plots."""
     out.mkdir(parents=True, exist_ok=True)

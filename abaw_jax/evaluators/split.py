@@ -11,12 +11,12 @@ import jax
 import numpy as np
 
 from abaw_jax import parallel
-from abaw_jax.data import pipeline, records, schema
+from abaw_jax.data import folds, pipeline, records, schema
 
 Predict = Callable[[Mapping[str, jax.Array]], Mapping[str, jax.Array]]
 
 
-def predict_split(predict: Predict, data_dir: Path, split: str, *, batch_size: int, mesh,
+def predict_split(predict: Predict, data_dir: Path, split: records.Split, *, batch_size: int, mesh,
                   loader: pipeline.Loader, size: int = 0, features: Sequence[str] = (),
                   length: int = 0, stride: int = 1, audio=None) -> dict[str, Any]:
     """{"preds": {name: (n, ...)}, "labels": {...}} in record order for all n records.
@@ -74,12 +74,13 @@ def predict_split(predict: Predict, data_dir: Path, split: str, *, batch_size: i
     return {"preds": preds, "labels": labels}
 
 
-def predict_run(predict: Predict, setup, records: Path, name: str | None = None
+def predict_run(predict: Predict, setup, data_dir: Path, name: records.Split | None = None
                 ) -> dict[str, Any]:
-    """`predict_split` over a split of a run (`state.Setup`; the config's eval split by
-    default) with the config's eval batch size and loader and the run's inputs."""
+    """`predict_split` over a split of a run (`state.Setup`; the run's eval split by default:
+    the config's, or its held-out fold) with the config's eval batch size and loader and the
+    run's inputs."""
     config = setup.config
-    return predict_split(predict, records, name or config.data.eval_split,
+    return predict_split(predict, data_dir, name or folds.run_splits(config.data, data_dir)[1],
                          batch_size=config.eval_batch_size, mesh=setup.mesh,
                          loader=pipeline.Loader.from_config(config.data.loader),
                          **setup.feed.stream_options())

@@ -29,7 +29,7 @@ from flax import nnx
 from abaw_jax import checkpoint, config_lib, parallel
 from abaw_jax import preemption as preemption_lib
 from abaw_jax import state as state_lib
-from abaw_jax.data import cache, pipeline
+from abaw_jax.data import cache, folds, pipeline
 from abaw_jax.errors import UserError
 
 PREEMPTED = "PREEMPTED"  # in the workdir while a run stopped by SIGTERM has steps left
@@ -94,6 +94,9 @@ def _run(config: ml_collections.ConfigDict, workdir: Path, trainer: ModuleType, 
     setup = state_lib.make_setup(config, mesh)
     records = cache.records_for(config.data, config.task)
     preemption.check("the data preparation")
+    if config.data.get("folds") and jax.process_index() == 0:
+        logging.info("cross-validation: fold lists in %s", folds.write(workdir, config.data,
+                                                                        records))
     writer = metric_writers.create_default_writer(workdir,
                                                   just_logging=jax.process_index() > 0)
     ckpt = checkpoint.Checkpoints(workdir / "checkpoints", keep=config.keep_checkpoints)

@@ -5,7 +5,6 @@ on frames or clips, from images or cached features. Each head's loss is picked b
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -20,14 +19,16 @@ from flax import nnx
 
 from abaw_jax import models, parallel
 from abaw_jax import state as state_lib
-from abaw_jax.data import augment, pipeline
+from abaw_jax.data import augment, folds, pipeline
 from abaw_jax.evaluators import abaw, split
 
 
 def train_stream(config: ml_collections.ConfigDict, setup: state_lib.Setup, records: Path,
                  local_batch: int, shard: pipeline.Shard) -> pipeline.Stream:
     """Labelled frames, or clips (`data.clip_length`: `batch_size` counts clips), with the
-    inputs the model takes: augmented images and/or cached features."""
+    inputs the model takes: augmented images and/or cached features; of the train split, or
+    with `data.folds` of the training folds."""
+    train_split = folds.run_splits(config.data, records)[0]
     feed = setup.feed
     common = dict(batch_size=local_batch, seed=config.seed, shard=shard,
                   augment_cfg=augment.AugmentConfig.from_config(config.augment, feed.size)
@@ -35,20 +36,20 @@ def train_stream(config: ml_collections.ConfigDict, setup: state_lib.Setup, reco
                   loader=pipeline.Loader.from_config(config.data.loader), features=feed.features,
                   audio=feed.audio)
     if feed.clip_length:
-        return pipeline.clip_train_dataset(records, config.data.train_split,
+        return pipeline.clip_train_dataset(records, train_split,
                                            length=feed.clip_length, stride=feed.clip_stride,
                                            **common)
-    return pipeline.train_dataset(records, config.data.train_split, **common)
+    return pipeline.train_dataset(records, train_split, **common)
 
 
 def loss_options(config: ml_collections.ConfigDict, records: Path | None) -> dict:
     """config.loss, with balanced class / positive weights from the train split's label counts
-    (the records' stats.json) when `loss.balance` is set and they are not given."""
+    (the records' stats.json; with `data.folds`, the training folds' counts) when
+    `loss.balance` is set and they are not given."""
     opts = config.loss.to_dict()
     if not opts.pop("balance", False) or records is None:
         return opts
-    stats = json.loads((Path(records) / "stats.json").read_text())["splits"]
-    hist = stats[config.data.train_split]["histogram"]
+    hist = folds.histogram(records, folds.run_splits(config.data, records)[0])
     if opts.get("class_weights") is None and "expr" in hist:
         counts = np.maximum(np.array(list(hist["expr"].values()), np.float64), 1)
         opts["class_weights"] = (counts.sum() / (len(counts) * counts)).tolist()
@@ -124,9 +125,10 @@ def evaluator(config: ml_collections.ConfigDict, setup: state_lib.Setup, records
     """state -> the task's metrics over the whole eval split, with the post-processing
     chosen on it."""
     predict = state_lib.predict_fn(setup)
+    eval_split = folds.run_splits(config.data, records)[1]
 
     def evaluate(state: state_lib.TrainState) -> dict:
-        result = split.predict_run(state_lib.bind(predict, state), setup, records)
-        return abaw.metrics(setup.task, result, records, config.data.eval_split)
+        result = split.predict_run(state_lib.bind(predict, state), setup, records, eval_split)
+        return abaw.metrics(setup.task, result, records, eval_split)
 
     return evaluate
