@@ -133,7 +133,7 @@ def load(path: str | Path, which: str = "best", seed: int = 0) -> Predictor:
     """A predictor for a training workdir ('best' or 'latest' checkpoint, or a step) or for a
     converted folder; `seed` starts the keys of models that draw randomness (MAE's masking)."""
     path = Path(path)
-    if (path / "config.json").is_file() and (path / "checkpoints").is_dir():
+    if state_lib.is_workdir(path):
         return _from_workdir(path, which, seed)
     if (path / convert.META_FILE).is_file() and (path / convert.STATE_DIR).is_dir():
         return _from_converted(path, seed)

@@ -270,22 +270,40 @@ class _Indices:
         return int(self.indices[position]), position
 
 
-def train_dataset(data_dir: str | os.PathLike, split: str, *, batch_size: int, seed: int,
-                  augment_cfg: augment.AugmentConfig | None, shard: Shard = Shard(),
+class _Splits:
+    """The frame readers of several splits as one, indexed over their concatenation (the
+    "index" in its elements stays the record index within the frame's own split)."""
+
+    def __init__(self, readers: Sequence[FrameReader]):
+        self.readers = list(readers)
+        self.starts = np.cumsum([0, *(len(r) for r in readers)])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __call__(self, index: int, cfg=None, rng=None) -> dict:
+        k = int(np.searchsorted(self.starts, index, side="right")) - 1
+        return self.readers[k](index - int(self.starts[k]), cfg, rng)
+
+
+def train_dataset(data_dir: str | os.PathLike, split: str | Sequence[str], *, batch_size: int,
+                  seed: int, augment_cfg: augment.AugmentConfig | None, shard: Shard = Shard(),
                   loader: Loader = Loader(), features: Sequence[str | os.PathLike] = (),
                   audio: audio_lib.AudioConfig | None = None) -> Stream:
     """Endless augmented frames, shuffled per epoch from `seed`: this process's `batch_size`
     block of every global batch (see `_GlobalOrder`). `augment_cfg` None: no image (cached
-    `features` only).
+    `features` only). Several splits (a sequence) are shuffled together as one.
 
     The state keeps the seed, global batch size and record count, and refuses to resume a
     different stream; the augmentation, worker count and process count may change between runs.
     """
-    reader = FrameReader(data_dir, split, size=augment_cfg.size if augment_cfg else 0,
-                         features=features, audio=audio)
+    splits = (split,) if isinstance(split, str) else tuple(split)
+    readers = [FrameReader(data_dir, s, size=augment_cfg.size if augment_cfg else 0,
+                           features=features, audio=audio) for s in splits]
+    reader = readers[0] if len(readers) == 1 else _Splits(readers)
     element = functools.partial(_train_frame, reader, augment_cfg)
     return _finish(_GlobalOrder(len(reader), seed, batch_size, shard), batch_size, loader,
-                   element, seed + 1, split=split, seed=seed, records=len(reader),
+                   element, seed + 1, split=",".join(splits), seed=seed, records=len(reader),
                    global_batch=batch_size * shard.count, **_describe(features))
 
 

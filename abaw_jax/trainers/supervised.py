@@ -21,6 +21,7 @@ from flax import nnx
 from abaw_jax import models, parallel
 from abaw_jax import state as state_lib
 from abaw_jax.data import augment, pipeline
+from abaw_jax.errors import ConfigError
 from abaw_jax.evaluators import abaw, split
 
 
@@ -28,6 +29,9 @@ def train_stream(config: ml_collections.ConfigDict, setup: state_lib.Setup, reco
                  local_batch: int, shard: pipeline.Shard) -> pipeline.Stream:
     """Labelled frames, or clips (`data.clip_length`: `batch_size` counts clips), with the
     inputs the model takes: augmented images and/or cached features."""
+    if not setup.family.labels:
+        raise ConfigError(f"model {config.model.name!r} trains without labels: set its own "
+                          f"trainer (configs/mae/pretrain.py: trainer=mae_pretrain)")
     feed = setup.feed
     common = dict(batch_size=local_batch, seed=config.seed, shard=shard,
                   augment_cfg=augment.AugmentConfig.from_config(config.augment, feed.size)
@@ -119,10 +123,10 @@ def train_step(config: ml_collections.ConfigDict, setup: state_lib.Setup, shardi
                    out_shardings=(sharding, parallel.replicated(setup.mesh)))
 
 
-def evaluator(config: ml_collections.ConfigDict, setup: state_lib.Setup, records: Path
-              ) -> Callable[[state_lib.TrainState], dict]:
+def evaluator(config: ml_collections.ConfigDict, setup: state_lib.Setup, records: Path,
+              workdir: Path | None = None) -> Callable[[state_lib.TrainState], dict]:
     """state -> the task's metrics over the whole eval split, with the post-processing
-    chosen on it."""
+    chosen on it (its figures are `--mode=eval`'s: nothing goes to `workdir` here)."""
     predict = state_lib.predict_fn(setup)
 
     def evaluate(state: state_lib.TrainState) -> dict:
