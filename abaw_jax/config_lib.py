@@ -314,10 +314,10 @@ def _gcsa_separate(c: ml_collections.ConfigDict, visual: str, audio: str) -> Non
 
 # MAE's AdamW groups: no weight decay on biases and norms (ndim <= 1) nor on the class and mask
 # tokens and position embeddings (3-D); the fixed sin-cos ones are not parameters at all.
-MAE_NO_DECAY = (r"^(cls_token|mask_token|pos_embed)/",)
+MAE_NO_DECAY = (r"^(cls_token|mask_token|pos_embed)(/|$)",)
 # MAE's layer-wise decay (lr_decay.py): patch and position embeddings and the class token are
 # layer 0, encoder block i is layer i + 1, fc_norm and the task layers the last.
-MAE_LAYERS = {"embed": r"^(patch_embed|cls_token|pos_embed)/",
+MAE_LAYERS = {"embed": r"^(patch_embed|cls_token|pos_embed)(/|$)",
               "block": r"^encoder/layers/(\d+)/"}
 
 
@@ -363,9 +363,10 @@ def mae_pretrain(arg: str | None = "") -> ml_collections.ConfigDict:
         c.total_steps, c.optim.warmup_steps = 40_000, 2_000
         c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps = 100, 2_000, 1_000
         c.data.loader.num_workers = 16
-    else:  # measured: 1.5e-4 per 256 barely moves a tiny MAE in a few hundred steps
+    else:  # the tiny MAE's validation loss after these 300 steps, by base_lr (measured on the
+        # synthetic data): 0.419 at 1.5e-3, 0.314 at 1e-2, 0.297 at 3e-2
         c.batch_size, c.eval_batch_size = 64, 64
-        _lr_per_256(c, 1.5e-3)
+        _lr_per_256(c, 1e-2)
         c.total_steps, c.optim.warmup_steps = 300, 20
         c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps = 25, 100, 100
     return c
@@ -390,7 +391,7 @@ def mae(task: str, arg: str | None = "") -> ml_collections.ConfigDict:
     c.optim = ml_collections.ConfigDict({
         "name": "adamw", "b1": 0.9, "b2": 0.999, "weight_decay": 0.05, "schedule": "cosine",
         "end_lr": 0.0, "grad_clip": 0.0, "freeze": (), "groups": {},
-        "no_decay": (r"^(cls_token|pos_embed)/",),
+        "no_decay": (r"^(cls_token|pos_embed)(/|$)",),
         "layer_decay": {"rate": 0.65, **MAE_LAYERS}})
     if args.real:  # the reference's ViT-B fine-tuning: blr 5e-4, 5 of 100 epochs warm-up
         _lr_per_256(c, 5e-4)
