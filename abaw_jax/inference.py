@@ -149,10 +149,13 @@ def _from_workdir(workdir: Path, which: str, seed: int) -> Predictor:
     setup = restored.setup
     thresholds = restored.metrics.get("au/thresholds")
     model = setup.model(restored.state)
-    post = postprocess.Post.from_metrics(restored.metrics, setup.task.heads)
-    return Predictor(model, setup.family, setup.inputs, setup.task.predict,
+    # A label-free run (MAE pretraining) has no task head: its outputs are the model's own.
+    head_names = setup.task.heads if setup.family.labels else ()
+    post = postprocess.Post.from_metrics(restored.metrics, head_names)
+    return Predictor(model, setup.family, setup.inputs,
+                     setup.task.predict if setup.family.labels else _pick(()),
                      None if thresholds is None else metrics.au_values(thresholds), post,
-                     setup.feed, setup.task.heads, seed=seed)
+                     setup.feed, head_names, seed=seed)
 
 
 def _from_converted(directory: Path, seed: int) -> Predictor:

@@ -10,9 +10,10 @@ import pytest
 from flax import nnx
 from helpers import load_config
 
-from abaw_jax import config_lib, convert, models, optim, parallel, trainers
+from abaw_jax import config_lib, convert, inference, models, optim, parallel, trainers
 from abaw_jax import state as state_lib
 from abaw_jax.errors import ConfigError
+from abaw_jax.models import mae
 from abaw_jax.trainers import mae_pretrain, supervised
 
 PRETRAIN_STEPS = 60
@@ -150,6 +151,13 @@ def test_pretraining_lowers_the_validation_reconstruction_loss(pretrained, capsy
     figure = matplotlib.image.imread(workdir / f"reconstruction-{PRETRAIN_STEPS}.png")
     assert figure.shape[0] > 400 and figure.shape[1] > 300  # 4 rows of 3 faces
     assert float(figure[..., :3].std()) > 0.05  # not blank
+    # inference.load of the workdir gives the reference's outputs, as of a converted folder.
+    predict = inference.load(workdir, "latest")
+    faces = np.random.default_rng(0).integers(0, 256, (2, 40, 40, 3), np.uint8)
+    noise = np.random.default_rng(1).uniform(size=(2, 16)).astype(np.float32)
+    out = predict(faces, noise=noise)
+    assert set(out) >= set(mae.PRETRAIN_OUTPUTS) and np.isfinite(out["loss"])
+    assert out["pred"].shape == (2, 16, 8 * 8 * 3) and out["mask"].sum() == 2 * 12
 
 
 def test_init_from_a_pretraining_workdir_loads_the_encoder(pretrained, tiny_records):
