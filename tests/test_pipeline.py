@@ -1,5 +1,7 @@
 """grain pipelines: per-process shards, complete eval, clips, exact resume, decode errors."""
 
+import json
+
 import numpy as np
 import pytest
 from helpers import fake_feature_cache
@@ -45,6 +47,28 @@ def test_batches_hold_labels_of_their_records(tiny_records):
     for j, i in enumerate(b["index"]):
         np.testing.assert_array_equal(b["va"][j], source[int(i)]["va"])
         assert b["va_mask"][j]
+
+
+def test_several_splits_shuffle_together_as_one(tiny_records):
+    # One epoch of train + validation holds each record of both once, their labels with them.
+    sources = {s: records.RecordSource(tiny_records, s) for s in ("train", "validation")}
+    n = {s: len(src) for s, src in sources.items()}
+    total = sum(n.values())
+    stream = pipeline.train_dataset(tiny_records, ("train", "validation"), batch_size=total,
+                                    seed=3, augment_cfg=augment.AugmentConfig(
+                                        size=8, flip=0, affine_prob=0, erase_prob=0))
+    state = json.loads(stream.get_state())
+    assert state["split"] == "train,validation" and state["records"] == total
+    (b,) = _take(stream, 1)
+    va = {s: np.stack([src[i]["va"] for i in range(n[s])]) for s, src in sources.items()}
+    seen = {s: [] for s in va}
+    for i, label in zip(b["index"], b["va"], strict=True):
+        # an index names a record of its own split: the one whose label it carries
+        split = next(s for s in ("train", "validation")
+                     if i < n[s] and np.array_equal(va[s][i], label))
+        seen[split].append(int(i))
+    assert {s: sorted(v) for s, v in seen.items()} == {s: list(range(n[s])) for s in n}
+    assert b["index"][: n["train"]].tolist() != list(range(n["train"]))  # shuffled
 
 
 @pytest.mark.parametrize("count", [1, 3])
