@@ -39,10 +39,12 @@ def _check(config: ml_collections.ConfigDict, setup: state_lib.Setup) -> None:
 
 def train_stream(config: ml_collections.ConfigDict, setup: state_lib.Setup, records: Path,
                  local_batch: int, shard: pipeline.Shard) -> pipeline.Stream:
-    """The augmented face crops of every split of `data.pretrain_splits`, shuffled together."""
+    """The augmented face crops of every split of `data.pretrain_splits` (default: the train
+    split), shuffled together."""
     _check(config, setup)
+    splits = tuple(config.data.get("pretrain_splits") or (config.data.train_split,))
     return pipeline.train_dataset(
-        records, tuple(config.data.pretrain_splits), batch_size=local_batch, seed=config.seed,
+        records, splits, batch_size=local_batch, seed=config.seed,
         shard=shard, augment_cfg=augment.AugmentConfig.from_config(config.augment,
                                                                    setup.feed.size),
         loader=pipeline.Loader.from_config(config.data.loader))

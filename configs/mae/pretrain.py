@@ -5,7 +5,7 @@ position embeddings, lr 1.5e-4 x batch / 256 re-derived from --config.batch_size
 cosine, random resized crop 0.2-1 and flip). Each evaluation writes the validation
 reconstruction loss (the same masking every time) and reconstruction-<step>.png to the workdir.
 
-Synthetic Aff-Wild2, a tiny MAE on 32x32 faces (seconds on a 2-core CPU):
+Synthetic Aff-Wild2, a tiny MAE on 32x32 faces (300 steps, about a minute on a 2-core CPU):
   python -m abaw_jax.main --config=configs/mae/pretrain.py --workdir=workdirs/mae_pretrain
 ViT-B/16 at 224x224 (norm_pix_loss, batch 4096, 40,000 steps; the reference's settings are
 in abaw_jax/config_lib.py `mae_pretrain`):
