@@ -160,7 +160,7 @@ def test_pretraining_lowers_the_validation_reconstruction_loss(pretrained, capsy
     assert out["pred"].shape == (2, 16, 8 * 8 * 3) and out["mask"].sum() == 2 * 12
 
 
-def test_init_from_a_pretraining_workdir_loads_the_encoder(pretrained, tiny_records):
+def test_init_from_a_pretraining_workdir_loads_the_encoder(pretrained, tiny_records, tmp_path):
     workdir, pretrain_config, _, _ = pretrained
     config = _small(load_config("mae/va.py", f"init={workdir}"), tiny_records, 2)
     setup = state_lib.make_setup(config, parallel.make_mesh())
@@ -179,6 +179,16 @@ def test_init_from_a_pretraining_workdir_loads_the_encoder(pretrained, tiny_reco
     np.testing.assert_array_equal(np.asarray(got["fc_norm.scale"]), 1.0)
     np.testing.assert_array_equal(np.asarray(got["fc_norm.bias"]), 0.0)
     assert not any(k.startswith(("decoder", "norm.", "mask_token")) for k in got)
+    # The same encoder from a converted mae_pretrain folder (as `convert mae` writes one).
+    folder = convert.save(tmp_path / "converted", nnx.to_pure_dict(nnx.state(
+        src.setup.model(jax.device_get(src.state)))), {"family": "mae", "model": "mae_pretrain"})
+    config.init_from = str(folder)
+    setup = state_lib.make_setup(config, parallel.make_mesh())
+    state = state_lib.init_weights(state_lib.init_state(config, setup), setup)
+    again = convert.flatten(nnx.to_pure_dict(nnx.state(setup.model(jax.device_get(state)))))
+    for key in encoder:
+        np.testing.assert_array_equal(np.asarray(again[key]), np.asarray(want[key]),
+                                      err_msg=key)
     # Families without a `load_run` start from converted folders only.
     with pytest.raises(ConfigError, match="'ddamfn_tiny' cannot start from a training run"):
         models.get("ddamfn_tiny").load_run_into(None, "mae_pretrain", want, str(workdir))

@@ -106,8 +106,13 @@ def load_into(model: nnx.Module, directory: str | Path, absent: Sequence[str] = 
     it; the model's other task layers stay as initialised. KeyError / ValueError name the path.
     """
     directory = Path(directory).resolve()
+    return load_state(model, read_state(directory), str(directory), absent)
+
+
+def read_state(directory: str | Path) -> dict[str, Any]:
+    """A converted folder's variables, {dotted path: numpy array}."""
     read_meta(directory)
-    return load_state(model, flatten(_restore(directory / STATE_DIR)), str(directory), absent)
+    return flatten(_restore(Path(directory).resolve() / STATE_DIR))
 
 
 def load_state(model: nnx.Module, restored: Mapping[str, Any], source: str,

@@ -348,6 +348,14 @@ def load_run(model: MAEViT, source: str, variables: Mapping[str, np.ndarray], wh
                       f"from a run of {PRETRAIN!r} or {FAMILY!r}")
 
 
+def load_weights(model: MAEViT, path) -> list[str]:
+    """init_from a converted folder: an `mae` one as it is, the encoder of an `mae_pretrain`
+    one as of a pretraining run (`load_run`)."""
+    if convert.read_meta(path, FAMILY).get("model") == PRETRAIN:
+        return load_run(model, PRETRAIN, convert.read_state(path), str(path))
+    return convert.load_into(model, path)
+
+
 def embed(model: MAEViT, inputs: Inputs) -> jax.Array:
     """A frame's pooled, normed MAE-ViT embedding: what the feature cache stores."""
     return model(inputs)["embedding"]
@@ -359,6 +367,6 @@ def _preprocess(model: _ViT) -> Preprocess:
 
 register(Family(FAMILY, lambda **kw: MAEViT(**kw), preprocess=_preprocess, embed=embed,
                 backbone=(r"^(patch_embed/|cls_token$|pos_embed$|encoder/|fc_norm/)",),
-                load_run=load_run))
+                load_weights=load_weights, load_run=load_run))
 register(Family(PRETRAIN, lambda **kw: MAE(**kw), preprocess=_preprocess,
                 returns=PRETRAIN_OUTPUTS, labels=False))
