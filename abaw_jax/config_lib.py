@@ -152,6 +152,12 @@ def base() -> ml_collections.ConfigDict:
     # regex matches a parameter path owns it (none: the settings above; two: an error). A group
     # with start_step stays frozen until then (two-stage fine-tuning, see configs/mtl.py).
     c.optim.groups = ml_collections.ConfigDict()
+    # Regexes over parameter paths kept out of weight decay besides biases and norms (every
+    # parameter of ndim <= 1), e.g. MAE's 3-D class token and position embeddings.
+    c.optim.no_decay = ()
+    # Layer-wise learning-rate decay (optim.layer_scales): rate 0 is off; `embed` matches the
+    # layer-0 parameters, `block` the blocks (group 1: the block index).
+    c.optim.layer_decay = ml_collections.ConfigDict({"rate": 0.0, "embed": "", "block": ""})
 
     c.loss = ml_collections.ConfigDict()
     # The loss of each head (abaw_jax/losses.py HEAD_LOSSES).
@@ -319,6 +325,97 @@ def _gcsa_separate(c: ml_collections.ConfigDict, visual: str, audio: str) -> Non
         c.model[branch] = {k: v for k, v in model.items() if k != "name"}
         c.init_from_runs[branch] = str(workdir)
     c.total_steps = 0
+
+
+# MAE's AdamW groups: no weight decay on biases and norms (ndim <= 1) nor on the class and mask
+# tokens and position embeddings (3-D); the fixed sin-cos ones are not parameters at all.
+MAE_NO_DECAY = (r"^(cls_token|mask_token|pos_embed)(/|$)",)
+# MAE's layer-wise decay (lr_decay.py): patch and position embeddings and the class token are
+# layer 0, encoder block i is layer i + 1, fc_norm and the task layers the last.
+MAE_LAYERS = {"embed": r"^(patch_embed|cls_token|pos_embed)(/|$)",
+              "block": r"^encoder/layers/(\d+)/"}
+
+
+def _lr_per_256(c: ml_collections.ConfigDict, base_lr: float) -> None:
+    """MAE's learning rate: `optim.base_lr` per 256 images, times the global batch, re-derived
+    when --config.batch_size or --config.optim.base_lr is overridden (a lazy reference;
+    --config.optim.lr replaces it)."""
+    c.optim.base_lr = base_lr
+    c.optim.lr = c.optim.get_ref("base_lr") * c.get_ref("batch_size") / 256
+
+
+def mae_pretrain(arg: str | None = "") -> ml_collections.ConfigDict:
+    """MAE pretraining (configs/mae/pretrain.py): the label-free masked reconstruction of the
+    face crops of `data.pretrain_splits` with the reference recipe (facebookresearch/mae
+    main_pretrain.py): AdamW betas (0.9, 0.95), weight decay 0.05 (`MAE_NO_DECAY`), lr
+    `base_lr` x batch / 256, linear warm-up then cosine to 0, random resized crop (scale 0.2-1)
+    and horizontal flip. Arguments: `real` (ViT-B/16 at 224x224 with the reference's settings;
+    else a tiny MAE on 32x32 faces that trains on this CPU in seconds)."""
+    args = parse_arg(arg, real=False)
+    c = base()
+    # Which records hold the faces, not a label: VA's curation keeps the most frames (every crop
+    # with a valid VA label, 2.06M of Aff-Wild2's); no label is read.
+    c.task = "va"
+    c.trainer = "mae_pretrain"
+    c.data.pretrain_splits = ("train",)  # add "validation": its faces, but then the eval loss
+    # is over frames the model reconstructed in training
+    c.model = ml_collections.ConfigDict({"name": "mae_pretrain", "size": "b16" if args.real
+                                         else "tiny", "mask_ratio": 0.75,
+                                         "norm_pix_loss": args.real})
+    c.augment = ml_collections.ConfigDict({"flip": 0.5, "crop_scale": (0.2, 1.0),
+                                           "affine_prob": 0.0, "erase_prob": 0.0})
+    c.optim = ml_collections.ConfigDict({
+        "name": "adamw", "b1": 0.9, "b2": 0.95, "weight_decay": 0.05, "schedule": "cosine",
+        "end_lr": 0.0, "grad_clip": 0.0, "freeze": (), "groups": {},
+        "no_decay": MAE_NO_DECAY, "layer_decay": {"rate": 0.0, "embed": "", "block": ""}})
+    c.loss.head_weight = 0.0  # DDAMFN's attention-head loss: no such heads here
+    if args.real:
+        # The reference's ViT-B run: batch 4096, blr 1.5e-4 (lr 2.4e-3), norm_pix_loss, 800
+        # epochs of ImageNet-1k with 40 of warm-up (250k steps). Ours on Aff-Wild2's VA train
+        # faces (1.68M): 40,000 steps (~100 epochs), warm-up 5 % of them.
+        c.batch_size, c.eval_batch_size = 4096, 1024
+        _lr_per_256(c, 1.5e-4)
+        c.total_steps, c.optim.warmup_steps = 40_000, 2_000
+        c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps = 100, 2_000, 1_000
+        c.data.loader.num_workers = 16
+    else:  # the tiny MAE's validation loss after these 300 steps, by base_lr (measured on the
+        # synthetic data): 0.419 at 1.5e-3, 0.314 at 1e-2, 0.297 at 3e-2
+        c.batch_size, c.eval_batch_size = 64, 64
+        _lr_per_256(c, 1e-2)
+        c.total_steps, c.optim.warmup_steps = 300, 20
+        c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps = 25, 100, 100
+    return c
+
+
+def mae(task: str, arg: str | None = "") -> ml_collections.ConfigDict:
+    """MAE-ViT fine-tuning (configs/mae/{va,expr,au}.py, ABAW-6): the encoder with global
+    average pooling, `fc_norm` and the task layer, drop path 0.1, AdamW with layer-wise lr decay
+    0.65 (`MAE_LAYERS`) as the reference's main_finetune.py (betas (0.9, 0.999), weight decay
+    0.05, lr `base_lr` x batch / 256). Arguments: `real` (ViT-B/16 at 224x224), `init=` a
+    pretraining workdir (configs/mae/pretrain.py: its encoder) or a converted folder
+    (`python -m abaw_jax.convert mae`); without it the encoder starts from scratch."""
+    args = parse_arg(arg, real=False, init="")
+    c = experiment(task, "real" if args.real else "")
+    c.model = ml_collections.ConfigDict({"name": "mae", "size": "b16" if args.real else "tiny",
+                                         "drop_path": 0.1})
+    c.init_from = args.init or None
+    c.loss.head_weight = 0.0  # DDAMFN's attention-head loss: no such heads here
+    c.loss.balance = task != "va"  # the paper's weighted cross-entropies (W_exp, W_au)
+    c.augment = ml_collections.ConfigDict({"flip": 0.5, "crop_scale": (0.08, 1.0),
+                                           "affine_prob": 0.0, "erase_prob": 0.25})
+    c.optim = ml_collections.ConfigDict({
+        "name": "adamw", "b1": 0.9, "b2": 0.999, "weight_decay": 0.05, "schedule": "cosine",
+        "end_lr": 0.0, "grad_clip": 0.0, "freeze": (), "groups": {},
+        "no_decay": (r"^(cls_token|pos_embed)(/|$)",),
+        "layer_decay": {"rate": 0.65, **MAE_LAYERS}})
+    if args.real:  # the reference's ViT-B fine-tuning: blr 5e-4, 5 of 100 epochs warm-up
+        _lr_per_256(c, 5e-4)
+        c.optim.warmup_steps = 1_500
+    else:
+        c.batch_size, c.eval_batch_size = 64, 64
+        _lr_per_256(c, 5e-3)
+        c.total_steps, c.optim.warmup_steps = 300, 20
+    return c
 
 
 def real_data(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

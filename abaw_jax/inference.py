@@ -175,7 +175,7 @@ def load(path: str | Path, which: str = "best", seed: int = 0) -> Predictor:
     """A predictor for a training workdir ('best' or 'latest' checkpoint, or a step) or for a
     converted folder; `seed` starts the keys of models that draw randomness (MAE's masking)."""
     path = Path(path)
-    if (path / "config.json").is_file() and (path / "checkpoints").is_dir():
+    if state_lib.is_workdir(path):
         return _from_workdir(path, which, seed)
     if (path / convert.META_FILE).is_file() and (path / convert.STATE_DIR).is_dir():
         return _from_converted(path, seed)
@@ -191,10 +191,13 @@ def _from_workdir(workdir: Path, which: str, seed: int) -> Predictor:
     setup = restored.setup
     thresholds = restored.metrics.get("au/thresholds")
     model = setup.model(restored.state)
-    post = postprocess.Post.from_metrics(restored.metrics, setup.task.heads)
-    return Predictor(model, setup.family, setup.inputs, setup.task.predict,
+    # A label-free run (MAE pretraining) has no task head: its outputs are the model's own.
+    head_names = setup.task.heads if setup.family.labels else ()
+    post = postprocess.Post.from_metrics(restored.metrics, head_names)
+    return Predictor(model, setup.family, setup.inputs,
+                     setup.task.predict if setup.family.labels else _pick(()),
                      None if thresholds is None else metrics.au_values(thresholds), post,
-                     setup.feed, setup.task.heads, seed=seed)
+                     setup.feed, head_names, seed=seed)
 
 
 def _from_converted(directory: Path, seed: int) -> Predictor:

@@ -18,6 +18,7 @@ from abaw_jax import (  # noqa: E402
     errors,
     evaluate,
     extract,
+    models,
     parallel,
     predict,
     trainers,
@@ -43,6 +44,12 @@ def _run(config, workdir: str) -> dict | None:
     if FLAGS.mode == "train":
         parallel.check_host_allocator()  # advice for the train step: eval/predict need none
         return trainers.train_and_evaluate(config, workdir)
+    if not models.get(config.model.name).labels:
+        raise errors.ConfigError(
+            f"--mode={FLAGS.mode}: model {config.model.name!r} is trained without labels and "
+            f"predicts none; its training evaluations wrote the validation reconstruction loss "
+            f"and reconstruction-<step>.png to {workdir}, and inference.load({workdir!r}) "
+            f"reconstructs faces")
     if FLAGS.mode == "eval":
         return evaluate.run(config, workdir, FLAGS.checkpoint)
     {"predict": predict.run, "extract": extract.run}[FLAGS.mode](config, workdir,

@@ -1,11 +1,12 @@
-"""The one place that builds optimisers: optax optimiser, schedule, weight-decay mask, clipping
-and parameter groups, all from the `config.optim` block. Frozen parameters (`optim.freeze`) never
-reach it: the run state keeps them apart (state.py), without gradients or optimizer state."""
+"""The one place that builds optimisers: optax optimiser, schedule, weight-decay mask, clipping,
+parameter groups and layer-wise learning-rate decay, all from the `config.optim` block. Frozen
+parameters (`optim.freeze`) never reach it: the run state keeps them apart (state.py), without
+gradients or optimizer state."""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -47,14 +48,48 @@ def param_paths(params) -> Any:
     return jax.tree_util.tree_map_with_path(lambda p, _: _path(p), params)
 
 
-def decay_mask(params) -> Any:
-    """Weight decay on kernels only: not on biases, norm scales or PReLU slopes (ndim <= 1)."""
-    return jax.tree.map(lambda x: x.ndim > 1, params)
+def decay_mask(params, exclude: Sequence[str] = ()) -> Any:
+    """Weight decay on kernels only: not on biases, norm scales or PReLU slopes (ndim <= 1), nor
+    on the parameters whose path a regex of `exclude` matches (`optim.no_decay`: MAE's class and
+    mask tokens and position embeddings, which are 3-D)."""
+    compiled = [re.compile(p) for p in exclude]
+    return jax.tree.map(lambda x, path: x.ndim > 1 and not any(c.search(path) for c in compiled),
+                        params, param_paths(params))
+
+
+def layer_scales(params, rate: float, embed: str, block: str) -> Any:
+    """Layer-wise learning-rate decay (BEiT; MAE's `lr_decay.param_groups_lrd`): a tree like
+    `params` of each parameter's learning-rate factor rate ** (L + 1 - layer), where the layer
+    is 0 for a path matching the regex `embed` (patch and position embeddings, class token),
+    i + 1 for one matching `block` (its group 1 is the block index i), and L + 1 for every other
+    parameter (final norm, task layers), L being the number of blocks (highest index + 1)."""
+    embed_re, block_re = re.compile(embed), re.compile(block)
+    paths = param_paths(params)
+    blocks = [int(m.group(1)) for p in jax.tree.leaves(paths) if (m := block_re.search(p))]
+    if not blocks:
+        raise ConfigError(f"optim.layer_decay: no parameter path matches the block pattern "
+                          f"{block!r}")
+    top = max(blocks) + 2  # the layer of everything after the last block
+
+    def scale(path: str) -> float:
+        if embed_re.search(path):
+            return rate ** top
+        m = block_re.search(path)
+        return rate ** (top - int(m.group(1)) - 1) if m else 1.0
+
+    return jax.tree.map(scale, paths)
+
+
+def _scaled(scales) -> optax.GradientTransformation:
+    """Multiplies each update by its factor: AdamW's update, weight decay included, is
+    proportional to the learning rate, so this is a per-parameter learning rate."""
+    return optax.stateless(lambda updates, params=None: jax.tree.map(
+        lambda u, s: u * jnp.asarray(s, u.dtype), updates, scales))
 
 
 def _base(cfg: Mapping[str, Any], lr: optax.Schedule, params) -> optax.GradientTransformation:
     name, wd = cfg.get("name", "adam"), cfg.get("weight_decay", 0.0)
-    mask = decay_mask(params)
+    mask = decay_mask(params, tuple(cfg.get("no_decay") or ()))
     if name == "adamw":
         return optax.adamw(lr, b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999), weight_decay=wd,
                            mask=mask)
@@ -119,7 +154,8 @@ def build(cfg: Mapping[str, Any], params, total_steps: int
           ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """(optimizer, learning-rate schedule of the default group) for `params` from the config's
     optim block. `groups` ({name: {pattern, lr, start_step, ...}}) give parameter groups their
-    own learning rates and start steps (two-stage fine-tuning)."""
+    own learning rates and start steps (two-stage fine-tuning); `layer_decay` ({rate, embed,
+    block}, rate 0: off) scales each parameter's rate by its depth (`layer_scales`)."""
     lr = schedule(cfg, total_steps)
     groups = {k: dict(v) for k, v in (cfg.get("groups") or {}).items()}
     if groups:
@@ -129,6 +165,10 @@ def build(cfg: Mapping[str, Any], params, total_steps: int
         tx = optax.multi_transform(txs, labels)
     else:
         tx = _base(cfg, lr, params)
+    decay = dict(cfg.get("layer_decay") or {})
+    if decay.get("rate"):
+        tx = optax.chain(tx, _scaled(layer_scales(params, decay["rate"], decay["embed"],
+                                                  decay["block"])))
     if cfg.get("grad_clip"):
         tx = optax.chain(optax.clip_by_global_norm(cfg["grad_clip"]), tx)
     return tx, lr

@@ -170,6 +170,25 @@ def _au_track(ax, table: Mapping[str, np.ndarray], rows: np.ndarray) -> None:
 _TRACK_PANELS = {"va": _va_track, "expr": _expr_track, "au": _au_track}
 
 
+def reconstructions(original: np.ndarray, masked: np.ndarray, reconstructed: np.ndarray,
+                    path: Path, title: str) -> Path:
+    """MAE's figure: one row per face (N, H, W, 3 RGB in [0, 1]), the original, what the
+    encoder sees (removed patches blank) and the reconstruction (visible patches as given)."""
+    columns = {"original": original, "masked": masked, "reconstructed": reconstructed}
+    n = len(original)
+    fig, axes = plt.subplots(n, 3, figsize=(6, 2 * n + 0.4), squeeze=False)
+    for row in range(n):
+        for col, (name, images) in enumerate(columns.items()):
+            ax = axes[row, col]
+            ax.imshow(np.clip(images[row], 0, 1))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(name, fontsize=9)
+    fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
 def _save(fig, path: Path, layout: bool = True) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     if layout:

@@ -27,7 +27,7 @@ import numpy as np
 import optax
 from flax import nnx, struct
 
-from abaw_jax import checkpoint, models, optim, parallel, tasks
+from abaw_jax import checkpoint, convert, models, optim, parallel, tasks
 from abaw_jax.data import audio as audio_lib
 from abaw_jax.data import features as features_lib
 from abaw_jax.errors import ConfigError, NotFoundError
@@ -120,7 +120,8 @@ def build_model(config: ml_collections.ConfigDict, task: tasks.Task, seed: int) 
     family = models.get(kwargs.pop("name"))
     dirs = feature_dirs(config)
     dim = features_lib.width(dirs) if dirs else 0
-    return family.build(outputs=task.outputs, rngs=nnx.Rngs(seed), feature_dim=dim, **kwargs)
+    return family.build(outputs=task.outputs if family.labels else {}, rngs=nnx.Rngs(seed),
+                        feature_dim=dim, **kwargs)
 
 
 def _inputs_and_frozen(config: ml_collections.ConfigDict, family: models.Family,
@@ -215,11 +216,26 @@ def with_model(state: TrainState, setup: Setup, model: nnx.Module) -> TrainState
     return state.replace(params=params, rest=rest, opt_state=opt_state)
 
 
+def is_workdir(path: str | Path) -> bool:
+    """Whether `path` is a training workdir (config.json and checkpoints/)."""
+    return (Path(path) / "config.json").is_file() and (Path(path) / "checkpoints").is_dir()
+
+
 def load_pretrained(state: TrainState, setup: Setup, path: str | Path) -> TrainState:
-    """Converted weights from `path` loaded by the family (the backbone and any matching
-    layers); new task layers keep their initialisation, the optimizer state is rebuilt."""
+    """`init_from`: converted weights from the folder `path` loaded by the family (the backbone
+    and any matching layers), or, when `path` is a training workdir, the variables of its
+    latest checkpoint's model that the family takes from such a run (`Family.load_run`: MAE
+    fine-tuning from a pretraining run; pretraining's reference fine-tunes its last weights).
+    New task layers keep their initialisation, the optimizer state is rebuilt."""
     model = setup.model(jax.device_get(state), train=True)
-    setup.family.load_into(model, path)
+    if is_workdir(path):
+        src = restore_run(read_config(path), path, "latest", setup.mesh)
+        variables = convert.flatten(nnx.to_pure_dict(nnx.state(
+            src.setup.model(jax.device_get(src.state)))))
+        setup.family.load_run_into(model, src.setup.config.model.name, variables,
+                                   f"{path} (step {src.step})")
+    else:
+        setup.family.load_into(model, path)
     return with_model(state, setup, model)
 
 

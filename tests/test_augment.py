@@ -66,3 +66,28 @@ def test_same_rng_same_output_and_config_keys():
     assert a.shape == (112, 112, 3)
     with pytest.raises(KeyError, match="rotation"):
         augment.AugmentConfig.from_config({"rotation": 5}, size=112)
+
+
+def test_random_resized_crop_takes_a_box_of_the_drawn_area():
+    # A quarter of the area at aspect 1 is a 64x64 box; resized to 64 it is that box exactly,
+    # and the planted pixels (red = 2x, green = 2y) say where it was.
+    cfg = augment.AugmentConfig(size=64, flip=0, affine_prob=0, erase_prob=0,
+                                crop_scale=(0.25, 0.25), crop_ratio=(1.0, 1.0))
+    img = _image()
+    corners = set()
+    for seed in range(6):
+        out = augment.augment(img, cfg, np.random.default_rng(seed))
+        left, top = int(out[0, 0, 0]) // 2, int(out[0, 0, 1]) // 2
+        np.testing.assert_array_equal(out, img[top:top + 64, left:left + 64])
+        corners.add((top, left))
+    assert len(corners) > 3  # the box moves
+
+
+def test_random_resized_crop_falls_back_to_the_central_box():
+    # No box of 90-100 % of the area has aspect 4 inside a square: torchvision's fallback, the
+    # central full-width box of height 128 / 4 = 32 (rows 48-79), resized to 128x128.
+    cfg = augment.AugmentConfig(size=128, flip=0, affine_prob=0, erase_prob=0,
+                                crop_scale=(0.9, 1.0), crop_ratio=(4.0, 5.0))
+    out = augment.augment(_image(), cfg, np.random.default_rng(0))
+    rows = out[..., 1].astype(int) // 2
+    assert rows.min() >= 47 and rows.max() <= 80 and out[..., 0].max() >= 250

@@ -1,5 +1,7 @@
 """grain pipelines: per-process shards, complete eval, clips, exact resume, decode errors."""
 
+import json
+
 import numpy as np
 import pytest
 from helpers import fake_feature_cache
@@ -45,6 +47,24 @@ def test_batches_hold_labels_of_their_records(tiny_records):
     for j, i in enumerate(b["index"]):
         np.testing.assert_array_equal(b["va"][j], source[int(i)]["va"])
         assert b["va_mask"][j]
+
+
+def test_several_splits_shuffle_together_as_one(tiny_records):
+    # One epoch of train + validation holds each record of both once, their labels with them.
+    sources = {s: records.RecordSource(tiny_records, s) for s in ("train", "validation")}
+    va = np.concatenate([np.stack([src[i]["va"] for i in range(len(src))])
+                         for src in sources.values()])
+    both = records.whole_splits(tiny_records, ("train", "validation"))
+    stream = pipeline.train_dataset(tiny_records, both, batch_size=len(va), seed=3,
+                                    augment_cfg=augment.AugmentConfig(
+                                        size=8, flip=0, affine_prob=0, erase_prob=0))
+    state = json.loads(stream.get_state())
+    assert state["split"] == "train,validation" and state["records"] == len(va)
+    (b,) = _take(stream, 1)
+    assert sorted(b["index"].tolist()) == list(range(len(va)))  # each record once ...
+    np.testing.assert_array_equal(b["va"], va[b["index"]])  # ... with its labels
+    assert b["index"].tolist() != list(range(len(va)))  # shuffled
+    assert records.whole_splits(tiny_records, ("train",)) == "train"
 
 
 @pytest.mark.parametrize("count", [1, 3])

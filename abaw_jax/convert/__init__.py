@@ -112,14 +112,25 @@ def load_into(model: nnx.Module, directory: str | Path, absent: Sequence[str] = 
     it; the model's other task layers stay as initialised. KeyError / ValueError name the path.
     """
     directory = Path(directory).resolve()
+    return load_state(model, read_state(directory), str(directory), absent)
+
+
+def read_state(directory: str | Path) -> dict[str, Any]:
+    """A converted folder's variables, {dotted path: numpy array}."""
     read_meta(directory)
-    restored = flatten(_restore(directory / STATE_DIR))
+    return flatten(_restore(Path(directory).resolve() / STATE_DIR))
+
+
+def load_state(model: nnx.Module, restored: Mapping[str, Any], source: str,
+               absent: Sequence[str] = ()) -> list[str]:
+    """`load_into` of variables already read ({dotted path: array}, from `source`): a
+    converted folder's, or those a family took from a training run (`Family.load_run`)."""
     state = nnx.state(model)
     current = nnx.to_pure_dict(state)
     model_paths = flatten(current)
     extra = [p for p in restored if not p.startswith(TASKS) and p not in model_paths]
     if extra:
-        raise WeightsError(f"{directory}: variables the model does not have: {extra}")
+        raise WeightsError(f"{source}: variables the model does not have: {extra}")
     loaded_tasks = set()
 
     def pick(keypath, value):
@@ -127,10 +138,10 @@ def load_into(model: nnx.Module, directory: str | Path, absent: Sequence[str] = 
         if path not in restored:
             if path.startswith((TASKS, *absent)):
                 return value
-            raise WeightsError(f"{directory} has no {path!r}")
+            raise WeightsError(f"{source} has no {path!r}")
         new = restored[path]
         if new.shape != value.shape:
-            raise WeightsError(f"{path!r}: shape {new.shape} in {directory}, {value.shape} in "
+            raise WeightsError(f"{path!r}: shape {new.shape} in {source}, {value.shape} in "
                                f"the model")
         if path.startswith(TASKS):
             loaded_tasks.add(path.split(".")[1])

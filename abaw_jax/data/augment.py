@@ -46,11 +46,16 @@ class AugmentConfig:
     erase_scale: tuple[float, float] = (0.02, 0.25)
     erase_ratio: tuple[float, float] = (0.3, 3.3)
     color_jitter: float = 0.0  # max relative change of brightness, contrast and saturation
+    # torchvision's RandomResizedCrop before the rest: a box of this fraction of the area and
+    # aspect ratio (log-uniform) resized to `size` (MAE pretraining: (0.2, 1)); None: the whole
+    # image.
+    crop_scale: tuple[float, float] | None = None
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None, size: int) -> AugmentConfig:
-        cfg = dict(cfg or {})
-        for key in ("scale", "erase_scale", "erase_ratio"):
+        cfg = {k: v for k, v in dict(cfg or {}).items() if v is not None}
+        for key in ("scale", "erase_scale", "erase_ratio", "crop_scale", "crop_ratio"):
             if key in cfg:
                 cfg[key] = tuple(cfg[key])
         unknown = set(cfg) - {f.name for f in dataclasses.fields(cls)}
@@ -82,9 +87,11 @@ def _affine(cfg: AugmentConfig, h: int, w: int, rng: np.random.Generator) -> np.
     """
     s = cfg.size
     flip, apply = rng.random(2)
-    ax, ay = s / w, s / h
-    # Resize mapping pixel centres to pixel centres: x' = (x + 0.5) * s / w - 0.5.
-    m = np.array([[ax, 0.0, 0.5 * ax - 0.5], [0.0, ay, 0.5 * ay - 0.5]])
+    top, left, ch, cw = _crop_box(cfg, h, w, rng) if cfg.crop_scale else (0, 0, h, w)
+    ax, ay = s / cw, s / ch
+    # Resize of the box mapping pixel centres to pixel centres: x' = (x - left + 0.5) * s / cw
+    # - 0.5.
+    m = np.array([[ax, 0.0, (0.5 - left) * ax - 0.5], [0.0, ay, (0.5 - top) * ay - 0.5]])
     if flip < cfg.flip:
         m[0] = -m[0]
         m[0, 2] += s - 1
@@ -98,6 +105,23 @@ def _affine(cfg: AugmentConfig, h: int, w: int, rng: np.random.Generator) -> np.
         m = r[:, :2] @ m
         m[:, 2] += r[:, 2] + (tx * s + cx, ty * s + cy)
     return m
+
+
+def _crop_box(cfg: AugmentConfig, h: int, w: int, rng: np.random.Generator
+              ) -> tuple[int, int, int, int]:
+    """torchvision's `RandomResizedCrop.get_params`: (top, left, height, width) of a box of
+    area fraction in `crop_scale` and log-uniform aspect in `crop_ratio`; after 10 misses the
+    central crop of the aspect clamped to `crop_ratio`."""
+    log_ratio = np.log(cfg.crop_ratio)
+    for _ in range(10):
+        area = h * w * rng.uniform(*cfg.crop_scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        cw, ch = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < cw <= w and 0 < ch <= h:
+            return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw
+    aspect = min(max(w / h, cfg.crop_ratio[0]), cfg.crop_ratio[1])
+    cw, ch = (w, round(w / aspect)) if w / h <= aspect else (round(h * aspect), h)
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
 
 
 def _erase(image: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> None:

@@ -311,7 +311,7 @@ def train_dataset(data_dir: str | os.PathLike, split: records.Split, *,
                   audio: audio_lib.AudioConfig | None = None) -> Stream:
     """Endless augmented frames, shuffled per epoch from `seed`: this process's `batch_size`
     block of every global batch (see `_GlobalOrder`). `augment_cfg` None: no image (cached
-    `features` only).
+    `features` only). Several splits are one `records.Subset` (`records.whole_splits`).
 
     The state keeps the seed, global batch size and record count, and refuses to resume a
     different stream; the augmentation, worker count and process count may change between runs.

@@ -22,7 +22,7 @@ import json
 import os
 import struct
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import google_crc32c
@@ -343,6 +343,15 @@ class Subset:
 
 
 Split = str | Subset  # what the split readers take
+
+
+def whole_splits(data_dir: str | os.PathLike, splits: Sequence[str]) -> Split:
+    """Every record of `splits` read as one split (MAE pretraining on train + validation): the
+    split itself when there is one, else the Subset of all their videos, named "a,b"."""
+    if len(splits) == 1:
+        return splits[0]
+    return Subset(",".join(splits),
+                  tuple((s, tuple(read_frame_index(data_dir, s)[0])) for s in splits))
 
 
 def subset_rows(data_dir: str | os.PathLike, subset: Subset) -> list[tuple[str, np.ndarray]]:

@@ -23,6 +23,11 @@ model; they call through it and nothing else:
 - `frozen`: regexes over parameter paths the family never trains (e.g. CLIP's towers); or a
   function of the model giving them (CLIP trains a random tower, which has nothing to keep).
 - `load_weights(model, path)`: loads a `python -m abaw_jax.convert` output (`init_from`).
+- `load_run(model, source, variables, where)`: `init_from` a training workdir: loads the
+  variables of that run's model ({dotted path: array}, of family `source`) that this family
+  takes (MAE fine-tuning: the encoder of a pretraining run). None: only converted folders.
+- `labels`: False for a label-free model (MAE pretraining): built without task outputs, trained
+  by its own trainer (`config.trainer`), never by the supervised one.
 - `clips`: the model takes clips (B, T, ...) and gives per-frame outputs (B, T, ...).
 - `returns`: model outputs that inference gives beside the task heads (CLIP's `image_embeds`).
 - A frame family (one with `embed`) whose models other families wrap (a temporal head's
@@ -84,6 +89,8 @@ class Family:
     clips: bool = False
     returns: tuple[str, ...] = ()
     frame: Callable[[nnx.Module], tuple[Family, nnx.Module] | None] | None = None
+    load_run: Callable[[nnx.Module, str, Mapping[str, np.ndarray], str], Any] | None = None
+    labels: bool = True
 
     def frame_model(self, model: nnx.Module) -> tuple[Family, nnx.Module] | None:
         """(family, module) of the frame model inside `model` (None: a head on cached
@@ -106,6 +113,16 @@ class Family:
         if frame is None:
             raise ConfigError(f"init_from: model {self.name!r} has no frame model to load into")
         return frame[0].load_weights(frame[1], path)
+
+    def load_run_into(self, model: nnx.Module, source: str,
+                      variables: Mapping[str, np.ndarray], where: str) -> Any:
+        """init_from a training workdir: the variables of its model (family `source`) into
+        the frame model."""
+        frame = self.frame_model(model)
+        if frame is None or frame[0].load_run is None:
+            raise ConfigError(f"init_from={where}: model {self.name!r} cannot start from a "
+                              f"training run (only from a converted folder)")
+        return frame[0].load_run(frame[1], source, variables, where)
 
     def embed_frames(self, model: nnx.Module, inputs: Inputs) -> jax.Array:
         """The feature cache's per-frame embedding of images (N, S, S, 3)."""

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from abaw_jax import convert
 from abaw_jax.errors import ConfigError
 from abaw_jax.models import vit
 from abaw_jax.models.family import Family, Inputs, Preprocess, register
@@ -327,6 +328,34 @@ class MAEViT(_ViT):
                 **{name: self.tasks[name](embedding) for name in self.outputs}}
 
 
+# What the fine-tuning encoder takes of a pretraining run: the decoder side (`norm`, the
+# decoder, `mask_token`, `decoder_pos_embed`) is dropped, as MAE's main_finetune.py drops it.
+_ENCODER_VARIABLES = ("patch_embed.", "cls_token", "pos_embed", "encoder.")
+
+
+def load_run(model: MAEViT, source: str, variables: Mapping[str, np.ndarray], where: str
+             ) -> list[str]:
+    """init_from a training workdir: the encoder of a `mae_pretrain` run (its fixed sin-cos
+    position embeddings start the learned ones; `fc_norm` and the task layers keep their fresh
+    initialisation), or every variable of a `mae` run (task layers where they match). Returns
+    the task layers loaded."""
+    if source == PRETRAIN:
+        kept = {k: v for k, v in variables.items() if k.startswith(_ENCODER_VARIABLES)}
+        return convert.load_state(model, kept, where, absent=("fc_norm.",))
+    if source == FAMILY:
+        return convert.load_state(model, variables, where)
+    raise ConfigError(f"init_from={where}: a run of model {source!r}; model {FAMILY!r} starts "
+                      f"from a run of {PRETRAIN!r} or {FAMILY!r}")
+
+
+def load_weights(model: MAEViT, path) -> list[str]:
+    """init_from a converted folder: an `mae` one as it is, the encoder of an `mae_pretrain`
+    one as of a pretraining run (`load_run`)."""
+    if convert.read_meta(path, FAMILY).get("model") == PRETRAIN:
+        return load_run(model, PRETRAIN, convert.read_state(path), str(path))
+    return convert.load_into(model, path)
+
+
 def embed(model: MAEViT, inputs: Inputs) -> jax.Array:
     """A frame's pooled, normed MAE-ViT embedding: what the feature cache stores."""
     return model(inputs)["embedding"]
@@ -337,6 +366,7 @@ def _preprocess(model: _ViT) -> Preprocess:
 
 
 register(Family(FAMILY, lambda **kw: MAEViT(**kw), preprocess=_preprocess, embed=embed,
-                backbone=(r"^(patch_embed/|cls_token$|pos_embed$|encoder/|fc_norm/)",)))
+                backbone=(r"^(patch_embed/|cls_token$|pos_embed$|encoder/|fc_norm/)",),
+                load_weights=load_weights, load_run=load_run))
 register(Family(PRETRAIN, lambda **kw: MAE(**kw), preprocess=_preprocess,
-                returns=PRETRAIN_OUTPUTS))
+                returns=PRETRAIN_OUTPUTS, labels=False))

@@ -10,9 +10,9 @@ import ml_collections
 
 from abaw_jax import extract
 from abaw_jax.errors import UnknownNameError
-from abaw_jax.trainers import loop, supervised
+from abaw_jax.trainers import loop, mae_pretrain, supervised
 
-TRAINERS: dict[str, ModuleType] = {"supervised": supervised}
+TRAINERS: dict[str, ModuleType] = {"supervised": supervised, "mae_pretrain": mae_pretrain}
 
 
 def get(name: str) -> ModuleType:

@@ -3,7 +3,8 @@ checkpoints (train state and data stream together), automatic resume and preempt
 
 The trainer (a module of `abaw_jax.trainers`) supplies `train_stream(config, setup, records,
 local_batch, shard)`, `train_step(config, setup, sharding, records)` and
-`evaluator(config, setup, records)` (state -> metrics with a "score").
+`evaluator(config, setup, records, workdir)` (state -> metrics with a "score"; figures it
+draws go to the workdir).
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ def _run(config: ml_collections.ConfigDict, workdir: Path, trainer: ModuleType, 
         preemption.check("start-up")
         train_step = trainer.train_step(config, setup, state_lib.state_sharding(setup, state),
                                         records)
-        evaluate = trainer.evaluator(config, setup, records)
+        evaluate = trainer.evaluator(config, setup, records, workdir)
         return _loop(config, workdir, setup, state, start, stream, train_step, evaluate,
                      writer, ckpt, preemption)
     finally:

@@ -20,6 +20,7 @@ from flax import nnx
 from abaw_jax import models, parallel
 from abaw_jax import state as state_lib
 from abaw_jax.data import augment, folds, pipeline
+from abaw_jax.errors import ConfigError
 from abaw_jax.evaluators import abaw, split
 
 
@@ -28,6 +29,9 @@ def train_stream(config: ml_collections.ConfigDict, setup: state_lib.Setup, reco
     """Labelled frames, or clips (`data.clip_length`: `batch_size` counts clips), with the
     inputs the model takes: augmented images and/or cached features; of the train split, or
     with `data.folds` of the training folds."""
+    if not setup.family.labels:
+        raise ConfigError(f"model {config.model.name!r} trains without labels: set its own "
+                          f"trainer (configs/mae/pretrain.py: trainer=mae_pretrain)")
     train_split = folds.run_splits(config.data, records)[0]
     feed = setup.feed
     common = dict(batch_size=local_batch, seed=config.seed, shard=shard,
@@ -120,10 +124,10 @@ def train_step(config: ml_collections.ConfigDict, setup: state_lib.Setup, shardi
                    out_shardings=(sharding, parallel.replicated(setup.mesh)))
 
 
-def evaluator(config: ml_collections.ConfigDict, setup: state_lib.Setup, records: Path
-              ) -> Callable[[state_lib.TrainState], dict]:
+def evaluator(config: ml_collections.ConfigDict, setup: state_lib.Setup, records: Path,
+              workdir: Path | None = None) -> Callable[[state_lib.TrainState], dict]:
     """state -> the task's metrics over the whole eval split, with the post-processing
-    chosen on it."""
+    chosen on it (its figures are `--mode=eval`'s: nothing goes to `workdir` here)."""
     predict = state_lib.predict_fn(setup)
     eval_split = folds.run_splits(config.data, records)[1]
 
