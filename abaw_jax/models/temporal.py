@@ -24,6 +24,7 @@ from flax import nnx
 
 from abaw_jax.errors import ConfigError
 from abaw_jax.models import family as family_lib
+from abaw_jax.models import layers as layers_lib
 from abaw_jax.models.family import Family, Inputs, register
 
 
@@ -169,8 +170,12 @@ class FusionHead(TransformerHead):
     feature caches of `data.features` joined per frame (the frozen MAE's visual embedding, 768
     at ViT-B, and optionally a second cache of audio embeddings, the GCSA audio branch's from
     `--mode=extract`), with `audio_bands` > 0 also the pooled log-mel statistics of each
-    frame's sound window ("audio_stats": each band's mean and std in dB, layer-normed first:
-    they are ~100x the embeddings' scale), then Conv1d `proj` (256, 128) over time, `layers`
+    frame's sound window ("audio_stats": each band's mean and std in dB), batch-normed first
+    over the clips' real frames: dB values sit ~100x off the embeddings' scale, and what tells
+    sounds apart is a band's level against its usual level (a logistic regression on the
+    default synthetic set's statistics reaches EXPR F1 0.81 standardised per band; the CPU
+    default fusion run, configs/mae/fusion_expr.py, 0.65 batch-normed, 0.57 with each
+    frame's vector layer-normed), then Conv1d `proj` (256, 128) over time, `layers`
     transformer encoder layers, per-frame task layers.
 
     Inputs: "features" (B, T, feature_dim), "audio_stats" (B, T, 2 * audio_bands) when
@@ -188,21 +193,22 @@ class FusionHead(TransformerHead):
             raise ConfigError("the fusion model reads cached per-frame features: set "
                               "data.features to --mode=extract outputs")
         self.audio_bands = int(audio_bands)
-        self.audio_norm = (nnx.LayerNorm(2 * self.audio_bands, rngs=rngs) if self.audio_bands
+        self.audio_norm = (layers_lib.batch_norm(2 * self.audio_bands, rngs) if self.audio_bands
                            else None)
         self.width = feature_dim + 2 * self.audio_bands
         self.inputs = ("features", *(("audio_stats",) if self.audio_bands else ()), "frame_mask")
         self._init_encoder(outputs, self.width, proj, kernel, layers, heads, mlp, dropout, rngs)
 
     def __call__(self, inputs: Inputs, rngs: nnx.Rngs | None = None) -> dict:
-        x = inputs["features"]
-        if self.audio_norm is not None:
+        x, frame_mask = inputs["features"], inputs.get("frame_mask")
+        if self.audio_bands:
             stats = inputs["audio_stats"]
             if stats.shape[-1] != 2 * self.audio_bands:
                 raise ConfigError(f"model.audio_bands={self.audio_bands} but the audio input "
                                   f"has {stats.shape[-1] // 2} mel bands (data.audio.n_mels)")
-            x = jnp.concatenate([x, self.audio_norm(stats).astype(x.dtype)], axis=-1)
-        h = self._encode(x, inputs.get("frame_mask"), rngs)
+            real = None if frame_mask is None else (frame_mask > 0)[..., None]
+            x = jnp.concatenate([x, self.audio_norm(stats, mask=real).astype(x.dtype)], -1)
+        h = self._encode(x, frame_mask, rngs)
         return {"embedding": x, **self._outputs(h)}
 
 
