@@ -189,10 +189,10 @@ class FusionHead(TransformerHead):
                  rngs: nnx.Rngs | None = None):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.backbone_name, self.backbone = None, None
-        if not feature_dim:
+        self.audio_bands = int(audio_bands)
+        if not feature_dim and not self.audio_bands:  # (a run checks data.features itself)
             raise ConfigError("the fusion model reads cached per-frame features: set "
                               "data.features to --mode=extract outputs")
-        self.audio_bands = int(audio_bands)
         self.audio_norm = (layers_lib.batch_norm(2 * self.audio_bands, rngs) if self.audio_bands
                            else None)
         self.width = feature_dim + 2 * self.audio_bands
