@@ -2,7 +2,8 @@ r"""12 action units with the 6th ABAW MAE fusion system: per frame, the frozen
 visual embedding of a feature cache (a fine-tuned MAE ViT-B's 768 on the real data) joined with
 audio features, Conv1d 256 -> Conv1d 128 (kernel 3) -> transformer encoder (4 layers, 4 heads,
 dropout 0.3) -> per-frame AU logits, over clips of 100 frames (every 50),
-weighted binary cross-entropy, AdamW 5e-5, batch 32 (models/temporal.py FusionHead, config_lib.fusion).
+weighted binary cross-entropy, AdamW 5e-5, batch 32 (models/temporal.py FusionHead,
+config_lib.fusion).
 
 The audio part (argument `audio=`): `logmel` (default), the mean and std of each mel band over
 the frame's 1 s log-mel window; `cache`, the GCSA audio branch's embeddings, a second feature
@@ -25,8 +26,9 @@ With the GCSA audio branch's embeddings in place of the log-mel statistics (two 
     --config.data.features=workdirs/au/features,workdirs/gcsa_audio_au/features
 The paper's settings on the real data: the visual cache is --mode=extract of an MAE fine-tuning
 run (configs/mae/au.py, issue 16 part 4) over the same records, then
-  python -m abaw_jax.main --config=configs/mae/fusion_au.py:real --workdir=workdirs/fusion_au_real \
-    --config.data.root=/data/affwild2 --config.data.features=workdirs/mae_au/features
+  python -m abaw_jax.main --config=configs/mae/fusion_au.py:real \
+    --workdir=workdirs/fusion_au_real --config.data.root=/data/affwild2 \
+    --config.data.features=workdirs/mae_au/features
 Arguments: real, audio=logmel|cache|none.
 """
 

@@ -23,8 +23,9 @@ With the GCSA audio branch's embeddings in place of the log-mel statistics (two 
     --config.data.features=workdirs/expr/features,workdirs/gcsa_audio/features
 The paper's settings on the real data: the visual cache is --mode=extract of an MAE fine-tuning
 run (configs/mae/expr.py, issue 16 part 4) over the same records, then
-  python -m abaw_jax.main --config=configs/mae/fusion_expr.py:real --workdir=workdirs/fusion_expr_real \
-    --config.data.root=/data/affwild2 --config.data.features=workdirs/mae_expr/features
+  python -m abaw_jax.main --config=configs/mae/fusion_expr.py:real \
+    --workdir=workdirs/fusion_expr_real --config.data.root=/data/affwild2 \
+    --config.data.features=workdirs/mae_expr/features
 Arguments: real, audio=logmel|cache|none.
 """
 
