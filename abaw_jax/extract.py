@@ -1,6 +1,7 @@
 """`--mode=extract`: a run's frame model (its family's `embed`) run once over every split, its
 per-frame embeddings stored in `<workdir>/features/` (data/features.py), so that heads train
-from them in minutes (`--config.data.features=<workdir>/features`).
+from them in minutes (`--config.data.features=<workdir>/features`). A face model embeds each
+frame's image; an audio network (configs/gcsa/audio.py) each frame's sound window.
 
 The model is the workdir's checkpoint, or with no checkpoint the converted weights of
 `config.init_from`. The folder records which, and a run training from it in place of images
@@ -21,7 +22,7 @@ from absl import logging
 
 from abaw_jax import checkpoint, parallel
 from abaw_jax import state as state_lib
-from abaw_jax.data import affwild2, cache, features, pipeline, records
+from abaw_jax.data import affwild2, audio, cache, features, pipeline, records
 from abaw_jax.errors import ConfigError, NotFoundError
 from abaw_jax.evaluators import split
 
@@ -90,25 +91,30 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, which: str = "la
     workdir = Path(workdir)
     state_lib.check_workdir(config, workdir)
     setup, state, source = _source_state(config, workdir, which)
-    if setup.preprocess is None or not setup.family.embeds:
+    names = state_lib.embed_inputs(setup)
+    if not names or not setup.family.embeds:
         raise ConfigError(f"model {config.model.name!r} has no frame model to extract with")
     embed = state_lib.bind(state_lib.embed_fn(setup), state)
     out = workdir / "features"
-    size = setup.preprocess.size
+    size = setup.preprocess.size if "image" in names else 0
+    sound = audio.AudioConfig.from_config(config.data.get("audio")) if "audio" in names else None
     sizes = {}
     for name, data_dir in _splits(config):
         result = split.predict_split(
             embed, data_dir, name, batch_size=config.eval_batch_size, mesh=setup.mesh,
-            loader=pipeline.Loader.from_config(config.data.loader), size=size)
+            loader=pipeline.Loader.from_config(config.data.loader), size=size, audio=sound)
         write = functools.partial(features.write_split, out, name,
                                   result["preds"]["embedding"], result["labels"],
                                   *records.read_frame_index(data_dir, name))
         parallel.on_process_0(write, f"writing the {name} features")
         sizes[name] = len(result["preds"]["embedding"])
         logging.info("extracted %d %s frames into %s", sizes[name], name, out / name)
-    pad = embed({"image": np.zeros((1, size, size, 3), np.uint8)})["embedding"]
+    # The padding frame's embedding: of an all-zero image, or of silence.
+    pad_inputs = {"image": np.zeros((1, size, size, 3), np.uint8)} if size else \
+        {"audio": audio.silence(sound)[None]}
+    pad = embed(pad_inputs)["embedding"]
     parallel.on_process_0(lambda: features.write_meta(
         out, {"source": source, "model": config.model.name, "task": config.task,
-              "splits": sizes}, np.asarray(jax.device_get(pad))[0]),
+              "inputs": list(names), "splits": sizes}, np.asarray(jax.device_get(pad))[0]),
         "writing the features' metadata")
     return out

@@ -48,20 +48,22 @@ class TrainState:
 @dataclasses.dataclass(frozen=True)
 class Feed:
     """What the pipelines load for a run: images at `size` (0: none), the feature caches
-    concatenated into "features", the "audio" windows (None: none), and clips (`clip_length`
-    0: frames)."""
+    concatenated into "features", the "audio" windows (None: none) or with `audio_stats` their
+    pooled statistics ("audio_stats"), and clips (`clip_length` 0: frames)."""
 
     size: int
     features: tuple[str, ...]
     clip_length: int
     clip_stride: int
     audio: audio_lib.AudioConfig | None = None
+    audio_stats: bool = False
 
     def stream_options(self) -> dict[str, Any]:
         """The pipelines' keyword arguments for it (eval and clip datasets)."""
         clips = {"length": self.clip_length, "stride": self.clip_stride} if self.clip_length \
             else {}
-        return {"size": self.size, "features": self.features, "audio": self.audio, **clips}
+        return {"size": self.size, "features": self.features, "audio": self.audio,
+                "audio_stats": self.audio_stats, **clips}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,11 +87,12 @@ class Setup:
     def feed(self) -> Feed:
         """What the pipelines load for this run."""
         c = self.config
+        stats = "audio_stats" in self.inputs
         return Feed(self.preprocess.size if "image" in self.inputs else 0,
                     feature_dirs(c) if "features" in self.inputs else (),
                     int(c.data.get("clip_length") or 0), int(c.data.get("clip_stride") or 1),
                     audio_lib.AudioConfig.from_config(c.data.get("audio"))
-                    if "audio" in self.inputs else None)
+                    if "audio" in self.inputs or stats else None, stats)
 
     def model(self, state: TrainState, train: bool = False) -> nnx.Module:
         graphdef = self.graphdef if train else self.eval_graphdef
@@ -373,13 +376,22 @@ def predict_fn(setup: Setup) -> Callable:
     return jax.jit(predict)
 
 
+def embed_inputs(setup: Setup) -> tuple[str, ...]:
+    """What the frame model's embedding (`--mode=extract`) reads: the images of a model with
+    an image preprocessing, else the sound windows of an audio network (GCSA's MCNN)."""
+    if setup.preprocess is not None:
+        return ("image",)
+    return ("audio",) if "audio" in setup.inputs else ()
+
+
 def embed_fn(setup: Setup) -> Callable:
-    """Jitted eval-mode per-frame embedding of images (`params, rest, batch`): what
-    `--mode=extract` stores."""
+    """Jitted eval-mode per-frame embedding of images or sound windows (`embed_inputs`;
+    `params, rest, batch`): what `--mode=extract` stores."""
+    names = embed_inputs(setup)
 
     def embed(params, rest, batch: Mapping[str, jax.Array]) -> dict:
         model = nnx.merge(setup.eval_graphdef, params, rest)
-        inputs = models.prepare_inputs(setup.preprocess, batch, ("image",))
+        inputs = models.prepare_inputs(setup.preprocess, batch, names)
         return {"embedding": setup.family.embed_frames(model, inputs)}
 
     return jax.jit(embed)

@@ -1,6 +1,7 @@
 r"""A transformer encoder head over clips (Conv1d projections, encoder layers with dropout,
 per-frame task layers; padded frames are masked out of the attention), on DDAMFN per frame or
-on cached per-frame features (the MAE-ViT fusion head of the 6th ABAW).
+on cached per-frame features. The 6th ABAW MAE fusion system (this head on cached MAE features
+joined with audio features, its paper settings) is configs/mae/fusion_*.py.
 
 Synthetic Aff-Wild2, tiny DDAMFN end to end, a few minutes on a 2-core CPU:
   python -m abaw_jax.main --config=configs/transformer.py --workdir=workdirs/va_transformer

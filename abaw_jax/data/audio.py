@@ -291,6 +291,20 @@ def frame_window(mel: np.ndarray, frame: int, fps: float, cfg: AudioConfig) -> n
     return out
 
 
+def silence(cfg: AudioConfig) -> np.ndarray:
+    """(cfg.window_steps, n_mels) float32 of `SILENCE_DB`: a window without sound (padding
+    frames, videos without audio)."""
+    return np.full((cfg.window_steps, cfg.n_mels), SILENCE_DB, np.float32)
+
+
+def window_stats(window: np.ndarray) -> np.ndarray:
+    """(2 * n_mels,) float32: each mel band's mean, then its standard deviation, over the steps
+    of a (steps, n_mels) window in dB: the pooled log-mel statistics of a frame (the
+    "audio_stats" input of the MAE fusion model when no audio feature cache is given)."""
+    window = np.asarray(window, np.float32)
+    return np.concatenate([window.mean(0), window.std(0)])
+
+
 def spec_augment(window: np.ndarray, rng: np.random.Generator, cfg: AudioConfig) -> np.ndarray:
     """A copy of a (steps, n_mels) window with `freq_masks` bands of up to `freq_mask_bands` mel
     bins and `time_masks` runs of up to `time_mask_steps` steps set to `SILENCE_DB` (masks may

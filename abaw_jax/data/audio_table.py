@@ -184,7 +184,7 @@ class AudioTable:
                             f"{index['config']}, the config asks for {cfg.key()}: prepare the "
                             "records again (the data cache does when data.audio changes)")
         self.folder, self.cfg, self.entries = Path(data_dir) / DIR, cfg, index["videos"]
-        self.silence = np.full((cfg.window_steps, cfg.n_mels), audio.SILENCE_DB, np.float32)
+        self.silence = audio.silence(cfg)
         self._shards: dict[int, np.ndarray] = {}
         self._checked: set[str] = set()
 

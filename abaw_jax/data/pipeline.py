@@ -8,8 +8,9 @@ done, or the workers and their shared memory outlive them.
 
 Batches are dicts of numpy arrays, named as the models' inputs: `image` uint8 (B, S, S, 3) (clips:
 (B, T, S, S, 3)) and/or `features` (B, D) float32 from feature caches, `audio` (B, W, M) float32
-log-mel windows around each frame's timestamp (data/audio_table.py), labels and masks of every
-task, `index` (the record index within the split, -1 for padding) and, for eval
+log-mel windows around each frame's timestamp (data/audio_table.py) or, with `audio_stats`,
+those windows pooled to `audio_stats` (B, 2M) (each band's mean and std), labels and masks of
+every task, `index` (the record index within the split, -1 for padding) and, for eval
 and clip batches, `mask` (False on padding). Map an `index` back to (video, frame) with
 `records.read_frame_index`. A split may be a `records.Subset` (cross-validation folds,
 data/folds.py): some videos of several splits, read as one (`SubsetReader`).
@@ -68,16 +69,20 @@ class FrameReader:
     `size` > 0: the decoded (and for training augmented) "image" at that size. `features`:
     feature caches of these records (data/features.py), concatenated per frame into "features";
     without images the labels come from the first cache and no record is read. `audio`: the
-    log-mel window of each frame as "audio" (masked at random when training). Index -1 is a
-    padding frame: a zero image, the caches' padding embedding, silence, every mask False.
+    log-mel window of each frame as "audio" (masked at random when training), or with
+    `audio_stats` its per-band mean and std as "audio_stats" (`audio.window_stats`). Index -1
+    is a padding frame: a zero image, the caches' padding embedding, silence, every mask False.
     """
 
     def __init__(self, data_dir: str | os.PathLike, split: str, *, size: int = 0,
                  features: Sequence[str | os.PathLike] = (),
-                 audio: audio_lib.AudioConfig | None = None):
+                 audio: audio_lib.AudioConfig | None = None, audio_stats: bool = False):
         if not size and not features and not audio:
             raise ValueError("a frame reader needs an image size, feature caches or audio")
+        if audio_stats and not audio:
+            raise ValueError("audio_stats pools the audio windows: give the audio config")
         self.audio = audio_table.AudioTable(data_dir, audio) if audio else None
+        self.audio_stats = audio_stats
         self.size = size
         # The records give the image and, unless a feature cache does, the labels.
         self.records = records.RecordSource(data_dir, split) if size or not features else None
@@ -96,7 +101,9 @@ class FrameReader:
         out = self._record(index, cfg, rng) if self.records else self.caches[0].labels_of(index)
         if self.caches:
             out["features"] = np.concatenate([c.embeddings(index) for c in self.caches])
-        if self.audio:
+        if self.audio_stats:  # pooled here: 1/50 of the window's bytes (benchmarks/fusion.py)
+            out["audio_stats"] = audio_lib.window_stats(self._audio(index, rng))
+        elif self.audio:
             out["audio"] = self._audio(index, rng)
         return {**out, "index": np.int32(index)}
 
@@ -308,7 +315,8 @@ def train_dataset(data_dir: str | os.PathLike, split: records.Split, *,
                   batch_size: int, seed: int,
                   augment_cfg: augment.AugmentConfig | None, shard: Shard = Shard(),
                   loader: Loader = Loader(), features: Sequence[str | os.PathLike] = (),
-                  audio: audio_lib.AudioConfig | None = None) -> Stream:
+                  audio: audio_lib.AudioConfig | None = None, audio_stats: bool = False
+                  ) -> Stream:
     """Endless augmented frames, shuffled per epoch from `seed`: this process's `batch_size`
     block of every global batch (see `_GlobalOrder`). `augment_cfg` None: no image (cached
     `features` only). Several splits are one `records.Subset` (`records.whole_splits`).
@@ -317,7 +325,7 @@ def train_dataset(data_dir: str | os.PathLike, split: records.Split, *,
     different stream; the augmentation, worker count and process count may change between runs.
     """
     reader = frame_reader(data_dir, split, size=augment_cfg.size if augment_cfg else 0,
-                          features=features, audio=audio)
+                          features=features, audio=audio, audio_stats=audio_stats)
     element = functools.partial(_train_frame, reader, augment_cfg)
     return _finish(_GlobalOrder(len(reader), seed, batch_size, shard), batch_size, loader,
                    element, seed + 1, split=str(split), seed=seed, records=len(reader),
@@ -350,10 +358,12 @@ def eval_dataset(data_dir: str | os.PathLike, split: records.Split, *,
                  batch_size: int, size: int,
                  shard: Shard = Shard(), loader: Loader = Loader(),
                  features: Sequence[str | os.PathLike] = (),
-                 audio: audio_lib.AudioConfig | None = None) -> Stream:
+                 audio: audio_lib.AudioConfig | None = None, audio_stats: bool = False
+                 ) -> Stream:
     """Every record exactly once over all processes, in order, padded (mask False) so that
     every process runs `eval_steps` batches. `size` 0: no image (cached `features` only)."""
-    reader = frame_reader(data_dir, split, size=size, features=features, audio=audio)
+    reader = frame_reader(data_dir, split, size=size, features=features, audio=audio,
+                          audio_stats=audio_stats)
     return _finish(_Indices(_host_indices(len(reader), batch_size, shard), batch_size),
                    batch_size, loader, functools.partial(_eval_frame, reader))
 
@@ -392,9 +402,10 @@ def clip_index(video: np.ndarray, frame: np.ndarray, length: int, stride: int) -
     return np.stack(clips) if clips else np.zeros((0, length), np.int64)
 
 
-def _clips(data_dir, split: records.Split, length: int, stride: int, size: int, features, audio
-           ) -> tuple[FrameReader | SubsetReader, np.ndarray]:
-    reader = frame_reader(data_dir, split, size=size, features=features, audio=audio)
+def _clips(data_dir, split: records.Split, length: int, stride: int, size: int, features, audio,
+           audio_stats: bool) -> tuple[FrameReader | SubsetReader, np.ndarray]:
+    reader = frame_reader(data_dir, split, size=size, features=features, audio=audio,
+                          audio_stats=audio_stats)
     return reader, clip_index(reader.video, reader.frame, length, stride)
 
 
@@ -411,11 +422,12 @@ def clip_train_dataset(data_dir: str | os.PathLike, split: records.Split, *,
                        batch_size: int, seed: int, augment_cfg: augment.AugmentConfig | None,
                        shard: Shard = Shard(), loader: Loader = Loader(),
                        features: Sequence[str | os.PathLike] = (),
-                 audio: audio_lib.AudioConfig | None = None) -> Stream:
+                       audio: audio_lib.AudioConfig | None = None, audio_stats: bool = False
+                       ) -> Stream:
     """Endless shuffled clips of `length` consecutive frames for temporal models (of cached
     `features` only when `augment_cfg` is None)."""
     reader, clips = _clips(data_dir, split, length, stride,
-                           augment_cfg.size if augment_cfg else 0, features, audio)
+                           augment_cfg.size if augment_cfg else 0, features, audio, audio_stats)
     element = functools.partial(_clip, reader, clips, augment_cfg)
     return _finish(_GlobalOrder(len(clips), seed, batch_size, shard), batch_size, loader,
                    element, seed + 1, split=str(split), seed=seed, clips=len(clips), length=length,
@@ -426,9 +438,10 @@ def clip_eval_dataset(data_dir: str | os.PathLike, split: records.Split, *,
                       length: int, stride: int,
                       batch_size: int, size: int, shard: Shard = Shard(),
                       loader: Loader = Loader(), features: Sequence[str | os.PathLike] = (),
-                      audio: audio_lib.AudioConfig | None = None) -> Stream:
+                      audio: audio_lib.AudioConfig | None = None, audio_stats: bool = False
+                      ) -> Stream:
     """Every clip once over all processes, in order, padded like `eval_dataset`."""
-    reader, clips = _clips(data_dir, split, length, stride, size, features, audio)
+    reader, clips = _clips(data_dir, split, length, stride, size, features, audio, audio_stats)
     return _finish(_Indices(_host_indices(len(clips), batch_size, shard), batch_size),
                    batch_size, loader, functools.partial(_eval_clip, reader, clips, length))
 

@@ -18,11 +18,13 @@ Predict = Callable[[Mapping[str, jax.Array]], Mapping[str, jax.Array]]
 
 def predict_split(predict: Predict, data_dir: Path, split: records.Split, *, batch_size: int, mesh,
                   loader: pipeline.Loader, size: int = 0, features: Sequence[str] = (),
-                  length: int = 0, stride: int = 1, audio=None) -> dict[str, Any]:
+                  length: int = 0, stride: int = 1, audio=None, audio_stats: bool = False
+                  ) -> dict[str, Any]:
     """{"preds": {name: (n, ...)}, "labels": {...}} in record order for all n records.
 
     `predict` maps a global batch of named inputs ("image" at `size`, cached "features", the
-    "audio" windows of `audio` (an `AudioConfig`), and
+    "audio" windows of `audio` (an `AudioConfig`; pooled into "audio_stats" with
+    `audio_stats`), and
     "index": the record indices, -1 for padding) to per-frame outputs. Each process reads its
     block of the split; predictions and labels are all-gathered and placed by record index.
     Frames: every index must be filled exactly once. Clips (`length` > 0, windows every
@@ -33,7 +35,7 @@ def predict_split(predict: Predict, data_dir: Path, split: records.Split, *, bat
     local_batch = parallel.check_batch_size(batch_size, mesh)
     shard = pipeline.Shard(jax.process_index(), jax.process_count())
     common = dict(batch_size=local_batch, size=size, shard=shard, loader=loader,
-                  features=features, audio=audio)
+                  features=features, audio=audio, audio_stats=audio_stats)
     stream = (pipeline.clip_eval_dataset(data_dir, split, length=length, stride=stride, **common)
               if length else pipeline.eval_dataset(data_dir, split, **common))
     sums: dict[str, np.ndarray] = {}

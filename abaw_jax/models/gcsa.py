@@ -271,8 +271,10 @@ class AudioVisual(nnx.Module):
         return {"branches": branches}
 
 
-def embed(model: RHCNN, inputs: Inputs) -> jax.Array:
-    """A face's pooled RHCNN feature (N, width): what the feature cache stores."""
+def embed(model: RHCNN | MCNN, inputs: Inputs) -> jax.Array:
+    """A face's pooled RHCNN feature, or a frame's pooled MCNN feature of its sound window
+    (N, width): what the feature cache stores (`--mode=extract`; the MCNN's is the audio
+    input of the MAE fusion model, configs/mae/fusion_*.py)."""
     return model(inputs)["embedding"]
 
 
@@ -283,6 +285,6 @@ def _build(cls, outputs: Mapping[str, int], rngs: nnx.Rngs | None = None, **kwar
 register(Family("gcsa_visual", lambda **kw: _build(RHCNN, **kw),
                 preprocess=lambda model: model.preprocess, embed=embed,
                 backbone=(r"^(features|gcsa)/",)))
-register(Family("gcsa_audio", lambda **kw: _build(MCNN, **kw)))
+register(Family("gcsa_audio", lambda **kw: _build(MCNN, **kw), embed=embed))
 register(Family("gcsa_av", lambda **kw: _build(AudioVisual, **kw),
                 preprocess=lambda model: model.preprocess))

@@ -38,7 +38,7 @@ def train_stream(config: ml_collections.ConfigDict, setup: state_lib.Setup, reco
                   augment_cfg=augment.AugmentConfig.from_config(config.augment, feed.size)
                   if feed.size else None,
                   loader=pipeline.Loader.from_config(config.data.loader), features=feed.features,
-                  audio=feed.audio)
+                  audio=feed.audio, audio_stats=feed.audio_stats)
     if feed.clip_length:
         return pipeline.clip_train_dataset(records, train_split,
                                            length=feed.clip_length, stride=feed.clip_stride,

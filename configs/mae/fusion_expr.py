@@ -1,0 +1,36 @@
+r"""8-class expression recognition with the 6th ABAW MAE fusion system: per frame, the frozen
+visual embedding of a feature cache (a fine-tuned MAE ViT-B's 768 on the real data) joined with
+audio features, Conv1d 256 -> Conv1d 128 (kernel 3) -> transformer encoder (4 layers, 4 heads,
+dropout 0.3) -> per-frame classifier, over clips of 100 frames (every 50), weighted
+cross-entropy, AdamW 5e-5, batch 32 (models/temporal.py FusionHead, config_lib.fusion).
+
+The audio part (argument `audio=`): `logmel` (default), the mean and std of each mel band over
+the frame's 1 s log-mel window; `cache`, the GCSA audio branch's embeddings, a second feature
+cache after the visual one in data.features; `none`, visual only.
+
+CPU default on the synthetic Aff-Wild2, the visual cache from a tiny DDAMFN run (any frame
+model's --mode=extract will do; the real system's is the MAE's): three stages.
+  python -m abaw_jax.main --config=configs/expr.py --workdir=workdirs/expr
+  python -m abaw_jax.main --config=configs/expr.py --workdir=workdirs/expr --mode=extract
+  python -m abaw_jax.main --config=configs/mae/fusion_expr.py --workdir=workdirs/fusion_expr \
+    --config.data.features=workdirs/expr/features
+With the GCSA audio branch's embeddings in place of the log-mel statistics (two more stages):
+  python -m abaw_jax.main --config=configs/gcsa/audio.py --workdir=workdirs/gcsa_audio
+  python -m abaw_jax.main --config=configs/gcsa/audio.py --workdir=workdirs/gcsa_audio \
+    --mode=extract
+  python -m abaw_jax.main --config=configs/mae/fusion_expr.py:audio=cache \
+    --workdir=workdirs/fusion_expr_gcsa \
+    --config.data.features=workdirs/expr/features,workdirs/gcsa_audio/features
+The paper's settings on the real data: the visual cache is --mode=extract of an MAE fine-tuning
+run (configs/mae/expr.py, issue 16 part 4) over the same records, then
+  python -m abaw_jax.main --config=configs/mae/fusion_expr.py:real \
+    --workdir=workdirs/fusion_expr_real --config.data.root=/data/affwild2 \
+    --config.data.features=workdirs/mae_expr/features
+Arguments: real, audio=logmel|cache|none.
+"""
+
+from abaw_jax import config_lib
+
+
+def get_config(arg: str = ""):
+    return config_lib.fusion("expr", arg)
