@@ -49,6 +49,7 @@ from flax import nnx
 from abaw_jax import convert, heads, metrics, models, parallel, postprocess, tasks
 from abaw_jax import state as state_lib
 from abaw_jax.data import audio, augment
+from abaw_jax.data import features as features_lib
 from abaw_jax.errors import ConfigError, NotFoundError
 
 
@@ -94,7 +95,16 @@ class Predictor:
                 out = jax.tree.map(lambda v: v[0], out)
             return head_fn(out), out
 
+        @functools.partial(jax.jit, static_argnames="normalised")
+        def embed(state, batch, normalised):
+            model = nnx.merge(graphdef, state)
+            x = models.prepare_inputs(self.preprocess, batch, () if normalised else ("image",))
+            if normalised:
+                x["image"] = batch["image"]
+            return family.embed_frames(model, x)
+
         self._state, self._forward, self._key = state, forward, jax.random.key(seed)
+        self._embed = embed if family.embeds and "image" in inputs else None
 
     def _images(self, images: np.ndarray) -> tuple[np.ndarray, bool]:
         """(NHWC images for the model, whether they are already normalised)."""
@@ -124,6 +134,19 @@ class Predictor:
         out = copy.copy(self)
         out.mesh, out._state = mesh, jax.device_put(self._state, parallel.replicated(mesh))
         return out
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        """Each face's embedding (N, D), as `--mode=extract` stores it in a feature cache."""
+        if self._embed is None:
+            raise ConfigError("this model has no frame embedding (`--mode=extract` cannot run "
+                              "it either)")
+        batch = {}
+        batch["image"], normalised = self._images(images)
+        n = len(batch["image"])
+        batch["index"] = np.arange(n, dtype=np.int32)
+        if self.mesh is not None and self.mesh.size > 1:
+            batch = self._split(batch)
+        return np.asarray(jax.device_get(self._embed(self._state, batch, normalised)))[:n]
 
     def __call__(self, images: np.ndarray | None = None, embedding: bool = False,
                  valid: np.ndarray | None = None, **named: np.ndarray) -> dict[str, np.ndarray]:
@@ -169,6 +192,42 @@ class Predictor:
                                                    else 0, v.dtype)])
                      for k, v in batch.items()}
         return parallel.to_global(batch, self.mesh)
+
+
+class Stacked(Predictor):
+    """A head over cached `features` (a temporal head, the MAE fusion) run from faces: each
+    face's embedding by its frame model (`Predictor.embed`, what `--mode=extract` cached) takes
+    the cache's place. It takes what the head takes, with "image" for "features"; everything
+    else (heads, post-processing, feed, clips) is the head's."""
+
+    def __init__(self, backbone: Predictor, head: Predictor):  # noqa: D107 (no Predictor init)
+        if "features" not in head.inputs:
+            raise ConfigError(f"a backbone feeds a head's cached `features`; this model takes "
+                              f"{list(head.inputs)}")
+        self.backbone, self.head = backbone, head
+        self.inputs = tuple(dict.fromkeys("image" if k == "features" else k
+                                          for k in head.inputs))
+        self.preprocess = backbone.preprocess
+
+    def __getattr__(self, name: str):
+        return getattr(self.head, name)
+
+    def sharded(self, devices: int = 0) -> Stacked:
+        return Stacked(self.backbone.sharded(devices), self.head.sharded(devices))
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        return self.backbone.embed(images)
+
+    def __call__(self, images: np.ndarray | None = None, embedding: bool = False,
+                 valid: np.ndarray | None = None, **named: np.ndarray) -> dict[str, np.ndarray]:
+        features = self.backbone.embed(images)
+        caches = self.head.feed.features
+        width = features_lib.width(caches) if caches else features.shape[-1]
+        if features.shape[-1] != width:
+            raise ConfigError(f"the backbone's embeddings are {features.shape[-1]} wide; the "
+                              f"head read {width}-wide cached features ({', '.join(caches)}): "
+                              "a backbone stands for one cache, that of its own run")
+        return self.head(None, embedding, valid, features=features, **named)
 
 
 def load(path: str | Path, which: str = "best", seed: int = 0) -> Predictor:

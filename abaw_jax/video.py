@@ -54,7 +54,7 @@ from abaw_jax.errors import ConfigError, NotFoundError
 
 # What FFmpeg commonly holds; a folder's other files are not inputs.
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
-_MODEL_INPUTS = ("image", "audio", "frame_mask")  # what a video gives a model
+_MODEL_INPUTS = ("image", "audio", "audio_stats", "frame_mask")  # what a video gives a model
 _IN_FLIGHT = 2  # model calls queued ahead of the one running: bounds the crops held
 
 
@@ -442,8 +442,8 @@ def _check_inputs(predictor: inference.Predictor) -> None:
         raise ConfigError(
             f"the model takes {other}, which the video path cannot give (it gives "
             f"{list(_MODEL_INPUTS)}): a head trained on cached features (`--mode=extract`'s "
-            "embeddings, e.g. the MAE fusion's temporal heads) has no network to compute them "
-            "from faces; run a model that holds its backbone (the family's `backbone=`) instead")
+            "embeddings, e.g. the MAE fusion's temporal heads) needs the frame model that "
+            "cached them: --backbone=<its workdir or converted folder>")
 
 
 def analyse_input(source: Source, predictor: inference.Predictor, options: Options,
@@ -457,8 +457,8 @@ def analyse_input(source: Source, predictor: inference.Predictor, options: Optio
     tracker = faces.Tracker(faces.detector(options.detector), min_face=options.min_face,
                             full_every=options.full_every, max_gap=options.max_gap,
                             min_hits=options.min_hits)
-    hears = _AudioWindows(source, predictor.feed.audio, fps) if "audio" in predictor.inputs \
-        else None
+    hears = _AudioWindows(source, predictor.feed.audio, fps) \
+        if {"audio", "audio_stats"} & set(predictor.inputs) else None
     model = _Model(predictor)
     rows = _Rows(_TrackClips(model, predictor.feed.clip_length, predictor.feed.clip_stride)
                  if predictor.clips else _FrameBatches(model, options.batch))
@@ -471,7 +471,7 @@ def analyse_input(source: Source, predictor: inference.Predictor, options: Optio
         for number, rgb in frames:
             start = time.perf_counter()
             found = [(face, _model_image(rgb, face, size, options),
-                      {"audio": hears(number)} if hears else {}) for face in tracker(rgb)]
+                      _sound(hears, number, predictor.inputs)) for face in tracker(rgb)]
             rows.add(number, found, tracker)
             host += time.perf_counter() - start
             outputs.add(model.collect())
@@ -492,6 +492,16 @@ def analyse_input(source: Source, predictor: inference.Predictor, options: Optio
                                       "model": model.busy})
 
 
+def _sound(hears: _AudioWindows | None, number: int, inputs: tuple[str, ...]) -> dict:
+    """The frame's audio inputs: its log-mel window and/or the window's per-band mean and std
+    (`audio_stats`, as the pipeline pools them)."""
+    if hears is None:
+        return {}
+    window = hears(number)
+    return {**({"audio": window} if "audio" in inputs else {}),
+            **({"audio_stats": audio.window_stats(window)} if "audio_stats" in inputs else {})}
+
+
 def _model_image(rgb: np.ndarray, face: faces.Face, size: int, options: Options
                  ) -> np.ndarray | None:
     """The face's crop at the model's size (None: the model takes no image)."""
@@ -501,7 +511,8 @@ def _model_image(rgb: np.ndarray, face: faces.Face, size: int, options: Options
     return augment.resize(image, size)
 
 
-def analyse(path: str | Path, model: str | Path | inference.Predictor, **options: Any
+def analyse(path: str | Path, model: str | Path | inference.Predictor,
+            backbone: str | Path | inference.Predictor | None = None, **options: Any
             ) -> dict[str, np.ndarray]:
     """The per-frame table of one video (or folder of frames) as numpy columns: `frame` (from
     1), `timestamp` (s), `track` (-1: no face in that frame; its other values are nan, "" or
@@ -509,10 +520,11 @@ def analyse(path: str | Path, model: str | Path | inference.Predictor, **options
     `arousal`; `p_<class>` and `expression`; `p_<AU>` and the 0/1 `<AU>` decisions.
 
     `model`: a workdir or converted folder (`inference.load`) or a loaded predictor;
-    `options`: the fields of `Options`. A video that cannot be read to its end is a
-    `DataError` (the command line writes the rows before it).
+    `backbone`: for a head over cached features, the frame model whose embeddings it read
+    (`inference.Stacked`); `options`: the fields of `Options`. A video that cannot be read to
+    its end is a `DataError` (the command line writes the rows before it).
     """
-    predictor = model if isinstance(model, inference.Predictor) else inference.load(model)
+    predictor = _predictor(model, backbone)
     sources = find_inputs(path)
     if len(sources) != 1:
         raise ConfigError(f"{path}: a folder of {len(sources)} videos; analyse takes one video "
@@ -648,14 +660,22 @@ def _draw(image: np.ndarray, table: Mapping[str, np.ndarray], rows: list[int]) -
 # The command
 
 
-def run(model: str | Path | inference.Predictor, input_path: str | Path, out: str | Path,
-        options: Options = Options(), annotate: bool = False, progress: bool = True
-        ) -> list[str]:
-    """Analyses every input of `input_path` into `out`; returns the failures, one line each
-    (their rows before the failure are written)."""
-    out = Path(out)
+def _predictor(model: str | Path | inference.Predictor,
+               backbone: str | Path | inference.Predictor | None) -> inference.Predictor:
     predictor = model if isinstance(model, inference.Predictor) else inference.load(model)
-    predictor = predictor.sharded(options.devices)
+    if backbone is None:
+        return predictor
+    frames = backbone if isinstance(backbone, inference.Predictor) else inference.load(backbone)
+    return inference.Stacked(frames, predictor)
+
+
+def run(model: str | Path | inference.Predictor, input_path: str | Path, out: str | Path,
+        options: Options = Options(), annotate: bool = False, progress: bool = True,
+        backbone: str | Path | inference.Predictor | None = None) -> list[str]:
+    """Analyses every input of `input_path` into `out`; returns the failures, one line each
+    (their rows before the failure are written). `backbone`: as `analyse`'s."""
+    out = Path(out)
+    predictor = _predictor(model, backbone).sharded(options.devices)
     sources = find_inputs(input_path)
     out.mkdir(parents=True, exist_ok=True)
     failures = []
@@ -698,6 +718,9 @@ def _define_flags() -> None:
     flags.DEFINE_string("model", None, "Training workdir or converted folder "
                         "(python -m abaw_jax.convert).")
     flags.DEFINE_string("checkpoint", "best", "Of a workdir: 'best', 'latest' or a step.")
+    flags.DEFINE_string("backbone", None, "For a head over cached features (CLIP+LSTM, the MAE "
+                        "fusion): the frame model whose embeddings it was trained on (workdir "
+                        "or converted folder; its best checkpoint).")
     flags.DEFINE_string("input", None, "A video file, a folder of videos, a folder of frame "
                         "images or a folder of such folders.")
     flags.DEFINE_string("out", None, "Output folder: <name>.csv, <name>.png per input.")
@@ -732,7 +755,7 @@ def main(argv: list[str]) -> None:
                           f.max_gap, f.fps, f.min_hits, f.devices)
         faces.detector(options.detector)  # a bad detector before the model loads
         failures = run(inference.load(f.model, f.checkpoint), f.input, f.out, options,
-                       f.annotate)
+                       f.annotate, backbone=f.backbone)
     except Exception as e:
         if f.traceback or not errors.is_user_error(e):
             raise

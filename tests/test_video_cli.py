@@ -575,8 +575,41 @@ def test_a_head_on_cached_features_is_refused_with_what_to_run_instead(faces_vid
     heads_only = inference.Predictor(model, models.get("transformer"), tuple(model.inputs),
                                      tasks.Task("va", ("va",), "").predict)
     with pytest.raises(errors.ConfigError, match=r"takes \['features'\], which the video path "
-                                                 r"cannot give.*holds its backbone"):
+                                                 r"cannot give.*--backbone="):
         video.analyse(faces_video, heads_only)
+
+
+def test_a_head_on_cached_features_runs_over_its_backbones_embeddings(faces_video):
+    """`--backbone`: each face's embedding by the frame model (what `--mode=extract` cached)
+    in place of the cache, then the temporal head over each track's windows, as without it."""
+    frames_model = random_model("ddamfn_tiny", outputs={}, num_head=2)
+    backbone = inference.Predictor(frames_model, models.get("ddamfn_tiny"), ("image",),
+                                   lambda out: {})
+    width = backbone.embed(_drawn_faces(2)).shape[-1]
+    model = random_model("transformer", outputs={"va": 2}, feature_dim=width, proj=(16,),
+                         layers=1, heads=2, mlp=16, dropout=0.0)
+    _standardise(model.proj[0].kernel, model.proj[0].bias, backbone.embed(_drawn_faces(16)))
+    head = inference.Predictor(model, models.get("transformer"), tuple(model.inputs),
+                               tasks.Task("va", ("va",), "").predict,
+                               feed=state_lib.Feed(0, (), 16, 8))
+    table = video.analyse(faces_video, head, backbone=backbone)
+    frames = _frames(faces_video)
+    for rows in _rows_by_track(table).values():
+        crops = np.stack([cv2.resize(_crop(frames[table["frame"][i]],
+                                           *(table[k][i] for k in "xywh")), (112, 112))
+                          for i in rows])
+        sums, counts = np.zeros((len(rows), 2)), np.zeros(len(rows))
+        for window in pipeline.clip_index(np.zeros(len(rows)), np.arange(len(rows)), 16, 8):
+            valid = window >= 0
+            images = np.where(valid[:, None, None, None], crops[window], 0).astype(np.uint8)
+            out = head(valid=valid, features=backbone.embed(images))["va"]
+            sums[window[valid]] += out[valid]
+            counts[window[valid]] += 1
+        got = np.stack([table["valence"][rows], table["arousal"][rows]], -1)
+        np.testing.assert_allclose(got, sums / counts[:, None], atol=2e-5)
+    assert np.ptp(table["valence"][table["track"] >= 0]) > 0.01
+    with pytest.raises(errors.ConfigError, match="a backbone feeds a head's cached"):
+        inference.Stacked(backbone, backbone)
 
 
 # YuNet's strides and what OpenCV's FaceDetectorYN reads per stride (objdetect/face_detect.cpp):
