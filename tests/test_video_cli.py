@@ -22,6 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from abaw_jax import convert, errors, heads, inference, models, postprocess, tasks, video
 from abaw_jax import state as state_lib
+from abaw_jax.convert import clip as convert_clip
 from abaw_jax.data import audio, pipeline, synthetic
 from abaw_jax.data import video as video_lib
 from abaw_jax.data.affwild2 import DataError
@@ -566,6 +567,22 @@ def test_a_fine_tuned_mae_runs_over_the_faces(faces_video, tmp_path):
         got = np.stack([table[c] for c in columns], -1)[faced]
         np.testing.assert_allclose(got, want[head], atol=1e-4)
     assert np.ptp(want["va"], axis=0).min() > 0.01
+
+
+def test_a_converted_clip_runs_over_the_faces(faces_video, tmp_path):
+    """CLIP's contrastive expression head (a converted random tiny CLIP): its own resize and
+    normalisation of each crop, the same probabilities as the predictor on those crops."""
+    predictor = inference.load(convert_clip.build_random(tmp_path / "clip", "tiny", seed=1))
+    table = video.analyse(faces_video, predictor)
+    frames = _frames(faces_video)
+    rows = np.flatnonzero(table["track"] >= 0)
+    size = predictor.preprocess.size
+    crops = np.stack([cv2.resize(_crop(frames[table["frame"][i]], *(table[k][i] for k in "xywh")),
+                                 (size, size)) for i in rows])
+    columns = [f"p_{n}" for n in heads.get("expr").columns]
+    got = np.stack([table[c][rows] for c in columns], -1)
+    np.testing.assert_allclose(got, predictor(crops)["expr"], atol=2e-5)
+    assert np.ptp(got) > 1e-3
 
 
 def test_a_head_on_cached_features_is_refused_with_what_to_run_instead(faces_video):
