@@ -171,6 +171,6 @@ def test_head_losses_are_picked_by_name():
     task = tasks.get("mtl")
     task.check_losses({"va": "ccc", "expr": "ce", "au": "bce"})
     with pytest.raises(KeyError, match=r"loss.expr='focal' is not a loss of head 'expr'.*"
-                                       r"\['ce', 'contrastive'\]"):
+                                       r"\['ce', 'coarse_fine', 'contrastive'\]"):
         task.check_losses({"expr": "focal"})
     assert losses.head_loss("va", "ccc") is losses.HEAD_LOSSES["va"]["ccc"]
