@@ -488,7 +488,9 @@ def analyse_input(source: Source, predictor: inference.Predictor, options: Optio
     model.pool.shutdown()
     columns, index = rows.ordered()
     table = _table(columns, outputs.arrays(index), predictor, fps)
-    return Result(table, fps, error, {"decode": frames.busy, "detect_crop": host - model.waited,
+    # The host's time less its waits for the model; max: equal floats may subtract to -0.0.
+    detect_crop = max(0.0, host - model.waited)
+    return Result(table, fps, error, {"decode": frames.busy, "detect_crop": detect_crop,
                                       "model": model.busy})
 
 

@@ -201,6 +201,22 @@ def test_missing_audio_stops_preparation_when_configured(tree, tmp_path):
                         progress=False, audio=strict)
 
 
+def test_wavs_without_their_videos_are_found_in_the_video_folder(tmp_path):
+    """Sound extracted to `.wav` files whose videos were not kept (fps from video_info.csv)."""
+    spec = synthetic.SyntheticSpec(num_videos=4, frames_per_video=40, seed=5, videos=False)
+    manifest = synthetic.generate(tmp_path / "tree", spec)
+    assert not any(v["file"] for v in manifest["raw_videos"].values())
+    layout = affwild2.Layout.discover(tmp_path / "tree")
+    prepare.prepare(layout, "expr", tmp_path / "r", workers=1, progress=False, audio=CFG)
+    summary = json.loads((tmp_path / "r" / "stats.json").read_text())
+    counts = summary["audio"]
+    voiced = {r for r, v in manifest["raw_videos"].items() if v["wav"]}
+    read = {video.raw_name(n) for split in ("train", "validation")
+            for n in records.read_video_frames(tmp_path / "r", split)}
+    assert counts["ok"] == len(voiced & read) > 0 and counts["videos"] == len(read)
+    assert summary["raw_videos"]["files"] == 0
+
+
 def test_test_videos_take_their_frame_count_from_the_raw_video(tree, tmp_path, caplog):
     root, planted = tree
     out = tmp_path / "test"

@@ -229,4 +229,6 @@ def test_the_best_checkpoint_follows_the_challenge_score(tiny_task_records, tmp_
                     f"{challenge_best['challenge_score']:.4f} at training time)")
     assert loop.describe_score(challenge_best).startswith(
         f"validation challenge_score {challenge_best['challenge_score']:.4f} (every annotated")
+    assert loop.describe_score(challenge_best, {"folds": 5, "fold": 2}).startswith(
+        "held-out fold 2 of 5 challenge_score")
     ckpt.close()

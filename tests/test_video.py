@@ -146,11 +146,19 @@ def test_index_videos_needs_existing_folders(tmp_path):
         video.index_videos([tmp_path / "none"])
 
 
-def test_wav_beside(tmp_path):
+def test_wav_beside_the_video_else_in_the_first_folder_holding_it(tmp_path):
     path = tmp_path / "video3.mp4"
     assert video.wav_beside(path) is None
     (tmp_path / "video3.wav").touch()
     assert video.wav_beside(path) == tmp_path / "video3.wav"
+    other = tmp_path / "other"
+    other.mkdir()
+    wav = tmp_path / "video3.wav"
+    assert video.find_wav("video3", other / "video3.mp4", [other, tmp_path]) == wav
+    (other / "video3.wav").touch()
+    assert video.find_wav("video3", other / "video3.mp4", [tmp_path]) == other / "video3.wav"
+    assert video.find_wav("video3", None, [other, tmp_path]) == other / "video3.wav"
+    assert video.find_wav("video4", None, [other, tmp_path]) is None
 
 
 def test_read_frames_in_order_every_nth_and_a_cut_file_after_its_frames(tmp_path):

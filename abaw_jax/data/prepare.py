@@ -178,7 +178,7 @@ def prepare(layout: affwild2.Layout, task: str, out: str | os.PathLike,
             st["seconds"]["write"] = round(time.perf_counter() - t1, 2)
             st["records"] = sum(lengths[split])
             stats[split] = st
-        sound = _write_audio(out, raws, audio, stats, pool, progress)
+        sound = _write_audio(out, raws, layout.video_roots, audio, stats, pool, progress)
     finally:
         if pool:  # idle after the last split; on an error, Ctrl-C or SIGTERM: stop writing now
             pool.terminate()
@@ -262,15 +262,15 @@ def _frame_counts(table: affwild2.FrameTable, stats: dict, raws: dict, split: st
     return dataclasses.replace(table, video_frames=counts), stats
 
 
-def _write_audio(out: Path, raws: dict, cfg: audio_lib.AudioConfig | None, stats: dict,
-                 pool, progress: bool) -> dict | None:
+def _write_audio(out: Path, raws: dict, roots: Sequence[Path], cfg: audio_lib.AudioConfig | None,
+                 stats: dict, pool, progress: bool) -> dict | None:
     """The audio side table of the raw videos (none without any video or `.wav`), and per
     split the frames whose timestamp lies past their audio (`audio_past_end`)."""
-    if cfg is None or not any(p or info for p, info in raws.values()):
+    wavs = {raw: video.find_wav(raw, path, roots or ()) for raw, (path, _) in raws.items()}
+    if cfg is None or not any(p or info or wavs[raw] for raw, (p, info) in raws.items()):
         return None
     sources = {raw: audio_table.Source(
-        video=str(path) if path else None,
-        wav=str(w) if path and (w := video.wav_beside(path)) else None,
+        video=str(path) if path else None, wav=str(wavs[raw]) if wavs[raw] else None,
         fps=info.fps if info else None, track_rate=info.sample_rate if info else None)
         for raw, (path, info) in raws.items()}
     counts = audio_table.write(out, sources, cfg, pool, progress)

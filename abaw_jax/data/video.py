@@ -102,6 +102,14 @@ def wav_beside(video_path: Path) -> Path | None:
     return path if path.is_file() else None
 
 
+def find_wav(raw: str, video_path: Path | None, roots: Sequence[Path]) -> Path | None:
+    """The `.wav` of raw video `raw`: beside its file, else `<raw>.wav` in the first video
+    folder holding one (sound extracted without keeping the video; `raw` is a checked name)."""
+    if video_path is not None and (path := wav_beside(video_path)):
+        return path
+    return next((p for root in roots if (p := Path(root) / f"{raw}.wav").is_file()), None)
+
+
 # ----------------------------------------------------------------------------------------------
 # Reading
 

@@ -172,7 +172,7 @@ def _loop(config, workdir, setup, state, start, stream, train_step, evaluate, wr
             with progress.timed_eval():
                 metrics = evaluate(state)
             writer.write_scalars(step, {f"val/{k}": v for k, v in _scalars(metrics).items()})
-            logging.info("step %d: %s", step, describe_score(metrics))
+            logging.info("step %d: %s", step, describe_score(metrics, config.data))
         if save:  # an evaluated checkpoint carries its metrics (for "best")
             ckpt.save(step, state, stream, metrics=_jsonable(metrics) if evaluate_now else None)
         if preempted:
@@ -186,11 +186,13 @@ def _loop(config, workdir, setup, state, start, stream, train_step, evaluate, wr
     return metrics
 
 
-def describe_score(metrics: Mapping[str, Any]) -> str:
-    """Which validation figure ranks the checkpoints (`score_metric`), for the console."""
+def describe_score(metrics: Mapping[str, Any], data: Mapping[str, Any] | None = None) -> str:
+    """Which figure ranks the checkpoints (`score_metric`), on which split, for the console."""
     name = metrics.get("score_metric", "score")
     what = " (every annotated frame, as submitted)" if name == "challenge_score" else ""
-    return f"validation {name} {metrics['score']:.4f}{what} ranks the checkpoints"
+    split = (f"held-out fold {data['fold']} of {data['folds']}" if data and data.get("folds")
+             else "validation")
+    return f"{split} {name} {metrics['score']:.4f}{what} ranks the checkpoints"
 
 
 def _check_finite(stats: Mapping[str, jax.Array], step: int, ckpt: checkpoint.Checkpoints
