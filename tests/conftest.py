@@ -58,6 +58,13 @@ def tiny_task_records(tiny_tree, tiny_records, tmp_path_factory):
     return get
 
 
+@pytest.fixture
+def one_device(monkeypatch):
+    """This test's runs on the first device only (helpers.on_one_device says why)."""
+    from helpers import on_one_device
+    on_one_device(monkeypatch)
+
+
 @pytest.fixture(scope="session")
 def synthetic_cache(tmp_path_factory):
     """A data cache folder (for ABAW_JAX_CACHE) shared by the tests that run the default configs

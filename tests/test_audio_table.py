@@ -312,7 +312,8 @@ def test_bad_videos_are_counted_per_reason_and_past_the_end_is_silence_or_an_err
                         audio=audio.AudioConfig(missing="error"))
 
 
-def test_an_audio_model_learns_the_synthetic_expressions(synthetic_cache, tmp_path, monkeypatch):
+def test_an_audio_model_learns_the_synthetic_expressions(synthetic_cache, tmp_path, monkeypatch,
+                                                          one_device):
     """The whole path: the synthetic tree's raw videos (a tone per expression class), the data
     cache's audio table, the windows, a linear model of band levels through the trainer."""
     monkeypatch.setenv("ABAW_JAX_CACHE", str(synthetic_cache))

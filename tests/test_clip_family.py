@@ -37,7 +37,7 @@ def _config(path, records_dir, **overrides):
     return config
 
 
-def test_default_runs_learn_the_synthetic_expressions(tmp_path, monkeypatch):
+def test_default_runs_learn_the_synthetic_expressions(tmp_path, monkeypatch, one_device):
     """CLIP+FC's default run, then CLIP+LSTM over that tower frozen: its embeddings extracted
     (`--mode=extract`) as the paper's LSTM reads a pretrained tower's."""
     # A random tower, trained with the head (frozen, its features carry nothing: F1 ~0.1). The

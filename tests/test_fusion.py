@@ -217,7 +217,7 @@ def _fuse(sound_records, cache, workdir, audio_arg, **overrides):
     return trainers.train_and_evaluate(config, workdir)
 
 
-def test_fusion_learns_and_the_sound_adds_to_the_faces(sound_records, tmp_path):
+def test_fusion_learns_and_the_sound_adds_to_the_faces(sound_records, tmp_path, one_device):
     """On 8x8 thumbnails of the faces alone the model learns little and unsteadily in 200 steps
     (EXPR F1 0.10-0.15 against a constant baseline of 0.055-0.066); the pooled log-mel
     statistics beside them carry the expression tones while the person speaks (0.632 when

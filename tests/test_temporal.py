@@ -74,7 +74,7 @@ def test_transformer_ignores_padded_frames():
     assert not np.allclose(model({"features": noisy})["va"][:, :3], a[:, :3], atol=1e-3)
 
 
-def test_lstm_trains_end_to_end_and_from_its_feature_cache(tiny_records, tmp_path):
+def test_lstm_trains_end_to_end_and_from_its_feature_cache(tiny_records, tmp_path, one_device):
     n = len(records.RecordSource(tiny_records, "validation"))
     overrides = {"total_steps": 2, "eval_batch_size": 8, "eval_every_steps": 2,
                  "model.hidden": 16}
