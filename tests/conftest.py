@@ -15,6 +15,7 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pytest  # noqa: E402
+from helpers import on_one_device  # noqa: E402
 
 from abaw_jax.data import affwild2, prepare, synthetic  # noqa: E402
 
@@ -61,7 +62,6 @@ def tiny_task_records(tiny_tree, tiny_records, tmp_path_factory):
 @pytest.fixture
 def one_device(monkeypatch):
     """This test's runs on the first device only (helpers.on_one_device says why)."""
-    from helpers import on_one_device
     on_one_device(monkeypatch)
 
 

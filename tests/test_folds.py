@@ -254,7 +254,7 @@ def test_ensemble_refuses_runs_that_are_not_one_cross_validation(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_fold_ensemble_end_to_end_writes_every_test_frame(tiny_tree, tmp_path):
+def test_fold_ensemble_end_to_end_writes_every_test_frame(tiny_tree, tmp_path, one_device):
     root, manifest = tiny_tree
     data = tmp_path / "au"  # in this process: a pool's start-up (~30 s loaded) outweighs the work
     prepare.prepare(affwild2.Layout.discover(root), "au", data, splits=(*affwild2.SPLITS, "test"),

@@ -27,7 +27,7 @@ from abaw_jax.evaluators import abaw
 
 
 def test_mtl_predict_writes_the_checked_annotation_layout_and_eval_names_its_step(
-        tiny_tree, tmp_path, monkeypatch, caplog):
+        tiny_tree, tmp_path, monkeypatch, caplog, one_device):
     monkeypatch.setenv("ABAW_JAX_CACHE", str(tmp_path / "cache"))
     root, _ = tiny_tree
     config = tiny_config(None, task="mtl", total_steps=2,
