@@ -11,6 +11,7 @@ from abaw_jax import checkpoint, config_lib, ensemble, heads, submission, traine
 from abaw_jax.data import affwild2, augment, folds, pipeline, prepare, records
 from abaw_jax.data.video import raw_name
 from abaw_jax.errors import ConfigError
+from abaw_jax.trainers import supervised
 
 
 def _data(folds_: int = 3, fold: int = 0, seed: int = 0) -> dict:
@@ -261,9 +262,19 @@ def test_fold_ensemble_end_to_end_writes_every_test_frame(tiny_tree, tmp_path, o
                     workers=1, progress=False)
     workdirs = [tmp_path / f"fold{fold}" for fold in range(2)]
     for fold, workdir in enumerate(workdirs):
-        config = tiny_config(data, task="au", total_steps=2, **{"data.folds": 2,
-                                                                 "data.fold": fold})
+        # No balancing: weights from each fold's counts are constants of the train step, so
+        # the second fold would compile its own (11 s); the weights are tested above.
+        config = tiny_config(data, task="au", total_steps=2, **{
+            "data.folds": 2, "data.fold": fold, "loss.balance": False})
         trainers.train_and_evaluate(config, workdir)
+    # The balanced weights a fold run would use come from its training folds' counts.
+    balanced = tiny_config(data, task="au", **{"data.folds": 2, "data.fold": 0})
+    hist = folds.histogram(data, folds.run_splits(balanced.data, data)[0])
+    pos = np.maximum(np.array(list(hist["au_positive"].values()), np.float64), 1)
+    weights = supervised.loss_options(balanced, data)["pos_weight"]
+    np.testing.assert_allclose(weights, (hist["au_frames"] - pos) / pos)
+    balanced.data.folds = 0
+    assert not np.allclose(weights, supervised.loss_options(balanced, data)["pos_weight"])
     lists = [folds.read_file(w) for w in workdirs]
     assert lists[0]["videos"] == lists[1]["videos"] and [f["fold"] for f in lists] == [0, 1]
     report = ensemble.run(workdirs, tmp_path / "ensemble")
