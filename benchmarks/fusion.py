@@ -3,9 +3,10 @@ pipeline's "audio_stats" input, what abaw_jax does) or on the device from the "a
 
   python benchmarks/fusion.py [--records=DIR] [--batch=32] [--length=100] [--batches=5]
 
-Without --records it writes the default synthetic Aff-Wild2 (24 videos x 300 frames, raw videos
-with audio) and its EXPR train records with the audio side table to a temporary folder, and a
-768-wide random visual feature cache of them (MAE ViT-B's width) beside. Prints, for batches of
+Without --records it reads the default synthetic Aff-Wild2's EXPR records (24 videos x 300
+frames, raw videos with audio; built once in the data cache, $ABAW_JAX_CACHE, with the audio side
+table), and writes a 768-wide random visual feature cache of them (MAE ViT-B's width) to a
+temporary folder. Prints, for batches of
 `batch` clips of `length` frames (the paper's 32 x 100): the bytes of a batch's audio input and
 the pipeline's frames/s in the main process with windows and with statistics, and the device
 time a step spends on the audio input (host-to-device copy, and the pooling for windows).
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from abaw_jax.data import affwild2, audio, features, pipeline, prepare, records, synthetic
+from abaw_jax.data import audio, cache, features, pipeline, records
 
 flags.DEFINE_string("records", None, "A records folder with an audio table (default: synthetic).")
 flags.DEFINE_integer("batch", 32, "Clips per batch.")
@@ -31,13 +32,9 @@ WIDTH = 768
 
 
 def _records() -> Path:
-    if FLAGS.records:
-        return Path(FLAGS.records)
-    tmp = Path(tempfile.mkdtemp(prefix="bench_fusion_"))
-    synthetic.generate(tmp / "tree", synthetic.SyntheticSpec())
-    prepare.prepare(affwild2.Layout.discover(tmp / "tree"), "expr", tmp / "expr",
-                    splits=["train"], progress=False)
-    return tmp / "expr"
+    """--records, or the default synthetic Aff-Wild2's EXPR records (built once in the data
+    cache, as a config without data.records or data.root gets them)."""
+    return cache.records_for({"records": FLAGS.records}, "expr")
 
 
 def _visual_cache(data: Path) -> Path:
