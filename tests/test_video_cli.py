@@ -208,6 +208,26 @@ def _rows_by_track(table: dict) -> dict[int, np.ndarray]:
             for t in np.unique(table["track"][table["track"] >= 0])}
 
 
+def _row_crops(table: dict, frames: dict, rows: np.ndarray, size: int) -> np.ndarray:
+    """The table rows' face boxes cut from their frames, resized to `size`."""
+    return np.stack([cv2.resize(_crop(frames[table["frame"][i]], *(table[k][i] for k in "xywh")),
+                                (size, size)) for i in rows])
+
+
+def _windowed(crops: np.ndarray, predict, length: int = 16, stride: int = 8) -> np.ndarray:
+    """A track's per-frame VA as the video path gives it: `predict(images, valid)` over each
+    window of `length` crops every `stride` (zero-padded), averaged where windows overlap."""
+    sums, counts = np.zeros((len(crops), 2)), np.zeros(len(crops))
+    for window in pipeline.clip_index(np.zeros(len(crops)), np.arange(len(crops)), length,
+                                      stride):
+        valid = window >= 0
+        images = np.where(valid[:, None, None, None], crops[window], 0).astype(np.uint8)
+        out = predict(images, valid)
+        sums[window[valid]] += out[valid]
+        counts[window[valid]] += 1
+    return sums / counts[:, None]
+
+
 def test_the_checkpoints_smoothing_and_thresholds_apply_along_each_track(faces_video,
                                                                          predictor):
     raw = video.analyse(faces_video, predictor)
@@ -258,18 +278,10 @@ def test_a_temporal_model_runs_over_each_tracks_faces_in_order(faces_video):
     tracks = _rows_by_track(table)
     assert [len(r) for r in tracks.values()] == [30, 24, 6]
     for rows in tracks.values():
-        crops = np.stack([cv2.resize(_crop(frames[table["frame"][i]],
-                                           *(table[k][i] for k in "xywh")), (112, 112))
-                          for i in rows])
-        sums, counts = np.zeros((len(rows), 2)), np.zeros(len(rows))
-        for window in pipeline.clip_index(np.zeros(len(rows)), np.arange(len(rows)), 16, 8):
-            valid = window >= 0
-            images = np.where(valid[:, None, None, None], crops[window], 0).astype(np.uint8)
-            out = clips(images, valid=valid)["va"]
-            sums[window[valid]] += out[valid]
-            counts[window[valid]] += 1
+        want = _windowed(_row_crops(table, frames, rows, 112),
+                         lambda images, valid: clips(images, valid=valid)["va"])
         got = np.stack([table["valence"][rows], table["arousal"][rows]], -1)
-        np.testing.assert_allclose(got, sums / counts[:, None], atol=2e-5)
+        np.testing.assert_allclose(got, want, atol=2e-5)
     assert np.ptp(table["valence"][table["track"] >= 0]) > 0.01
 
 
@@ -515,8 +527,7 @@ def _crops_and_windows(table: dict, path: Path, size: int, cfg: audio.AudioConfi
     of the video's own track."""
     frames = _frames(path)
     faced = np.flatnonzero(table["track"] >= 0)
-    crops = np.stack([cv2.resize(_crop(frames[table["frame"][i]], *(table[k][i] for k in "xywh")),
-                                 (size, size)) for i in faced])
+    crops = _row_crops(table, frames, faced, size)
     if cfg is None:
         return crops, None
     mel = audio.log_mel(audio.decode(path, cfg.sample_rate), cfg).astype(np.float16)
@@ -576,9 +587,7 @@ def test_a_converted_clip_runs_over_the_faces(faces_video, tmp_path):
     table = video.analyse(faces_video, predictor)
     frames = _frames(faces_video)
     rows = np.flatnonzero(table["track"] >= 0)
-    size = predictor.preprocess.size
-    crops = np.stack([cv2.resize(_crop(frames[table["frame"][i]], *(table[k][i] for k in "xywh")),
-                                 (size, size)) for i in rows])
+    crops = _row_crops(table, frames, rows, predictor.preprocess.size)
     columns = [f"p_{n}" for n in heads.get("expr").columns]
     got = np.stack([table[c][rows] for c in columns], -1)
     np.testing.assert_allclose(got, predictor(crops)["expr"], atol=2e-5)
@@ -612,18 +621,10 @@ def test_a_head_on_cached_features_runs_over_its_backbones_embeddings(faces_vide
     table = video.analyse(faces_video, head, backbone=backbone)
     frames = _frames(faces_video)
     for rows in _rows_by_track(table).values():
-        crops = np.stack([cv2.resize(_crop(frames[table["frame"][i]],
-                                           *(table[k][i] for k in "xywh")), (112, 112))
-                          for i in rows])
-        sums, counts = np.zeros((len(rows), 2)), np.zeros(len(rows))
-        for window in pipeline.clip_index(np.zeros(len(rows)), np.arange(len(rows)), 16, 8):
-            valid = window >= 0
-            images = np.where(valid[:, None, None, None], crops[window], 0).astype(np.uint8)
-            out = head(valid=valid, features=backbone.embed(images))["va"]
-            sums[window[valid]] += out[valid]
-            counts[window[valid]] += 1
+        want = _windowed(_row_crops(table, frames, rows, 112), lambda images, valid: head(
+            valid=valid, features=backbone.embed(images))["va"])
         got = np.stack([table["valence"][rows], table["arousal"][rows]], -1)
-        np.testing.assert_allclose(got, sums / counts[:, None], atol=2e-5)
+        np.testing.assert_allclose(got, want, atol=2e-5)
     assert np.ptp(table["valence"][table["track"] >= 0]) > 0.01
     with pytest.raises(errors.ConfigError, match="a backbone feeds a head's cached"):
         inference.Stacked(backbone, backbone)
