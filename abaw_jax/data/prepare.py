@@ -266,7 +266,7 @@ def _write_audio(out: Path, raws: dict, roots: Sequence[Path], cfg: audio_lib.Au
                  stats: dict, pool, progress: bool) -> dict | None:
     """The audio side table of the raw videos (none without any video or `.wav`), and per
     split the frames whose timestamp lies past their audio (`audio_past_end`)."""
-    wavs = {raw: video.find_wav(raw, path, roots or ()) for raw, (path, _) in raws.items()}
+    wavs = {raw: video.find_wav(raw, path, roots) for raw, (path, _) in raws.items()}
     if cfg is None or not any(p or info or wavs[raw] for raw, (p, info) in raws.items()):
         return None
     sources = {raw: audio_table.Source(
