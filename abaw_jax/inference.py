@@ -13,19 +13,21 @@ load saying so.
 
 A temporal (clip) model takes the N faces as one clip (consecutive frames of one video, in
 order) and gives per-frame outputs; `valid=` (N,) bool marks padding frames of a clip (False),
-as evaluation pads clips. A model that takes more named inputs gets them as keyword arrays, e.g.
+as evaluation pads clips; `predict.clip_batch(images)` takes C clips at once, (C, T, H, W, 3).
+A model that takes more named inputs gets them as keyword arrays, e.g.
 `predict(faces, features=vectors)` with one row per face; inputs a model takes optionally
 (`optional_inputs`: MAE's masking `noise`) likewise. Float images (N, 3, S, S) are taken as
 already normalised (a PyTorch pipeline's tensors) at the model's size. A model that draws
-randomness at inference (MAE's masking without `noise`) gets a fresh key per call, from
+randomness at inference (MAE's masking without `noise`) gets a fresh key per model call, from
 `load(..., seed=)`.
 
-`predict.sharded(devices)` is the same predictor with its batches split over the local devices
-(the "data" mesh of `parallel`; 0: all): a batch is padded to a multiple of the device count
-(padding frames masked, as padding of clips is; a clip of a model that masks none, the LSTM,
-runs whole on every device instead) and the outputs cut back: one device's outputs
-at the batch size each device gets (a device's batch size changes XLA's kernels, hence the
-last bits of its outputs).
+Each model call runs `predict.batch` examples (faces, or clips of a clip model: 32 and 1 by
+default) on each device, the last call of a batch padded: a face's (a clip's) outputs are the
+same, bit for bit, however many others a call holds, where it sits among them and over how many
+devices (see `Predictor`; randomness a model draws per call aside).
+`predict.sharded(devices, batch)` is the same predictor on the first `devices` local devices
+(the "data" mesh of `parallel`; 0: all), with `batch` examples on each (0: as before): a call's
+examples are split over them.
 
 `predict.heads` names its task heads (of "va", "expr", "au"), `predict.post` is the
 post-processing stored with the checkpoint (per-head smoothing along a video, then AU
@@ -52,6 +54,11 @@ from abaw_jax.data import audio, augment
 from abaw_jax.data import features as features_lib
 from abaw_jax.errors import ConfigError, NotFoundError
 
+# Examples per device in a model call (`Predictor.batch`): a frame model's faces, a clip
+# model's clips.
+FRAMES_PER_DEVICE = 32
+CLIPS_PER_DEVICE = 1
+
 
 class Predictor:
     """Applies the model's own preprocessing (resize, normalisation) and returns numpy.
@@ -59,40 +66,46 @@ class Predictor:
     Outputs per task head: VA in [-1, 1], EXPR class probabilities, AU probabilities; for a
     converted model kept with its classifier (DDAMFN `--keep_fc`), the raw `logits`. A model
     with no task output returns its other outputs (the embedding, ...) as `embedding=True`
-    does. A multi-branch model (GCSA's audio-visual) also returns each branch's `<head>.<branch>`
-    and its head fused with the weights searched on validation (`post`: `Post.fuse`).
+    does. A multi-branch model (GCSA's audio-visual one) also returns each branch's
+    `<head>.<branch>` and its head fused with the weights searched on validation (`post`:
+    `Post.fuse`).
+
+    Every model call runs one compiled shape: `batch` examples (faces; clips of a clip model)
+    on each device. A call's examples are cut into such calls, the last padded (with examples
+    of index -1, masked as a clip's padding frames are, their outputs dropped). So an example's
+    outputs do not depend on how many others a call holds, where it sits among them, or how
+    many devices share the work: XLA's kernels sum in an order that follows the batch's shape,
+    and outputs of one example at two batch sizes differed in their last bits (by 3.7e-3 once
+    magnified by a test's task layers, on a CPU without AVX-512).
     """
 
     def __init__(self, model: nnx.Module, family: models.Family, inputs: tuple[str, ...],
                  head_fn: Callable[[dict], dict], thresholds: np.ndarray | None = None,
                  post: postprocess.Post | None = None, feed: state_lib.Feed | None = None,
-                 heads: tuple[str, ...] | None = None, seed: int = 0):
+                 heads: tuple[str, ...] | None = None, seed: int = 0, batch: int = 0):
         model.eval()
         self.heads = heads  # the task heads among its outputs (None: not said)
         self.inputs, self.thresholds, self.returns = inputs, thresholds, family.returns
         self.optional = tuple(getattr(model, "optional_inputs", ()))
-        self.clips = family.clips  # N faces are one clip
+        self.clips = family.clips  # an example is a clip (T frames), else a frame
+        self.batch = batch or (CLIPS_PER_DEVICE if self.clips else FRAMES_PER_DEVICE)
         self.preprocess = family.image_preprocess(model)
         self.post = post or postprocess.Post({})
         self.feed = feed or _default_feed(self.preprocess, inputs)
         self.mesh: jax.sharding.Mesh | None = None  # None: jax's default device
         graphdef, state = nnx.split(model)
-        clips = family.clips
 
         @functools.partial(jax.jit, static_argnames="normalised")
         def forward(state, batch, key, normalised):
             model = nnx.merge(graphdef, state)
-            if clips:  # the N frames as one clip
-                batch = {k: v[None] for k, v in batch.items()}
-            names = (*inputs, *(k for k in self.optional if k in batch))
+            # "frame_mask" comes from "index", which every call holds
+            names = (*inputs, *(k for k in self.optional if k in batch or k == "frame_mask"))
             x = models.prepare_inputs(self.preprocess, batch,
                                       tuple(k for k in names if k != "image" or not normalised))
             if normalised:
                 x["image"] = batch["image"]
             out = model(x, rngs=nnx.Rngs(key))
             out.pop("losses", None)
-            if clips:
-                out = jax.tree.map(lambda v: v[0], out)
             return head_fn(out), out
 
         @functools.partial(jax.jit, static_argnames="normalised")
@@ -121,18 +134,24 @@ class Predictor:
                              f"(N, 3, {size}, {size}), got {images.dtype} {images.shape}")
         return np.stack([augment.resize(im, size) for im in images]), False
 
-    def sharded(self, devices: int = 0) -> Predictor:
+    def sharded(self, devices: int = 0, batch: int = 0) -> Predictor:
         """This predictor (its compiled function shared) with its variables replicated on the
-        first `devices` local devices (0: all) and every batch split over them; itself when it
-        is already on those."""
+        first `devices` local devices (0: all), every call's examples split over them, `batch`
+        of them on each device (0: this predictor's); itself when it is already so."""
         local = jax.local_devices()
         if devices > len(local):
             raise ConfigError(f"devices={devices}: this process has {len(local)} local devices")
+        if batch < 0:
+            raise ConfigError(f"batch={batch}: examples per device must be >= 1 (0: the "
+                              "predictor's own)")
         mesh = parallel.make_mesh(local[:devices or None])
-        if self.mesh is not None and self.mesh.devices.tolist() == mesh.devices.tolist():
+        batch = batch or self.batch
+        if self.mesh is not None and self.mesh.devices.tolist() == mesh.devices.tolist() \
+                and batch == self.batch:
             return self
         out = copy.copy(self)
-        out.mesh, out._state = mesh, jax.device_put(self._state, parallel.replicated(mesh))
+        out.mesh, out.batch = mesh, batch
+        out._state = jax.device_put(self._state, parallel.replicated(mesh))
         return out
 
     def embed(self, images: np.ndarray) -> np.ndarray:
@@ -142,14 +161,36 @@ class Predictor:
                               "it either)")
         batch = {}
         batch["image"], normalised = self._images(images)
-        n = len(batch["image"])
-        batch["index"] = np.arange(n, dtype=np.int32)
-        if self.mesh is not None and self.mesh.size > 1:
-            batch = self._split(batch)
-        return np.asarray(jax.device_get(self._embed(self._state, batch, normalised)))[:n]
+        batch["index"] = np.arange(len(batch["image"]), dtype=np.int32)
+        return self._per_call(lambda b: self._embed(self._state, b, normalised), batch,
+                              self._frames_per_call())
 
     def __call__(self, images: np.ndarray | None = None, embedding: bool = False,
                  valid: np.ndarray | None = None, **named: np.ndarray) -> dict[str, np.ndarray]:
+        """The outputs of N faces (N, H, W, 3); of a clip model, of one clip of N frames.
+        `valid` (N,) False: a padding frame of a clip."""
+        if not self.clips:
+            return self._predict(images, embedding, valid, named)
+        add = (lambda v: None if v is None else np.asarray(v)[None])  # noqa: E731
+        out = self.clip_batch(add(images), embedding, add(valid),
+                              **{k: add(v) for k, v in named.items()})
+        return jax.tree.map(lambda v: v[0], out)
+
+    def clip_batch(self, images: np.ndarray | None = None, embedding: bool = False,
+                   valid: np.ndarray | None = None, **named: np.ndarray
+                   ) -> dict[str, np.ndarray]:
+        """A clip model's outputs of C clips of T frames each: images (C, T, H, W, 3), named
+        inputs (C, T, ...), `valid` (C, T); outputs (C, T, ...)."""
+        if not self.clips:
+            raise ConfigError("clip_batch: this model takes frames, not clips")
+        shape = None
+        if images is not None:
+            images = np.asarray(images)
+            shape, images = images.shape[:2], images.reshape(-1, *images.shape[2:])
+        return self._predict(images, embedding, valid, named, shape)
+
+    def _predict(self, images, embedding, valid, named, clip_shape=None
+                 ) -> dict[str, np.ndarray]:
         batch = {k: np.asarray(v, np.float32) for k, v in named.items()}
         missing = [k for k in self.inputs if k not in (*batch, "image", "frame_mask")]
         if missing:
@@ -157,17 +198,20 @@ class Predictor:
         normalised = False
         if "image" in self.inputs:
             batch["image"], normalised = self._images(images)
-        n = len(next(iter(batch.values())))
-        batch["index"] = np.arange(n, dtype=np.int32)  # every frame real (frame_mask) ...
-        if valid is not None:  # ... but padding
+            if clip_shape is not None:
+                batch["image"] = batch["image"].reshape(*clip_shape,
+                                                        *batch["image"].shape[1:])
+        shape = next(iter(batch.values())).shape[:2 if self.clips else 1]
+        # every frame real (frame_mask) but padding
+        batch["index"] = np.arange(np.prod(shape), dtype=np.int32).reshape(shape)
+        if valid is not None:
             batch["index"] = np.where(np.asarray(valid, bool), batch["index"], -1)
-        if self.mesh is not None and self.mesh.size > 1:  # one device: as without a mesh
-            batch = self._split(batch)
-        self._key, key = jax.random.split(self._key)
-        heads, extra = jax.device_get(self._forward(self._state, batch, key, normalised))
-        if len(batch["index"]) != n:  # the padding's outputs go
-            heads, extra = (jax.tree.map(lambda v: v[:n] if np.ndim(v) and len(v) == len(
-                batch["index"]) else v, tree) for tree in (heads, extra))
+
+        def call(part):
+            self._key, key = jax.random.split(self._key)
+            return self._forward(self._state, part, key, normalised)
+
+        heads, extra = self._per_call(call, batch, self.batch * self._devices())
         out = {k: np.asarray(v) for k, v in heads.items()}
         if self.post.fusion:
             out = {k: np.asarray(v, np.float32) for k, v in self.post.fuse(out).items()}
@@ -179,28 +223,53 @@ class Predictor:
                         if k not in out})
         return out
 
-    def _split(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """The batch (faces, or a clip's frames) padded to a multiple of the mesh's devices
-        (index -1: padding, masked as a clip's padding is) and split over them. A clip of a
-        model that masks no frames (the LSTM: padding would reach its backward pass) is not
-        padded: unless its length splits evenly, every device runs all of it."""
-        pad = -len(batch["index"]) % self.mesh.size
-        if pad and self.clips and "frame_mask" not in self.inputs:
-            return jax.device_put(batch, parallel.replicated(self.mesh))
-        if pad:
-            batch = {k: np.concatenate([v, np.full((pad, *v.shape[1:]), -1 if k == "index"
-                                                   else 0, v.dtype)])
-                     for k, v in batch.items()}
-        return parallel.to_global(batch, self.mesh)
+    def _devices(self) -> int:
+        return 1 if self.mesh is None else self.mesh.size
+
+    def _frames_per_call(self) -> int:
+        """Frames a model call holds: a clip model's backbone runs its `batch` clips' frames."""
+        return self.batch * self._devices() * (max(self.feed.clip_length, 1) if self.clips
+                                               else 1)
+
+    def _per_call(self, fn: Callable, batch: dict[str, np.ndarray], size: int):
+        """`fn` over the examples (rows) of `batch`, `size` per call: each call's rows padded to
+        `size` (index -1) and split over the mesh; the outputs' rows concatenated, the
+        padding's cut."""
+        n = len(batch["index"])
+        outs, counts = [], []
+        for start in range(0, max(n, 1), size):
+            part = {k: v[start:start + size] for k, v in batch.items()}
+            pad = size - len(part["index"])
+            counts.append(size - pad)
+            if pad:
+                part = {k: np.concatenate([v, np.full((pad, *v.shape[1:]), -1 if k == "index"
+                                                      else 0, v.dtype)])
+                        for k, v in part.items()}
+            part = parallel.to_global(part, self.mesh) if self.mesh is not None else part
+            outs.append(jax.device_get(fn(part)))
+        return jax.tree.map(lambda *v: _rows(v, size, n, counts), *outs)
 
 
-class Stacked(Predictor):
+def _rows(parts: tuple[np.ndarray, ...], size: int, n: int, counts: list[int]) -> np.ndarray:
+    """One output over every call: its rows (the first `n`) when it has a row per example;
+    a scalar (MAE's loss over the call's examples, its padding uncounted) as the calls' mean
+    weighted by their examples."""
+    if np.ndim(parts[0]) and len(parts[0]) == size:
+        return np.concatenate(parts)[:n]
+    if np.ndim(parts[0]):
+        raise ValueError(f"an output of shape {np.shape(parts[0])} has neither a row per "
+                         f"example ({size}) nor one value")
+    return np.asarray(np.average(parts, weights=counts) if sum(counts) else parts[0],
+                      np.asarray(parts[0]).dtype)
+
+
+class Stacked:
     """A head over cached `features` (a temporal head, the MAE fusion) run from faces: each
     face's embedding by its frame model (`Predictor.embed`, what `--mode=extract` cached) takes
     the cache's place. It takes what the head takes, with "image" for "features"; everything
-    else (heads, post-processing, feed, clips) is the head's."""
+    else (heads, post-processing, feed, clips, batch) is the head's."""
 
-    def __init__(self, backbone: Predictor, head: Predictor):  # noqa: D107 (no Predictor init)
+    def __init__(self, backbone: Predictor, head: Predictor):
         if "features" not in head.inputs:
             raise ConfigError(f"a backbone feeds a head's cached `features`; this model takes "
                               f"{list(head.inputs)}")
@@ -208,18 +277,28 @@ class Stacked(Predictor):
         self.inputs = tuple(dict.fromkeys("image" if k == "features" else k
                                           for k in head.inputs))
         self.preprocess = backbone.preprocess
+        self.heads, self.post, self.feed = head.heads, head.post, head.feed
+        self.clips, self.batch, self.mesh = head.clips, head.batch, head.mesh
 
-    def __getattr__(self, name: str):
-        return getattr(self.head, name)
-
-    def sharded(self, devices: int = 0) -> Stacked:
-        return Stacked(self.backbone.sharded(devices), self.head.sharded(devices))
+    def sharded(self, devices: int = 0, batch: int = 0) -> Stacked:
+        return Stacked(self.backbone.sharded(devices), self.head.sharded(devices, batch))
 
     def embed(self, images: np.ndarray) -> np.ndarray:
         return self.backbone.embed(images)
 
     def __call__(self, images: np.ndarray | None = None, embedding: bool = False,
                  valid: np.ndarray | None = None, **named: np.ndarray) -> dict[str, np.ndarray]:
+        return self.head(None, embedding, valid, features=self._features(images), **named)
+
+    def clip_batch(self, images: np.ndarray | None = None, embedding: bool = False,
+                   valid: np.ndarray | None = None, **named: np.ndarray
+                   ) -> dict[str, np.ndarray]:
+        images = np.asarray(images)
+        features = self._features(images.reshape(-1, *images.shape[2:]))
+        return self.head.clip_batch(None, embedding, valid, **named,
+                                    features=features.reshape(*images.shape[:2], -1))
+
+    def _features(self, images: np.ndarray) -> np.ndarray:
         features = self.backbone.embed(images)
         caches = self.head.feed.features
         width = features_lib.width(caches) if caches else features.shape[-1]
@@ -227,7 +306,7 @@ class Stacked(Predictor):
             raise ConfigError(f"the backbone's embeddings are {features.shape[-1]} wide; the "
                               f"head read {width}-wide cached features ({', '.join(caches)}): "
                               "a backbone stands for one cache, that of its own run")
-        return self.head(None, embedding, valid, features=features, **named)
+        return features
 
 
 def load(path: str | Path, which: str = "best", seed: int = 0) -> Predictor:

@@ -111,7 +111,9 @@ def initialize(timeout_s: int | None = None) -> None:
       each task one GPU); JAX_LOCAL_DEVICE_IDS overrides.
     A single process needs nothing. Every process must reach the coordinator within `timeout_s`
     (ABAW_JAX_INIT_TIMEOUT, default 300 s); one that cannot fails with a message saying which
-    address it tried, instead of JAX's abort.
+    address it tried, instead of JAX's abort. On CPU, a collective then waits as long for a slow
+    peer (`_follow_timeout`), and the links between the devices are formed at once
+    (`_link_devices`).
     """
     env = os.environ
     if timeout_s is None:
@@ -130,12 +132,14 @@ def initialize(timeout_s: int | None = None) -> None:
                      count, address, timeout_s)
         if index != 0:  # process 0 hosts the coordinator; the others check they can reach it
             _wait_for(address, timeout_s, index, count)
+        _follow_timeout(timeout_s)
         jax.distributed.initialize(
             coordinator_address=address, num_processes=count, process_id=index,
             local_device_ids=local_ids, initialization_timeout=timeout_s)
     elif int(env.get("SLURM_NTASKS", "1")) > 1:
         if local_ids is None and _slurm_tasks_per_node(env) == 1 and env.get("SLURM_GPUS_ON_NODE"):
             local_ids = list(range(int(env["SLURM_GPUS_ON_NODE"])))
+        _follow_timeout(timeout_s)
         jax.distributed.initialize(local_device_ids=local_ids, initialization_timeout=timeout_s)
     elif "," in env.get("TPU_WORKER_HOSTNAMES", ""):
         jax.distributed.initialize(initialization_timeout=timeout_s)
@@ -146,11 +150,47 @@ def initialize(timeout_s: int | None = None) -> None:
     logging.info("process %d of %d: %d local of %d devices (%s)", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count(),
                  jax.devices()[0].device_kind)
-    # One collective now, while the processes are in step: on CPU it forms the gloo link, which
-    # must form within 30 s. Left to the first train step, it came after each process's own
-    # compile of the step, which differed by more than that on a busy 2-core machine
-    # ("Gloo context initialization failed: DEADLINE_EXCEEDED").
     barrier("initialized")
+    _link_devices()
+
+
+# XLA:CPU's deadlines for a collective whose peers have not all arrived: the gloo operations
+# across processes, and the device threads of one process (40 s by default, which a step's
+# all-reduce once missed on the busy 2-core machine). A slow peer there is not a failure.
+_CPU_COLLECTIVE_TIMEOUTS = ("xla_cpu_collective_timeout_seconds",
+                            "xla_cpu_collective_call_terminate_timeout_seconds")
+
+
+def _follow_timeout(timeout_s: int) -> None:
+    """Sets XLA:CPU's collective deadlines to the run's own timeout, unless XLA_FLAGS sets them
+    (XLA reads the variable when the backend starts, which `initialize` precedes)."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    extra = [f"--{name}={timeout_s}" for name in _CPU_COLLECTIVE_TIMEOUTS if name not in flags]
+    if extra:
+        os.environ["XLA_FLAGS"] = " ".join([flags, *extra]).strip()
+
+
+def _link_devices() -> None:
+    """Forms the CPU collectives' links over every device now, while the processes are in step.
+
+    XLA:CPU's gloo forms the link of a group of devices at its first collective, and every
+    process must get there within 30 s (a fixed deadline in jaxlib, "Gloo context
+    initialization failed: DEADLINE_EXCEEDED ... GetKeyValue() timed out"). Left to the first
+    train step, each process got there after its own compile and start-up, which differed by
+    more than that on a busy 2-core machine. Formed here, the train and eval steps' collectives
+    over the whole "data" mesh find the link made and wait as long as the collective timeout
+    (`--xla_cpu_collective_timeout_seconds`). The barrier before this one (one device per
+    process gathered) formed the links of the per-process gathers the same way.
+    """
+    if jax.devices()[0].platform != "cpu":
+        return
+    mesh = make_mesh()
+    ones = jax.make_array_from_process_local_data(
+        batch_sharding(mesh), np.ones(jax.local_device_count(), np.int32))
+    total = jax.jit(lambda x: x.sum(), out_shardings=replicated(mesh))(ones)
+    if int(total.addressable_data(0)) != jax.device_count():
+        raise RuntimeError(f"the devices' first all-reduce gave {total}, not "
+                           f"{jax.device_count()}")
 
 
 _distributed = False  # set once `initialize` started JAX's multi-process runtime

@@ -2,18 +2,19 @@
 
     python -m abaw_jax.video --model=<workdir or converted folder> --input=<video | folder of
         videos | folder of frames | folder of frame folders> --out=<dir>
-        [--detector=haar|yunet:<onnx>|none] [--batch=32] [--every=N] [--max_gap=15]
+        [--detector=haar|yunet:<onnx>|none] [--batch=0] [--every=N] [--max_gap=15]
         [--min_hits=2] [--devices=0] [--annotate]
 
 For each input video: frames decoded in order by PyAV on a background thread; faces found and
 tracked (`faces.Tracker`: stable ids; a new track written once found in `min_hits` frames, its
 first frames then too); each face cropped with a margin and run through the model as
-`inference.load` gives it (its own preprocessing), crops of many frames batched together and
-each batch split over the local devices (`Predictor.sharded`), a temporal model over each
-track's crops in order (windows of the run's clip length and stride, each frame's outputs the
-mean over its windows, as evaluation does), a model that takes audio with the video's own
-windows (its run's `data.audio`); then the post-processing stored with the checkpoint
-(smoothing along each track, AU thresholds).
+`inference.load` gives it (its own preprocessing), crops of many frames batched together,
+`--batch` on each local device (`Predictor.sharded`), a temporal model over each track's crops
+in order (windows of the run's clip length and stride, windows of any tracks batched, each
+frame's outputs the mean over its windows, as evaluation does), a model that takes audio with
+the video's own windows (its run's `data.audio`); then the post-processing stored with the
+checkpoint (smoothing along each track, AU thresholds). A face's outputs are the model's on
+its crop alone, whatever else shared its model call (`inference.Predictor`).
 
 Outputs per input, in --out: `<name>.csv`, one row per frame and face (a frame without a face:
 one row with empty values), `<name>.png` (per track: valence and arousal over time, the
@@ -56,6 +57,7 @@ from abaw_jax.errors import ConfigError, NotFoundError
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
 _MODEL_INPUTS = ("image", "audio", "audio_stats", "frame_mask")  # what a video gives a model
 _IN_FLIGHT = 2  # model calls queued ahead of the one running: bounds the crops held
+Model = inference.Predictor | inference.Stacked
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +65,7 @@ class Options:
     """How faces are found and batched (the command's flags)."""
 
     detector: str = "haar"  # haar | yunet:<onnx> | none
-    batch: int = 32  # faces per model call (frame models)
+    batch: int = 0  # faces (clips of a temporal model) per device and model call; 0: the model's
     every: int = 1  # analyse frames 1, 1 + every, ...
     margin: float = 0.2  # crop: the box's side grows by this much on each side
     min_face: float = 0  # smallest face searched for, pixels (0: an eighth of the shorter side)
@@ -74,10 +76,10 @@ class Options:
     devices: int = 0  # local devices the model's batches are split over (0: all)
 
     def __post_init__(self):
-        if min(self.batch, self.every, self.min_hits) < 1 or self.margin < 0 or self.fps <= 0 \
-                or self.max_gap < 0 or self.devices < 0:
-            raise ConfigError(f"batch={self.batch}, every={self.every} and min_hits="
-                              f"{self.min_hits} must be >= 1, margin={self.margin}, max_gap="
+        if min(self.every, self.min_hits) < 1 or min(self.margin, self.max_gap, self.devices,
+                                                       self.batch) < 0 or self.fps <= 0:
+            raise ConfigError(f"every={self.every} and min_hits={self.min_hits} must be >= 1, "
+                              f"batch={self.batch}, margin={self.margin}, max_gap="
                               f"{self.max_gap} and devices={self.devices} >= 0, fps={self.fps} "
                               "> 0")
 
@@ -137,7 +139,7 @@ class _Model:
     """Model calls on a worker thread, in order, at most `_IN_FLIGHT` waiting: the host finds
     and crops the next faces meanwhile. `collect` hands back what finished."""
 
-    def __init__(self, predictor: inference.Predictor):
+    def __init__(self, predictor: Model):
         self.predictor = predictor
         self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model")
         self.pending: collections.deque = collections.deque()
@@ -147,17 +149,22 @@ class _Model:
 
     def submit(self, rows: np.ndarray, images: np.ndarray | None, named: dict,
                valid: np.ndarray | None = None) -> None:
+        """Faces (rows (N,), images (N, H, W, 3)), or a clip model's clips (rows, images,
+        named inputs and `valid` with (C, T) in front)."""
         start = time.perf_counter()
         while len(self.pending) > _IN_FLIGHT:
             self._wait_oldest()
         self.waited += time.perf_counter() - start
-        self.pending.append((rows, self.pool.submit(self._call, images, named, valid)))
+        self.pending.append((rows.reshape(-1),
+                             self.pool.submit(self._call, images, named, valid)))
 
     def _call(self, images, named, valid):
         start = time.perf_counter()
-        out = self.predictor(images, valid=valid, **named)
+        predict = self.predictor.clip_batch if self.predictor.clips else self.predictor
+        out = predict(images, valid=valid, **named)
         self.busy += time.perf_counter() - start
-        return {k: v for k, v in out.items() if k in heads.HEADS}
+        return {k: v.reshape(-1, *v.shape[2 if self.predictor.clips else 1:])
+                for k, v in out.items() if k in heads.HEADS}
 
     def _wait_oldest(self) -> None:
         rows, future = self.pending.popleft()
@@ -205,8 +212,8 @@ class _Outputs:
 
 
 class _FrameBatches:
-    """A frame model: faces of any frames and tracks, `batch` per call (the last padded, so
-    that one compiled shape serves every call)."""
+    """A frame model: faces of any frames and tracks, `batch` per call (the predictor pads the
+    last to its one compiled shape)."""
 
     def __init__(self, model: _Model, batch: int):
         self.model, self.batch = model, batch
@@ -231,10 +238,9 @@ class _FrameBatches:
             self._flush()
 
     def _flush(self) -> None:
-        pad = self.batch - len(self.rows)
-        rows = np.array(self.rows + [-1] * pad)
-        images = _stack(self.images, pad) if self.images else None
-        self.model.submit(rows, images, {k: _stack(v, pad) for k, v in self.named.items()})
+        images = np.stack(self.images) if self.images else None
+        self.model.submit(np.array(self.rows), images,
+                          {k: np.stack(v) for k, v in self.named.items()})
         self.rows, self.images, self.named = [], [], collections.defaultdict(list)
 
 
@@ -259,11 +265,13 @@ class _TrackClips:
     """A temporal model: each track's faces in order, windows of `length` starting every
     `stride` faces and a last one ending at the track's end (`pipeline.clip_index`'s windows
     over the track's faces); a track shorter than `length` is one window padded at its end.
-    `length` 0: each track is one clip. Only the faces a window still needs are kept."""
+    `length` 0: each track is one clip. Only the faces a window still needs are kept. Windows
+    of any tracks go `batch` per call (clips of one length)."""
 
-    def __init__(self, model: _Model, length: int, stride: int):
-        self.model, self.length, self.stride = model, length, stride
+    def __init__(self, model: _Model, length: int, stride: int, batch: int):
+        self.model, self.length, self.stride, self.batch = model, length, stride, batch
         self.tracks: dict[int, _Clip] = {}
+        self.windows: list[tuple[np.ndarray, np.ndarray | None, dict]] = []
 
     def add(self, row: int, track: int, image: np.ndarray | None, named: dict) -> None:
         t = self.tracks.setdefault(track, _Clip())
@@ -289,15 +297,30 @@ class _TrackClips:
     def finish(self) -> None:
         for track in list(self.tracks):
             self.end_track(track)
+        self._flush()
 
     def _run(self, t: _Clip, start: int, count: int) -> None:
         items = list(t.items)[start - t.first: start - t.first + count]
         pad = max(0, self.length - len(items))
         rows = np.array([r for r, _, _ in items] + [-1] * pad)
+        if self.windows and len(self.windows[0][0]) != len(rows):  # whole tracks: one length
+            self._flush()
         images = None if items[0][1] is None else _stack([im for _, im, _ in items], pad)
         named = {k: _stack([n[k] for _, _, n in items], pad) for k in items[0][2]}
-        self.model.submit(rows, images, named, rows >= 0)
+        self.windows.append((rows, images, named))
         t.last_run = start
+        if len(self.windows) == self.batch:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.windows:
+            return
+        rows = np.stack([r for r, _, _ in self.windows])
+        images = None if self.windows[0][1] is None else np.stack([i for _, i, _ in
+                                                                   self.windows])
+        named = {k: np.stack([n[k] for _, _, n in self.windows]) for k in self.windows[0][2]}
+        self.model.submit(rows, images, named, rows >= 0)
+        self.windows = []
 
 
 class _AudioWindows:
@@ -436,7 +459,7 @@ class _Rows:
         return columns, rows[order]
 
 
-def _check_inputs(predictor: inference.Predictor) -> None:
+def _check_inputs(predictor: Model) -> None:
     other = [k for k in predictor.inputs if k not in _MODEL_INPUTS]
     if other:
         raise ConfigError(
@@ -446,22 +469,23 @@ def _check_inputs(predictor: inference.Predictor) -> None:
             "cached them: --backbone=<its workdir or converted folder>")
 
 
-def analyse_input(source: Source, predictor: inference.Predictor, options: Options,
+def analyse_input(source: Source, predictor: Model, options: Options,
                   progress: bool = False) -> Result:
     """Analyses one input (`find_inputs`); an error of its frames ends it early with the rows
     so far (`Result.error`)."""
     check_video_name(source.name, str(source.path))  # it names the output files
     _check_inputs(predictor)
     fps, expected = source.info(options)
-    predictor = predictor.sharded(options.devices)
+    predictor = predictor.sharded(options.devices, options.batch)
     tracker = faces.Tracker(faces.detector(options.detector), min_face=options.min_face,
                             full_every=options.full_every, max_gap=options.max_gap,
                             min_hits=options.min_hits)
     hears = _AudioWindows(source, predictor.feed.audio, fps) \
         if {"audio", "audio_stats"} & set(predictor.inputs) else None
     model = _Model(predictor)
-    rows = _Rows(_TrackClips(model, predictor.feed.clip_length, predictor.feed.clip_stride)
-                 if predictor.clips else _FrameBatches(model, options.batch))
+    per_call = predictor.batch * predictor.mesh.size  # examples: every device's batch
+    rows = _Rows(_TrackClips(model, predictor.feed.clip_length, predictor.feed.clip_stride,
+                             per_call) if predictor.clips else _FrameBatches(model, per_call))
     size = predictor.preprocess.size if "image" in predictor.inputs else 0
     outputs, error, host = _Outputs(), None, 0.0
     frames = _Prefetch(source.frames(options.every))
@@ -513,8 +537,8 @@ def _model_image(rgb: np.ndarray, face: faces.Face, size: int, options: Options
     return augment.resize(image, size)
 
 
-def analyse(path: str | Path, model: str | Path | inference.Predictor,
-            backbone: str | Path | inference.Predictor | None = None, **options: Any
+def analyse(path: str | Path, model: str | Path | Model,
+            backbone: str | Path | Model | None = None, **options: Any
             ) -> dict[str, np.ndarray]:
     """The per-frame table of one video (or folder of frames) as numpy columns: `frame` (from
     1), `timestamp` (s), `track` (-1: no face in that frame; its other values are nan, "" or
@@ -542,7 +566,7 @@ def analyse(path: str | Path, model: str | Path | inference.Predictor,
 
 
 def _table(rows: Mapping[str, list], outputs: Mapping[str, np.ndarray],
-           predictor: inference.Predictor, fps: float) -> dict[str, np.ndarray]:
+           predictor: Model, fps: float) -> dict[str, np.ndarray]:
     """The rows' columns, the heads' outputs smoothed along each track (columns for every head
     the predictor names, even when no face was found)."""
     frame = np.asarray(rows["frame"], np.int64)
@@ -662,22 +686,21 @@ def _draw(image: np.ndarray, table: Mapping[str, np.ndarray], rows: list[int]) -
 # The command
 
 
-def _predictor(model: str | Path | inference.Predictor,
-               backbone: str | Path | inference.Predictor | None) -> inference.Predictor:
-    predictor = model if isinstance(model, inference.Predictor) else inference.load(model)
+def _predictor(model: str | Path | Model, backbone: str | Path | Model | None) -> Model:
+    predictor = inference.load(model) if isinstance(model, str | Path) else model
     if backbone is None:
         return predictor
-    frames = backbone if isinstance(backbone, inference.Predictor) else inference.load(backbone)
+    frames = inference.load(backbone) if isinstance(backbone, str | Path) else backbone
     return inference.Stacked(frames, predictor)
 
 
-def run(model: str | Path | inference.Predictor, input_path: str | Path, out: str | Path,
+def run(model: str | Path | Model, input_path: str | Path, out: str | Path,
         options: Options = Options(), annotate: bool = False, progress: bool = True,
-        backbone: str | Path | inference.Predictor | None = None) -> list[str]:
+        backbone: str | Path | Model | None = None) -> list[str]:
     """Analyses every input of `input_path` into `out`; returns the failures, one line each
     (their rows before the failure are written). `backbone`: as `analyse`'s."""
     out = Path(out)
-    predictor = _predictor(model, backbone).sharded(options.devices)
+    predictor = _predictor(model, backbone).sharded(options.devices, options.batch)
     sources = find_inputs(input_path)
     out.mkdir(parents=True, exist_ok=True)
     failures = []
@@ -728,7 +751,8 @@ def _define_flags() -> None:
     flags.DEFINE_string("out", None, "Output folder: <name>.csv, <name>.png per input.")
     flags.DEFINE_string("detector", "haar", "haar (OpenCV's bundled cascade), "
                         "yunet:<path of its .onnx> or none (the frames are faces).")
-    flags.DEFINE_integer("batch", Options.batch, "Faces per model call.")
+    flags.DEFINE_integer("batch", Options.batch, "Faces (clips of a temporal model) per "
+                         "device and model call (0: the model's own, 32 faces or 1 clip).")
     flags.DEFINE_integer("every", Options.every, "Analyse every N-th frame.")
     flags.DEFINE_float("margin", Options.margin, "Crop margin, a fraction of the face box.")
     flags.DEFINE_float("min_face", Options.min_face, "Smallest face searched for, pixels "

@@ -37,7 +37,7 @@ from abaw_jax.data import video as video_lib
 
 flags.DEFINE_float("seconds", 60.0, "Length of the video.")
 flags.DEFINE_integer("faces", 1, "Faces in every frame.")
-flags.DEFINE_integer("batch", 32, "Faces per model call.")
+flags.DEFINE_integer("batch", inference.FRAMES_PER_DEVICE, "Faces per device and model call.")
 flags.DEFINE_string("detector", "haar", "As the command's --detector.")
 flags.DEFINE_string("model", "ddamfn", "Registered frame family (random weights).")
 flags.DEFINE_string("video", None, "Video path: read if it exists, else written there.")
@@ -97,7 +97,7 @@ def _predictor() -> inference.Predictor:
         lambda s: jnp.asarray(rng.uniform(0.5, 1.0, s.shape), s.dtype), nnx.to_pure_dict(state)))
     nnx.update(model, state)
     return inference.Predictor(model, family, tuple(model.inputs),
-                               tasks.Task("mtl", tuple(HEADS), "").predict)
+                               tasks.Task("mtl", tuple(HEADS), "").predict, batch=FLAGS.batch)
 
 
 def _decode(path: Path) -> tuple[int, float]:
@@ -124,16 +124,18 @@ def _find(path: Path, size: int) -> tuple[int, float]:
 
 
 def _model(predictors: list[inference.Predictor], n: int) -> list[float]:
-    """Seconds for n faces in full batches (compiled first), per predictor; their calls
+    """Seconds for n faces in full model calls (the first predictor's: `batch` faces on each
+    of its devices; compiled first), per predictor; their calls
     alternate, in reversed order every other batch, so that the load of a busy machine falls on
     each alike (in a fixed order, the predictor called first measured 0.94-0.97x the other in
     two runs; reversing every other round, 1.05x: the order, not the predictors, made it)."""
     size = predictors[0].preprocess.size
-    crops = np.random.default_rng(0).integers(0, 255, (FLAGS.batch, size, size, 3), np.uint8)
+    per_call = FLAGS.batch * predictors[0].mesh.size
+    crops = np.random.default_rng(0).integers(0, 255, (per_call, size, size, 3), np.uint8)
     seconds = [0.0] * len(predictors)
     for predictor in predictors:
         predictor(crops)
-    for batch in range(-(-n // FLAGS.batch)):
+    for batch in range(-(-n // per_call)):
         for i, predictor in list(enumerate(predictors))[::-1 if batch % 2 else 1]:
             start = time.perf_counter()
             predictor(crops)
@@ -175,7 +177,7 @@ def main(argv):
     found, find = _find(path, predictor.preprocess.size)
     model, model_unsplit = _model([predictor, unsplit], found)
     options = video.Options(detector=FLAGS.detector, batch=FLAGS.batch, devices=FLAGS.devices)
-    predictor(np.zeros((FLAGS.batch, 112, 112, 3), np.uint8))  # compiled before timing
+    predictor(np.zeros((1, 112, 112, 3), np.uint8))  # compiled before timing
     start = time.perf_counter()
     result = video.analyse_input(video.find_inputs(path)[0], predictor, options)
     total = time.perf_counter() - start

@@ -39,18 +39,29 @@ OVERRIDES = {"total_steps": 12, "batch_size": 8, "eval_batch_size": 16, "log_eve
 LOGGED_STEP = re.compile(r"\] \[(\d+)\] .*loss=")
 
 
-# `python -m abaw_jax.main` whose process 1 reaches the end of the run SLOW_EXIT_S late (the
-# slow peer of a busy machine): process 0 must wait for it and exit 0, not abort in JAX's
-# shutdown at interpreter exit as it did (`CoordinationServiceAgent::SetError`, rc != 0).
+# `python -m abaw_jax.main` whose process 1 is the slow peer of a busy machine, twice:
+# - it starts its first train step SLOW_START_S after process 0, past gloo's fixed 30-s deadline
+#   for forming the devices' link, which the first step's all-reduce formed (process 0 failed
+#   with "Gloo context initialization failed: DEADLINE_EXCEEDED"); `parallel.initialize` now
+#   forms it while the processes are in step, and the all-reduce waits for the peer;
+# - it reaches the end of the run SLOW_EXIT_S late: process 0 must wait for it and exit 0, not
+#   abort in JAX's shutdown at interpreter exit as it did (`CoordinationServiceAgent::SetError`).
+SLOW_START_S = 35
 SLOW_EXIT_S = 15
 _SLOW_PEER = (
     "import os, runpy, sys, time\n"
     "from abaw_jax import parallel\n"
-    "shutdown = parallel.shutdown\n"
-    "def slow():\n"
-    f"    time.sleep({SLOW_EXIT_S} if os.environ['JAX_PROCESS_ID'] == '1' else 0)\n"
+    "slow = os.environ['JAX_PROCESS_ID'] == '1'\n"
+    "shutdown, to_global, started = parallel.shutdown, parallel.to_global, []\n"
+    "def late_start(*args):\n"
+    "    if slow and not started:\n"
+    f"        time.sleep({SLOW_START_S})\n"
+    "    started.append(True)\n"
+    "    return to_global(*args)\n"
+    "def late_exit():\n"
+    f"    time.sleep({SLOW_EXIT_S} if slow else 0)\n"
     "    shutdown()\n"
-    "parallel.shutdown = slow\n"
+    "parallel.to_global, parallel.shutdown = late_start, late_exit\n"
     "sys.argv[0] = 'abaw_jax.main'\n"
     "runpy.run_module('abaw_jax.main', run_name='__main__')\n")
 
@@ -125,11 +136,21 @@ def _steps(workdir: Path) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_records, tmp_path_factory):
+def cpu_hog():
+    """A CPU-bound process beside the launches (load ~3 on the 2-core machine): nothing in a
+    multi-process run may depend on a peer being fast."""
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    yield hog
+    hog.kill()
+    hog.wait()
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_records, tmp_path_factory, cpu_hog):
     """{name: (workdir, output)}: uninterrupted runs on 1 process x 4 devices and 2 processes
     x 2 devices, all with the same global batch, and a 2-process run interrupted by SIGTERM
-    then resumed. (The 1-process preemption pair, two launches or ~70 s of the suite's
-    20 minutes, was dropped: the 2-process pair runs the same code and each process's stream.)"""
+    (its process 1 a slow peer) then resumed; all beside a CPU hog. (The 1-process preemption
+    pair was dropped: the 2-process pair runs the same code and each process's stream.)"""
     base = tmp_path_factory.mktemp("distributed")
     out = {}
     for name, processes, devices in (("one", 1, 4), ("two", 2, 2)):

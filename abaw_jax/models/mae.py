@@ -223,7 +223,8 @@ class MAE(_ViT):
     latent (N, 1 + keep, width), ids_restore (N, patches). Without noise the masking draws it
     from `rngs` (stream "masking")."""
 
-    optional_inputs = ("noise",)
+    # "frame_mask" (N,): False for examples that count in no loss (a predictor's padding)
+    optional_inputs = ("noise", "frame_mask")
 
     def __init__(self, *, outputs: Mapping[str, int] | None = None, rngs: nnx.Rngs,
                  feature_dim: int = 0, size: str = "b16", dtype=None, **fields):
@@ -279,7 +280,9 @@ class MAE(_ViT):
             noise = jax.random.uniform(rngs.masking(), (images.shape[0], self.spec.num_patches))
         latent, mask, ids_restore = self.encode(images, noise)
         pred = self.decode(latent, ids_restore)
-        loss = reconstruction_loss(images, pred, mask, self.spec.patch, self.spec.norm_pix_loss)
+        counted = mask if "frame_mask" not in inputs else mask * inputs["frame_mask"][:, None]
+        loss = reconstruction_loss(images, pred, counted, self.spec.patch,
+                                   self.spec.norm_pix_loss)
         return {"loss": loss, "pred": pred, "mask": mask, "latent": latent,
                 "ids_restore": ids_restore}
 
