@@ -135,32 +135,35 @@ def _steps(workdir: Path) -> list[int]:
         ckpt.close()
 
 
-@pytest.fixture(scope="module")
-def cpu_hog():
+@contextlib.contextmanager
+def _cpu_hog():
     """A CPU-bound process beside the launches (load ~3 on the 2-core machine): nothing in a
     multi-process run may depend on a peer being fast."""
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-    yield hog
-    hog.kill()
-    hog.wait()
+    try:
+        yield
+    finally:
+        hog.kill()
+        hog.wait()
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_records, tmp_path_factory, cpu_hog):
+def runs(tiny_records, tmp_path_factory):
     """{name: (workdir, output)}: uninterrupted runs on 1 process x 4 devices and 2 processes
     x 2 devices, all with the same global batch, and a 2-process run interrupted by SIGTERM
-    (its process 1 a slow peer) then resumed; all beside a CPU hog. (The 1-process preemption
-    pair was dropped: the 2-process pair runs the same code and each process's stream.)"""
+    (its process 1 a slow peer) then resumed; the 2-process launches beside a CPU hog. (The
+    1-process preemption pair was dropped: the 2-process pair runs the same code and each
+    process's stream.)"""
     base = tmp_path_factory.mktemp("distributed")
-    out = {}
-    for name, processes, devices in (("one", 1, 4), ("two", 2, 2)):
-        workdir = base / name
-        out[name] = (workdir, _launch(processes, devices, tiny_records, workdir,
-                                      checkpoint_every_steps=1, keep_checkpoints=12))
-    workdir = base / "two_preempted"
-    first = _launch(2, 2, tiny_records, workdir, terminate_after_step=2, slow_peer=True)
-    stopped = _steps(workdir)
-    second = _launch(2, 2, tiny_records, workdir)
+    out = {"one": (base / "one", _launch(1, 4, tiny_records, base / "one",
+                                         checkpoint_every_steps=1, keep_checkpoints=12))}
+    with _cpu_hog():
+        out["two"] = (base / "two", _launch(2, 2, tiny_records, base / "two",
+                                            checkpoint_every_steps=1, keep_checkpoints=12))
+        workdir = base / "two_preempted"
+        first = _launch(2, 2, tiny_records, workdir, terminate_after_step=2, slow_peer=True)
+        stopped = _steps(workdir)
+        second = _launch(2, 2, tiny_records, workdir)
     out["two_preempted"] = (workdir, first, stopped, second)
     return out
 
