@@ -171,9 +171,8 @@ class Predictor:
         `valid` (N,) False: a padding frame of a clip."""
         if not self.clips:
             return self._predict(images, embedding, valid, named)
-        add = (lambda v: None if v is None else np.asarray(v)[None])  # noqa: E731
-        out = self.clip_batch(add(images), embedding, add(valid),
-                              **{k: add(v) for k, v in named.items()})
+        out = self.clip_batch(_one_clip(images), embedding, _one_clip(valid),
+                              **{k: _one_clip(v) for k, v in named.items()})
         return jax.tree.map(lambda v: v[0], out)
 
     def clip_batch(self, images: np.ndarray | None = None, embedding: bool = False,
@@ -248,6 +247,11 @@ class Predictor:
             part = parallel.to_global(part, self.mesh) if self.mesh is not None else part
             outs.append(jax.device_get(fn(part)))
         return jax.tree.map(lambda *v: _rows(v, size, n, counts), *outs)
+
+
+def _one_clip(v: np.ndarray | None) -> np.ndarray | None:
+    """A clip's array as a batch of one clip."""
+    return None if v is None else np.asarray(v)[None]
 
 
 def _rows(parts: tuple[np.ndarray, ...], size: int, n: int, counts: list[int]) -> np.ndarray:
