@@ -24,7 +24,7 @@ randomness at inference (MAE's masking without `noise`) gets a fresh key per mod
 Each model call runs `predict.batch` examples (faces, or clips of a clip model: 32 and 1 by
 default) on each device, the last call of a batch padded: a face's (a clip's) outputs are the
 same, bit for bit, however many others a call holds, where it sits among them and over how many
-devices (see `Predictor`; randomness a model draws per call aside).
+devices (see `Predictor`; randomness a model draws per call aside; tested on CPU).
 `predict.sharded(devices, batch)` is the same predictor on the first `devices` local devices
 (the "data" mesh of `parallel`; 0: all), with `batch` examples on each (0: as before): a call's
 examples are split over them.
@@ -88,6 +88,9 @@ class Predictor:
         self.inputs, self.thresholds, self.returns = inputs, thresholds, family.returns
         self.optional = tuple(getattr(model, "optional_inputs", ()))
         self.clips = family.clips  # an example is a clip (T frames), else a frame
+        if batch < 0:
+            raise ConfigError(f"batch={batch}: examples per device must be >= 1 (0: the "
+                              "default)")
         self.batch = batch or (CLIPS_PER_DEVICE if self.clips else FRAMES_PER_DEVICE)
         self.preprocess = family.image_preprocess(model)
         self.post = post or postprocess.Post({})
@@ -245,8 +248,8 @@ class Predictor:
                                                       else 0, v.dtype)])
                         for k, v in part.items()}
             part = parallel.to_global(part, self.mesh) if self.mesh is not None else part
-            outs.append(jax.device_get(fn(part)))
-        return jax.tree.map(lambda *v: _rows(v, size, n, counts), *outs)
+            outs.append(fn(part))  # every call dispatched before the first result is read
+        return jax.tree.map(lambda *v: _rows(v, size, n, counts), *jax.device_get(outs))
 
 
 def _one_clip(v: np.ndarray | None) -> np.ndarray | None:
@@ -283,6 +286,7 @@ class Stacked:
         self.preprocess = backbone.preprocess
         self.heads, self.post, self.feed = head.heads, head.post, head.feed
         self.clips, self.batch, self.mesh = head.clips, head.batch, head.mesh
+        self.thresholds, self.returns = head.thresholds, head.returns
 
     def sharded(self, devices: int = 0, batch: int = 0) -> Stacked:
         return Stacked(self.backbone.sharded(devices), self.head.sharded(devices, batch))

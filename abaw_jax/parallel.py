@@ -154,18 +154,20 @@ def initialize(timeout_s: int | None = None) -> None:
     _link_devices()
 
 
-# XLA:CPU's deadlines for a collective whose peers have not all arrived: the gloo operations
-# across processes, and the device threads of one process (40 s by default, which a step's
-# all-reduce once missed on the busy 2-core machine). A slow peer there is not a failure.
-_CPU_COLLECTIVE_TIMEOUTS = ("xla_cpu_collective_timeout_seconds",
-                            "xla_cpu_collective_call_terminate_timeout_seconds")
+# XLA:CPU's deadlines for a collective whose peers have not all arrived, with XLA's defaults:
+# the gloo operations across processes (30 min), and the device threads of one process (40 s,
+# which a step's all-reduce once missed on the busy 2-core machine). A slow peer is not a
+# failure: each follows the run's timeout where that is longer.
+_CPU_COLLECTIVE_TIMEOUTS = {"xla_cpu_collective_timeout_seconds": 30 * 60,
+                            "xla_cpu_collective_call_terminate_timeout_seconds": 40}
 
 
 def _follow_timeout(timeout_s: int) -> None:
-    """Sets XLA:CPU's collective deadlines to the run's own timeout, unless XLA_FLAGS sets them
-    (XLA reads the variable when the backend starts, which `initialize` precedes)."""
+    """Raises XLA:CPU's collective deadlines to the run's own timeout, unless XLA_FLAGS sets
+    them (XLA reads the variable when the backend starts, which `initialize` precedes)."""
     flags = os.environ.get("XLA_FLAGS", "")
-    extra = [f"--{name}={timeout_s}" for name in _CPU_COLLECTIVE_TIMEOUTS if name not in flags]
+    extra = [f"--{name}={max(timeout_s, default)}"
+             for name, default in _CPU_COLLECTIVE_TIMEOUTS.items() if name not in flags]
     if extra:
         os.environ["XLA_FLAGS"] = " ".join([flags, *extra]).strip()
 
@@ -185,6 +187,7 @@ def _link_devices() -> None:
     if jax.devices()[0].platform != "cpu":
         return
     mesh = make_mesh()
+    # Not `to_global`: tests/test_distributed.py delays a peer's first train step through it.
     ones = jax.make_array_from_process_local_data(
         batch_sharding(mesh), np.ones(jax.local_device_count(), np.int32))
     total = jax.jit(lambda x: x.sum(), out_shardings=replicated(mesh))(ones)

@@ -65,7 +65,7 @@ class Options:
     """How faces are found and batched (the command's flags)."""
 
     detector: str = "haar"  # haar | yunet:<onnx> | none
-    batch: int = 0  # faces (clips of a temporal model) per device and model call; 0: the model's
+    batch: int = 0  # faces (a temporal model's clips) per device and model call; 0: the model's own
     every: int = 1  # analyse frames 1, 1 + every, ...
     margin: float = 0.2  # crop: the box's side grows by this much on each side
     min_face: float = 0  # smallest face searched for, pixels (0: an eighth of the shorter side)

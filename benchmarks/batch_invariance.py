@@ -41,7 +41,10 @@ def main(argv):
     import jax
     import numpy as np
     from flax import nnx
-    from numpy._core._multiarray_umath import __cpu_features__ as cpu
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as cpu
+    except ImportError:  # numpy 1.x
+        from numpy.core._multiarray_umath import __cpu_features__ as cpu
 
     from abaw_jax import inference, models
 

@@ -87,6 +87,7 @@ def test_slurm_environment_gives_each_task_its_gpus(monkeypatch, env, want):
             monkeypatch.delenv(key)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))  # restored after it
     calls = []
     monkeypatch.setattr(parallel.jax.distributed, "initialize", lambda **kw: calls.append(kw))
     parallel.initialize(timeout_s=5)
