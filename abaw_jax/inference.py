@@ -88,9 +88,7 @@ class Predictor:
         self.inputs, self.thresholds, self.returns = inputs, thresholds, family.returns
         self.optional = tuple(getattr(model, "optional_inputs", ()))
         self.clips = family.clips  # an example is a clip (T frames), else a frame
-        if batch < 0:
-            raise ConfigError(f"batch={batch}: examples per device must be >= 1 (0: the "
-                              "default)")
+        _check_batch(batch)
         self.batch = batch or (CLIPS_PER_DEVICE if self.clips else FRAMES_PER_DEVICE)
         self.preprocess = family.image_preprocess(model)
         self.post = post or postprocess.Post({})
@@ -144,9 +142,7 @@ class Predictor:
         local = jax.local_devices()
         if devices > len(local):
             raise ConfigError(f"devices={devices}: this process has {len(local)} local devices")
-        if batch < 0:
-            raise ConfigError(f"batch={batch}: examples per device must be >= 1 (0: the "
-                              "predictor's own)")
+        _check_batch(batch)
         mesh = parallel.make_mesh(local[:devices or None])
         batch = batch or self.batch
         if self.mesh is not None and self.mesh.devices.tolist() == mesh.devices.tolist() \
@@ -213,7 +209,7 @@ class Predictor:
             self._key, key = jax.random.split(self._key)
             return self._forward(self._state, part, key, normalised)
 
-        heads, extra = self._per_call(call, batch, self.batch * self._devices())
+        heads, extra = self._per_call(call, batch, self.per_call)
         out = {k: np.asarray(v) for k, v in heads.items()}
         if self.post.fusion:
             out = {k: np.asarray(v, np.float32) for k, v in self.post.fuse(out).items()}
@@ -228,10 +224,14 @@ class Predictor:
     def _devices(self) -> int:
         return 1 if self.mesh is None else self.mesh.size
 
+    @property
+    def per_call(self) -> int:
+        """Examples (faces, or clips) a model call holds: `batch` on each device."""
+        return self.batch * self._devices()
+
     def _frames_per_call(self) -> int:
         """Frames a model call holds: a clip model's backbone runs its `batch` clips' frames."""
-        return self.batch * self._devices() * (max(self.feed.clip_length, 1) if self.clips
-                                               else 1)
+        return self.per_call * (max(self.feed.clip_length, 1) if self.clips else 1)
 
     def _per_call(self, fn: Callable, batch: dict[str, np.ndarray], size: int):
         """`fn` over the examples (rows) of `batch`, `size` per call: each call's rows padded to
@@ -250,6 +250,11 @@ class Predictor:
             part = parallel.to_global(part, self.mesh) if self.mesh is not None else part
             outs.append(fn(part))  # every call dispatched before the first result is read
         return jax.tree.map(lambda *v: _rows(v, size, n, counts), *jax.device_get(outs))
+
+
+def _check_batch(batch: int) -> None:
+    if batch < 0:
+        raise ConfigError(f"batch={batch}: examples per device must be >= 1 (0: the default)")
 
 
 def _one_clip(v: np.ndarray | None) -> np.ndarray | None:
@@ -286,6 +291,7 @@ class Stacked:
         self.preprocess = backbone.preprocess
         self.heads, self.post, self.feed = head.heads, head.post, head.feed
         self.clips, self.batch, self.mesh = head.clips, head.batch, head.mesh
+        self.per_call = head.per_call
         self.thresholds, self.returns = head.thresholds, head.returns
 
     def sharded(self, devices: int = 0, batch: int = 0) -> Stacked:

@@ -483,9 +483,9 @@ def analyse_input(source: Source, predictor: Model, options: Options,
     hears = _AudioWindows(source, predictor.feed.audio, fps) \
         if {"audio", "audio_stats"} & set(predictor.inputs) else None
     model = _Model(predictor)
-    per_call = predictor.batch * predictor.mesh.size  # examples: every device's batch
     rows = _Rows(_TrackClips(model, predictor.feed.clip_length, predictor.feed.clip_stride,
-                             per_call) if predictor.clips else _FrameBatches(model, per_call))
+                             predictor.per_call) if predictor.clips
+                 else _FrameBatches(model, predictor.per_call))
     size = predictor.preprocess.size if "image" in predictor.inputs else 0
     outputs, error, host = _Outputs(), None, 0.0
     frames = _Prefetch(source.frames(options.every))

@@ -130,7 +130,7 @@ def _model(predictors: list[inference.Predictor], n: int) -> list[float]:
     each alike (in a fixed order, the predictor called first measured 0.94-0.97x the other in
     two runs; reversing every other round, 1.05x: the order, not the predictors, made it)."""
     size = predictors[0].preprocess.size
-    per_call = FLAGS.batch * predictors[0].mesh.size
+    per_call = predictors[0].per_call
     crops = np.random.default_rng(0).integers(0, 255, (per_call, size, size, 3), np.uint8)
     seconds = [0.0] * len(predictors)
     for predictor in predictors:
